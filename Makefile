@@ -1,0 +1,55 @@
+# Sluice: the two commands a newcomer needs are `make demo` and `make test`; each runs `make setup`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV      := .venv
+PY        := $(VENV)/bin/python
+BUILD     := build
+BPF_OUT   := $(BUILD)/bpf
+VMLINUX_H := $(BUILD)/vmlinux.h
+BPF_SRCS  := $(wildcard bpf/*.c)
+BPF_OBJS  := $(patsubst bpf/%.c,$(BPF_OUT)/%.o,$(BPF_SRCS))
+BPF_HDRS  := $(wildcard bpf/lib/*.h)
+CLANG     ?= clang
+BPF_CFLAGS := -O2 -g -target bpf -D__TARGET_ARCH_x86 -Wall -Werror -Wno-unused-function \
+              -I$(BUILD) -Ibpf -Ibpf/lib
+SETUP_STAMP := $(VENV)/.setup-done
+
+.PHONY: help setup bpf test test-bpf test-unit sanity lint demo lab-up lab-down bench clean
+
+help:
+	@echo "make demo    set up, bring the lab up, converge it with site.yml, run the connectivity suite"
+	@echo "make test    set up and run the whole test suite (what .ci/run calls)"
+	@echo "make bpf     build the datapath objects under $(BPF_OUT)/"
+	@echo "make setup   install system packages and the pinned Python environment in $(VENV)"
+
+# apt packages and the venv; re-runs only when a requirements list changes.
+setup: $(SETUP_STAMP)
+$(SETUP_STAMP): apt-packages.txt requirements.txt requirements-dev.txt pyproject.toml
+	@if [ "$$(id -u)" != 0 ]; then echo "make setup needs root (apt, BPF, namespaces)"; exit 1; fi
+	@missing=$$(grep -v '^#' apt-packages.txt | xargs -n1 | while read -r p; do \
+	    dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null | grep -q 'ok installed' || echo "$$p"; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "apt: installing $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+bpf: $(BPF_OBJS)
+
+$(VMLINUX_H):
+	@mkdir -p $(@D)
+	bpftool btf dump file /sys/kernel/btf/vmlinux format c > $@.tmp && mv $@.tmp $@
+
+$(BPF_OUT)/%.o: bpf/%.c $(BPF_HDRS) $(VMLINUX_H)
+	@mkdir -p $(@D)
+	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+test: setup bpf
+	$(VENV)/bin/pytest -p no:cacheprovider tests
+
+clean:
+	rm -rf $(BUILD)

@@ -1,0 +1,273 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Every map of the Sluice datapath, and the layout of its keys and values.
+ * This is the only definition: the Python runtime checks its ctypes mirrors
+ * against these structs in the object's BTF. All maps are pinned by name
+ * (LIBBPF_PIN_BY_NAME) so every program object shares one instance per node.
+ * Addresses and ports are in network byte order unless a field says otherwise. */
+#pragma once
+
+#include "common.h"
+#include "metrics.h"
+
+#define SL_MAX_ENDPOINTS   65536
+#define SL_MAX_ROUTES      16384
+#define SL_MAX_SERVICES    262144   /* slots: one master + one per backend */
+#define SL_MAX_BACKENDS    262144
+#define SL_MAX_PREFILTER   65536
+#define SL_MAX_LB_VIPS     1024
+#define SL_MAX_NAT         262144
+#define SL_MAX_SOCK_REVNAT 262144
+#define SL_MAX_SOCKS       65536
+#define SL_MAX_CPUS        64
+#define SL_MAGLEV_SIZE     1021     /* prime: Maglev lookup table size per LB VIP */
+
+/* ---- node configuration (single slot array, written by the agent) ---- */
+enum sl_config_flags {
+	SL_CFG_CPUMAP = 1 << 0,     /* XDP spreads non-LB traffic over sl_cpu_map */
+};
+
+struct sl_config {
+	__be32 node_ip;             /* source address for XDP LB NAT */
+	__u32 nic_ifindex;
+	__u32 flags;                /* enum sl_config_flags */
+	__u32 cpu_count;            /* valid entries in sl_cpus */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sl_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_config SEC(".maps");
+
+/* ---- local pods: destination lookup for redirect_peer ---- */
+struct sl_endpoint_key {
+	__be32 ip;
+};
+
+struct sl_endpoint {
+	__u32 ifindex;              /* host-side veth, as seen from the node's netns */
+	__u8 pod_mac[ETH_ALEN];     /* MAC of the pod's eth0 */
+	__u8 host_mac[ETH_ALEN];    /* MAC of the host-side veth */
+	__u32 flags;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SL_MAX_ENDPOINTS);
+	__type(key, struct sl_endpoint_key);
+	__type(value, struct sl_endpoint);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_endpoints SEC(".maps");
+
+/* ---- other nodes' pod CIDRs ---- */
+struct sl_route_key {
+	__u32 prefixlen;
+	__be32 ip;
+};
+
+enum sl_route_flags {
+	SL_ROUTE_TUNNEL = 1 << 0,   /* VXLAN: set tunnel key, redirect to the vxlan device */
+};
+
+struct sl_route {
+	__be32 nexthop;             /* the remote node's underlay address */
+	__u32 ifindex;              /* NIC (native) or VXLAN device (tunnel) */
+	__u32 flags;                /* enum sl_route_flags */
+	__u32 vni;                  /* tunnel id, host byte order */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, SL_MAX_ROUTES);
+	__type(key, struct sl_route_key);
+	__type(value, struct sl_route);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_routes SEC(".maps");
+
+/* ---- services (socket LB): slot 0 is the master entry, slots 1..count point
+ * at backends. The same backends map serves the XDP LB. ---- */
+struct sl_service_key {
+	__be32 vip;
+	__be16 port;
+	__u8 proto;                 /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 pad;
+	__u16 slot;                 /* host byte order; 0 = master */
+	__u16 pad2;
+};
+
+struct sl_service {
+	__u32 backend_id;           /* slot > 0 */
+	__u32 svc_id;               /* master: stable id of the service */
+	__u16 count;                /* master: number of backend slots */
+	__u16 flags;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SL_MAX_SERVICES);
+	__type(key, struct sl_service_key);
+	__type(value, struct sl_service);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_services SEC(".maps");
+
+struct sl_backend {
+	__be32 ip;
+	__be16 port;
+	__u8 proto;
+	__u8 flags;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SL_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct sl_backend);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_backends SEC(".maps");
+
+/* Socket LB reverse translation: what a socket was connected/sent to, so
+ * recvmsg4 and getpeername4 can show the VIP instead of the backend. */
+struct sl_sock_revnat_key {
+	__u64 cookie;               /* bpf_get_socket_cookie() */
+	__be32 ip;                  /* backend address */
+	__be16 port;                /* backend port */
+	__u16 pad;
+};
+
+struct sl_sock_revnat {
+	__be32 vip;
+	__be16 port;
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SL_MAX_SOCK_REVNAT);
+	__type(key, struct sl_sock_revnat_key);
+	__type(value, struct sl_sock_revnat);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_sock_revnat SEC(".maps");
+
+/* ---- XDP: prefilter (source CIDRs dropped at the NIC) ---- */
+struct sl_prefilter_key {
+	__u32 prefixlen;
+	__be32 ip;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, SL_MAX_PREFILTER);
+	__type(key, struct sl_prefilter_key);
+	__type(value, __u32);       /* rule id, for reporting */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_prefilter SEC(".maps");
+
+/* ---- XDP: L4 load balancer for external VIPs ---- */
+struct sl_lb_vip_key {
+	__be32 vip;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct sl_lb_vip {
+	__u32 backend_count;
+	__u32 flags;
+	__u32 table[SL_MAGLEV_SIZE];    /* Maglev lookup table of backend ids */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SL_MAX_LB_VIPS);
+	__type(key, struct sl_lb_vip_key);
+	__type(value, struct sl_lb_vip);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_lb_vips SEC(".maps");
+
+/* LB NAT: a flow key (as the packet carries it) and the 4-tuple to rewrite it
+ * to. A new flow adds two entries: client->VIP becomes node->backend, and
+ * backend->node becomes VIP->client. */
+struct sl_nat_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct sl_nat {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SL_MAX_NAT);
+	__type(key, struct sl_nat_key);
+	__type(value, struct sl_nat);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_lb_nat SEC(".maps");
+
+/* ---- XDP: spreading over CPUs ---- */
+struct {
+	__uint(type, BPF_MAP_TYPE_CPUMAP);
+	__uint(max_entries, SL_MAX_CPUS);
+	__type(key, __u32);
+	__type(value, struct bpf_cpumap_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_cpu_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, SL_MAX_CPUS);
+	__type(key, __u32);         /* 0 .. sl_config.cpu_count - 1 */
+	__type(value, __u32);       /* CPU number, a key of sl_cpu_map */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_cpus SEC(".maps");
+
+/* ---- same-node TCP acceleration ---- */
+struct sl_sock_key {
+	__be32 sip;
+	__be32 dip;
+	__be16 sport;
+	__be16 dport;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, SL_MAX_SOCKS);
+	__type(key, struct sl_sock_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_sock_hash SEC(".maps");
+
+/* ---- counters ---- */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, SL_METRICS_SLOTS);
+	__type(key, __u32);
+	__type(value, struct sl_metric);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_metrics SEC(".maps");
+
+static __always_inline void sl_count(enum sl_hook hook, enum sl_outcome outcome, __u64 bytes)
+{
+	__u32 slot = hook * SL_METRICS_PER_HOOK + outcome;
+	struct sl_metric *m = bpf_map_lookup_elem(&sl_metrics, &slot);
+
+	if (m) {
+		m->packets++;
+		m->bytes += bytes;
+	}
+}

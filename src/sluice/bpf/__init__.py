@@ -1,0 +1,1 @@
+"""libbpf binding, BTF reader and BPF object handling."""

@@ -1,0 +1,528 @@
+"""Typed access to the datapath's maps.
+
+The ctypes structures below mirror bpf/lib/maps.h field for field;
+tests/bpf/test_btf_layout.py compares every one of them with the struct of the
+same name in the compiled object's BTF, so the two cannot drift apart
+unnoticed. Addresses and ports that are network byte order in C are handled as
+text and ints here; the conversion lives in `be32`/`be16`.
+"""
+
+from __future__ import annotations
+
+
+import errno
+import hashlib
+import ipaddress
+import os
+import sys
+from ctypes import Structure, byref, c_uint8, c_uint16, c_uint32, c_uint64, sizeof
+from dataclasses import dataclass
+from typing import Iterator
+
+from .bpf import libbpf as lb
+
+MAGLEV_SIZE = 1021
+IPPROTO = {"tcp": 6, "udp": 17}
+PROTO_NAME = {v: k for k, v in IPPROTO.items()}
+
+def be32(ip: str) -> int:
+    """An IPv4 address as the integer a __be32 field holds on this host."""
+    return int.from_bytes(ipaddress.IPv4Address(ip).packed, sys.byteorder)
+
+def ip_str(value: int) -> str:
+    return str(ipaddress.IPv4Address(value.to_bytes(4, sys.byteorder)))
+
+def be16(port: int) -> int:
+    return int.from_bytes(port.to_bytes(2, "big"), sys.byteorder)
+
+def port_int(value: int) -> int:
+    return int.from_bytes(value.to_bytes(2, sys.byteorder), "big")
+
+def mac_bytes(mac: str) -> bytes:
+    parts = mac.split(":")
+    if len(parts) != 6:
+        raise ValueError(f"invalid MAC address {mac!r}")
+    return bytes(int(p, 16) for p in parts)
+
+def mac_str(raw) -> str:
+    return ":".join(f"{b:02x}" for b in bytes(raw))
+
+# ---- mirrors of bpf/lib/maps.h -------------------------------------------------
+
+class sl_config(Structure):
+    _fields_ = [("node_ip", c_uint32), ("nic_ifindex", c_uint32), ("flags", c_uint32), ("cpu_count", c_uint32)]
+
+class sl_endpoint_key(Structure):
+    _fields_ = [("ip", c_uint32)]
+
+class sl_endpoint(Structure):
+    _fields_ = [("ifindex", c_uint32), ("pod_mac", c_uint8 * 6), ("host_mac", c_uint8 * 6), ("flags", c_uint32)]
+
+class sl_route_key(Structure):
+    _fields_ = [("prefixlen", c_uint32), ("ip", c_uint32)]
+
+class sl_route(Structure):
+    _fields_ = [("nexthop", c_uint32), ("ifindex", c_uint32), ("flags", c_uint32), ("vni", c_uint32)]
+
+class sl_service_key(Structure):
+    _fields_ = [("vip", c_uint32), ("port", c_uint16), ("proto", c_uint8), ("pad", c_uint8),
+                ("slot", c_uint16), ("pad2", c_uint16)]
+
+class sl_service(Structure):
+    _fields_ = [("backend_id", c_uint32), ("svc_id", c_uint32), ("count", c_uint16), ("flags", c_uint16)]
+
+class sl_backend(Structure):
+    _fields_ = [("ip", c_uint32), ("port", c_uint16), ("proto", c_uint8), ("flags", c_uint8)]
+
+class sl_sock_revnat_key(Structure):
+    _fields_ = [("cookie", c_uint64), ("ip", c_uint32), ("port", c_uint16), ("pad", c_uint16)]
+
+class sl_sock_revnat(Structure):
+    _fields_ = [("vip", c_uint32), ("port", c_uint16), ("pad", c_uint16)]
+
+class sl_prefilter_key(Structure):
+    _fields_ = [("prefixlen", c_uint32), ("ip", c_uint32)]
+
+class sl_lb_vip_key(Structure):
+    _fields_ = [("vip", c_uint32), ("port", c_uint16), ("proto", c_uint8), ("pad", c_uint8)]
+
+class sl_lb_vip(Structure):
+    _fields_ = [("backend_count", c_uint32), ("flags", c_uint32), ("table", c_uint32 * MAGLEV_SIZE)]
+
+class sl_nat_key(Structure):
+    _fields_ = [("saddr", c_uint32), ("daddr", c_uint32), ("sport", c_uint16), ("dport", c_uint16),
+                ("proto", c_uint8), ("pad", c_uint8 * 3)]
+
+class sl_nat(Structure):
+    _fields_ = [("saddr", c_uint32), ("daddr", c_uint32), ("sport", c_uint16), ("dport", c_uint16)]
+
+class sl_sock_key(Structure):
+    _fields_ = [("sip", c_uint32), ("dip", c_uint32), ("sport", c_uint16), ("dport", c_uint16)]
+
+class sl_metric(Structure):
+    _fields_ = [("packets", c_uint64), ("bytes", c_uint64)]
+
+class bpf_cpumap_val(Structure):
+    _fields_ = [("qsize", c_uint32), ("bpf_prog_fd", c_uint32)]
+
+# Every struct that maps.h defines, for the layout test.
+LAYOUTS = [sl_config, sl_endpoint_key, sl_endpoint, sl_route_key, sl_route, sl_service_key, sl_service,
+           sl_backend, sl_sock_revnat_key, sl_sock_revnat, sl_prefilter_key, sl_lb_vip_key, sl_lb_vip,
+           sl_nat_key, sl_nat, sl_sock_key, sl_metric]
+
+def possible_cpus() -> int:
+    """Number of possible CPUs: the per-CPU value count of per-CPU maps."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        spec = f.read().strip()
+    count = 0
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        count += int(hi or lo) - int(lo) + 1
+    return count
+
+# ---- generic map -----------------------------------------------------------------
+
+class Map:
+    """A BPF map with fixed ctypes key and value types."""
+
+    name = ""
+    key_type: type = c_uint32
+    value_type: type = c_uint32
+    percpu = False
+
+    def __init__(self, fd: int, owns_fd: bool = False):
+        self.fd = fd
+        self._owns_fd = owns_fd
+        info = lb.map_info(fd)
+        self.max_entries = info.max_entries
+        value_size = sizeof(self.value_type)
+        if info.key_size != sizeof(self.key_type) or (not self.percpu and info.value_size != value_size):
+            raise lb.BpfError(errno.EINVAL, f"map {info.name.decode()} has key/value size {info.key_size}/"
+                              f"{info.value_size}, {type(self).__name__} expects {sizeof(self.key_type)}/{value_size}")
+        self._ncpu = possible_cpus() if self.percpu else 1
+
+    @classmethod
+    def open(cls, pin_dir: str):
+        """Open the map pinned as `pin_dir/<name>`."""
+        return cls(lb.obj_get(os.path.join(pin_dir, cls.name)), owns_fd=True)
+
+    def close(self):
+        if self._owns_fd and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _value_buf(self):
+        return (self.value_type * self._ncpu)() if self.percpu else self.value_type()
+
+    def lookup(self, key):
+        value = self._value_buf()
+        if lb.bpf_map_lookup_elem(self.fd, byref(key), byref(value)) < 0:
+            return None
+        return list(value) if self.percpu else value
+
+    def update(self, key, value, flags: int = lb.BPF_ANY) -> None:
+        lb.check(lb.bpf_map_update_elem(self.fd, byref(key), byref(value), flags), f"update {self.name}")
+
+    def remove(self, key) -> bool:
+        ret = lb.bpf_map_delete_elem(self.fd, byref(key))
+        if ret == -errno.ENOENT:
+            return False
+        lb.check(ret, f"delete from {self.name}")
+        return True
+
+    def raw_keys(self) -> Iterator:
+        key, prev = self.key_type(), None
+        while lb.bpf_map_get_next_key(self.fd, byref(prev) if prev is not None else None, byref(key)) == 0:
+            yield key
+            prev, key = key, self.key_type()
+
+    def raw_items(self) -> Iterator:
+        for key in list(self.raw_keys()):
+            value = self.lookup(key)
+            if value is not None:
+                yield key, value
+
+    def update_batch(self, pairs: list, flags: int = lb.BPF_ANY) -> None:
+        """Write many entries in one BPF_MAP_UPDATE_BATCH call."""
+        if not pairs:
+            return
+        keys = (self.key_type * len(pairs))(*(k for k, _ in pairs))
+        values = (self.value_type * len(pairs))(*(v for _, v in pairs))
+        count = c_uint32(len(pairs))
+        opts = lb.BpfMapBatchOpts(sz=sizeof(lb.BpfMapBatchOpts), elem_flags=flags)
+        lb.check(lb.bpf_map_update_batch(self.fd, keys, values, byref(count), byref(opts)),
+                 f"batch update of {self.name} ({count.value}/{len(pairs)} written)")
+
+    def delete_batch(self, keys: list) -> None:
+        if not keys:
+            return
+        arr = (self.key_type * len(keys))(*keys)
+        count = c_uint32(len(keys))
+        opts = lb.BpfMapBatchOpts(sz=sizeof(lb.BpfMapBatchOpts))
+        lb.check(lb.bpf_map_delete_batch(self.fd, arr, byref(count), byref(opts)),
+                 f"batch delete from {self.name} ({count.value}/{len(keys)} deleted)")
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.raw_keys())
+
+    def clear(self) -> None:
+        self.delete_batch(list(self.raw_keys()))
+
+# ---- typed maps --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Endpoint:
+    ifindex: int
+    pod_mac: str
+    host_mac: str
+    flags: int = 0
+
+class EndpointsMap(Map):
+    name = "sl_endpoints"
+    key_type, value_type = sl_endpoint_key, sl_endpoint
+
+    @staticmethod
+    def _key(ip: str):
+        return sl_endpoint_key(be32(ip))
+
+    @staticmethod
+    def _value(ep: Endpoint):
+        return sl_endpoint(ep.ifindex, (c_uint8 * 6)(*mac_bytes(ep.pod_mac)),
+                           (c_uint8 * 6)(*mac_bytes(ep.host_mac)), ep.flags)
+
+    @staticmethod
+    def _decode(v) -> Endpoint:
+        return Endpoint(v.ifindex, mac_str(v.pod_mac), mac_str(v.host_mac), v.flags)
+
+    def put(self, ip: str, ep: Endpoint) -> None:
+        self.update(self._key(ip), self._value(ep))
+
+    def get(self, ip: str) -> Endpoint | None:
+        v = self.lookup(self._key(ip))
+        return self._decode(v) if v is not None else None
+
+    def delete(self, ip: str) -> bool:
+        return self.remove(self._key(ip))
+
+    def items(self) -> dict[str, Endpoint]:
+        return {ip_str(k.ip): self._decode(v) for k, v in self.raw_items()}
+
+def _lpm_key(key_type, cidr: str):
+    net = ipaddress.IPv4Network(cidr, strict=True)
+    return key_type(net.prefixlen, be32(str(net.network_address)))
+
+@dataclass(frozen=True)
+class Route:
+    nexthop: str
+    ifindex: int
+    tunnel: bool = False
+    vni: int = 0
+
+class RoutesMap(Map):
+    name = "sl_routes"
+    key_type, value_type = sl_route_key, sl_route
+    TUNNEL = 1
+
+    def put(self, cidr: str, route: Route) -> None:
+        self.update(_lpm_key(sl_route_key, cidr),
+                    sl_route(be32(route.nexthop), route.ifindex, self.TUNNEL if route.tunnel else 0, route.vni))
+
+    def delete(self, cidr: str) -> bool:
+        return self.remove(_lpm_key(sl_route_key, cidr))
+
+    def items(self) -> dict[str, Route]:
+        return {
+            f"{ip_str(k.ip)}/{k.prefixlen}": Route(ip_str(v.nexthop), v.ifindex, bool(v.flags & self.TUNNEL), v.vni)
+            for k, v in self.raw_items()
+        }
+
+@dataclass(frozen=True)
+class Backend:
+    ip: str
+    port: int
+    proto: str = "tcp"
+
+class BackendsMap(Map):
+    name = "sl_backends"
+    key_type, value_type = c_uint32, sl_backend
+
+    @staticmethod
+    def _value(b: Backend):
+        return sl_backend(be32(b.ip), be16(b.port), IPPROTO[b.proto], 0)
+
+    def put(self, backend_id: int, b: Backend) -> None:
+        self.update(c_uint32(backend_id), self._value(b))
+
+    def put_many(self, backends: dict[int, Backend]) -> None:
+        self.update_batch([(c_uint32(i), self._value(b)) for i, b in backends.items()])
+
+    def delete(self, backend_id: int) -> bool:
+        return self.remove(c_uint32(backend_id))
+
+    def items(self) -> dict[int, Backend]:
+        return {k.value: Backend(ip_str(v.ip), port_int(v.port), PROTO_NAME.get(v.proto, str(v.proto)))
+                for k, v in self.raw_items()}
+
+@dataclass(frozen=True)
+class Service:
+    svc_id: int
+    backend_ids: tuple[int, ...]
+
+class ServicesMap(Map):
+    """Slot 0 of (vip, port, proto) is the master entry; slots 1..n name backends."""
+
+    name = "sl_services"
+    key_type, value_type = sl_service_key, sl_service
+
+    @staticmethod
+    def _key(vip: str, port: int, proto: str, slot: int):
+        return sl_service_key(be32(vip), be16(port), IPPROTO[proto], 0, slot, 0)
+
+    def entries(self, vip: str, port: int, proto: str, svc: Service) -> list:
+        """The (key, value) pairs that describe one service."""
+        pairs = [(self._key(vip, port, proto, 0), sl_service(0, svc.svc_id, len(svc.backend_ids), 0))]
+        pairs += [(self._key(vip, port, proto, slot), sl_service(bid, svc.svc_id, 0, 0))
+                  for slot, bid in enumerate(svc.backend_ids, start=1)]
+        return pairs
+
+    def put(self, vip: str, port: int, proto: str, svc: Service) -> None:
+        """Write backend slots first and the master last, so a reader never
+        sees a count larger than the slots present; then drop extra slots."""
+        old = self.get(vip, port, proto)
+        pairs = self.entries(vip, port, proto, svc)
+        self.update_batch(pairs[1:])
+        self.update(*pairs[0])
+        if old:
+            self.delete_batch([self._key(vip, port, proto, s)
+                               for s in range(len(svc.backend_ids) + 1, len(old.backend_ids) + 1)])
+
+    def get(self, vip: str, port: int, proto: str) -> Service | None:
+        master = self.lookup(self._key(vip, port, proto, 0))
+        if master is None:
+            return None
+        ids = []
+        for slot in range(1, master.count + 1):
+            v = self.lookup(self._key(vip, port, proto, slot))
+            ids.append(v.backend_id if v is not None else 0)
+        return Service(master.svc_id, tuple(ids))
+
+    def delete(self, vip: str, port: int, proto: str) -> bool:
+        old = self.get(vip, port, proto)
+        if old is None:
+            return False
+        self.remove(self._key(vip, port, proto, 0))
+        self.delete_batch([self._key(vip, port, proto, s) for s in range(1, len(old.backend_ids) + 1)])
+        return True
+
+    def items(self) -> dict[tuple[str, int, str], Service]:
+        out = {}
+        for k, v in self.raw_items():
+            if k.slot == 0:
+                svc = (ip_str(k.vip), port_int(k.port), PROTO_NAME.get(k.proto, str(k.proto)))
+                out[svc] = self.get(*svc)
+        return out
+
+class PrefilterMap(Map):
+    name = "sl_prefilter"
+    key_type, value_type = sl_prefilter_key, c_uint32
+
+    def put(self, cidr: str, rule_id: int = 1) -> None:
+        self.update(_lpm_key(sl_prefilter_key, cidr), c_uint32(rule_id))
+
+    def put_many(self, cidrs: dict[str, int]) -> None:
+        self.update_batch([(_lpm_key(sl_prefilter_key, c), c_uint32(r)) for c, r in cidrs.items()])
+
+    def delete(self, cidr: str) -> bool:
+        return self.remove(_lpm_key(sl_prefilter_key, cidr))
+
+    def items(self) -> dict[str, int]:
+        return {f"{ip_str(k.ip)}/{k.prefixlen}": v.value for k, v in self.raw_items()}
+
+def maglev_table(backends: dict[int, Backend], size: int = MAGLEV_SIZE) -> list[int]:
+    """Maglev lookup table (Eisenbud et al., NSDI'16) of backend ids.
+
+    Each backend's preference list is a permutation of the slots derived from
+    its address, so removing one backend moves only the flows it had."""
+    if not backends:
+        return [0] * size
+    ordered = sorted(backends.items(), key=lambda kv: (kv[1].ip, kv[1].port, kv[0]))
+    perms = []
+    for _, b in ordered:
+        digest = hashlib.sha256(f"{b.ip}:{b.port}/{b.proto}".encode()).digest()
+        offset = int.from_bytes(digest[:8], "little") % size
+        skip = int.from_bytes(digest[8:16], "little") % (size - 1) + 1
+        perms.append((offset, skip))
+    table = [-1] * size
+    nexts = [0] * len(ordered)
+    filled = 0
+    while True:
+        for i, (offset, skip) in enumerate(perms):
+            slot = (offset + nexts[i] * skip) % size
+            while table[slot] >= 0:
+                nexts[i] += 1
+                slot = (offset + nexts[i] * skip) % size
+            table[slot] = ordered[i][0]
+            nexts[i] += 1
+            filled += 1
+            if filled == size:
+                return table
+
+class LbVipsMap(Map):
+    name = "sl_lb_vips"
+    key_type, value_type = sl_lb_vip_key, sl_lb_vip
+
+    @staticmethod
+    def _key(vip: str, port: int, proto: str):
+        return sl_lb_vip_key(be32(vip), be16(port), IPPROTO[proto], 0)
+
+    def put(self, vip: str, port: int, proto: str, backends: dict[int, Backend]) -> list[int]:
+        """Install a VIP with its Maglev table; returns the table."""
+        table = maglev_table(backends)
+        value = sl_lb_vip(len(backends), 0, (c_uint32 * MAGLEV_SIZE)(*table))
+        self.update(self._key(vip, port, proto), value)
+        return table
+
+    def table(self, vip: str, port: int, proto: str) -> list[int] | None:
+        v = self.lookup(self._key(vip, port, proto))
+        return list(v.table) if v is not None else None
+
+    def delete(self, vip: str, port: int, proto: str) -> bool:
+        return self.remove(self._key(vip, port, proto))
+
+    def items(self) -> dict[tuple[str, int, str], int]:
+        return {(ip_str(k.vip), port_int(k.port), PROTO_NAME.get(k.proto, str(k.proto))): v.backend_count
+                for k, v in self.raw_items()}
+
+class ConfigMap(Map):
+    name = "sl_config"
+    key_type, value_type = c_uint32, sl_config
+    CPUMAP = 1
+
+    def set(self, node_ip: str, nic_ifindex: int, cpus: int = 0) -> None:
+        self.update(c_uint32(0), sl_config(be32(node_ip), nic_ifindex, self.CPUMAP if cpus else 0, cpus))
+
+    def get(self) -> dict:
+        v = self.lookup(c_uint32(0))
+        return {"node_ip": ip_str(v.node_ip), "nic_ifindex": v.nic_ifindex,
+                "cpumap": bool(v.flags & self.CPUMAP), "cpu_count": v.cpu_count}
+
+class CpuMap(Map):
+    """The cpumap (sl_cpu_map) together with the list of CPUs XDP spreads over (sl_cpus)."""
+
+    name = "sl_cpu_map"
+    key_type, value_type = c_uint32, bpf_cpumap_val
+
+    def set_cpus(self, cpus_map: "CpuListMap", config: ConfigMap, cpus: list[int], qsize: int = 2048) -> None:
+        for cpu in cpus:
+            self.update(c_uint32(cpu), bpf_cpumap_val(qsize, 0))
+        for i, cpu in enumerate(cpus):
+            cpus_map.update(c_uint32(i), c_uint32(cpu))
+        cur = config.lookup(c_uint32(0)) or sl_config()
+        cur.cpu_count = len(cpus)
+        cur.flags = (cur.flags | ConfigMap.CPUMAP) if cpus else (cur.flags & ~ConfigMap.CPUMAP)
+        config.update(c_uint32(0), cur)
+
+    def cpus(self) -> list[int]:
+        return [k.value for k in self.raw_keys()]
+
+class CpuListMap(Map):
+    name = "sl_cpus"
+    key_type, value_type = c_uint32, c_uint32
+
+class SockHash(Map):
+    """Same-node TCP sockets; userspace lookups return the socket cookie."""
+
+    name = "sl_sock_hash"
+    key_type, value_type = sl_sock_key, c_uint64
+
+    def sockets(self) -> list[tuple[str, int, str, int]]:
+        return [(ip_str(k.sip), port_int(k.sport), ip_str(k.dip), port_int(k.dport)) for k in self.raw_keys()]
+
+class SockRevNatMap(Map):
+    name = "sl_sock_revnat"
+    key_type, value_type = sl_sock_revnat_key, sl_sock_revnat
+
+class NatMap(Map):
+    name = "sl_lb_nat"
+    key_type, value_type = sl_nat_key, sl_nat
+
+    def flows(self) -> list[tuple[tuple, tuple]]:
+        return [((ip_str(k.saddr), port_int(k.sport), ip_str(k.daddr), port_int(k.dport), k.proto),
+                 (ip_str(v.saddr), port_int(v.sport), ip_str(v.daddr), port_int(v.dport)))
+                for k, v in self.raw_items()]
+
+class MetricsMap(Map):
+    """Per-CPU counters of (hook, outcome); read summed over CPUs."""
+
+    name = "sl_metrics"
+    key_type, value_type = c_uint32, sl_metric
+    percpu = True
+    PER_HOOK = 256
+
+    def read(self, hooks: dict[str, int], outcomes: dict[str, int]) -> dict[tuple[str, str], tuple[int, int]]:
+        """{(hook name, outcome name): (packets, bytes)} for every non-zero counter.
+        Names come from the object's BTF (sluice.datapath.enums)."""
+        out = {}
+        for hook, h in hooks.items():
+            for outcome, o in outcomes.items():
+                values = self.lookup(c_uint32(h * self.PER_HOOK + o))
+                if values is None:
+                    continue
+                packets = sum(v.packets for v in values)
+                if packets:
+                    out[(hook, outcome)] = (packets, sum(v.bytes for v in values))
+        return out
+
+    def reset(self) -> None:
+        zero = (sl_metric * self._ncpu)()
+        for slot in range(self.max_entries):
+            lb.bpf_map_update_elem(self.fd, byref(c_uint32(slot)), byref(zero), lb.BPF_ANY)
+
+ALL_MAPS = [ConfigMap, EndpointsMap, RoutesMap, ServicesMap, BackendsMap, SockRevNatMap, PrefilterMap,
+            LbVipsMap, NatMap, CpuMap, CpuListMap, SockHash, MetricsMap]
