@@ -1,0 +1,405 @@
+"""Loading, pinning and attaching the node's datapath.
+
+Pin layout under the root (default /sys/fs/bpf/sluice, 0700):
+
+    maps/<map>             every map of bpf/lib/maps.h (libbpf pins and reuses them by name)
+    progs/<program>        the programs, so the agent can attach them to new devices
+    links/<device>/<prog>  tcx and XDP links, one per (device, program)
+    links/cgroup/<prog>    cgroup socket hooks and sockops
+    links/sockhash/<prog>  the sk_msg program on the sockhash
+
+Everything Sluice attaches is a pinned bpf_link named after its program, so
+status, upgrade and removal find exactly Sluice's attachments and nothing else.
+A reload loads the new objects (maps are reused, so contents survive), then
+swaps every link to the new program with BPF_LINK_UPDATE: there is no moment
+without a program on any hook.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass, field
+
+from . import maps as m
+from .bpf import libbpf as lb
+from .bpf.btf import Btf
+from .bpf.object import BpfObject
+
+DEFAULT_ROOT = "/sys/fs/bpf/sluice"
+DEFAULT_OBJ_DIR = "/opt/sluice/bpf"
+
+# object file (without .o) -> its programs
+OBJECTS = {
+    "tc_pod": ("tc_from_pod",),
+    "tc_nic": ("tc_from_nic",),
+    "xdp_nic": ("xdp_nic",),
+    "sock_lb": ("sock_connect4", "sock_sendmsg4", "sock_recvmsg4", "sock_getpeer4"),
+    "sockmap": ("sockops_tcp", "sk_msg_redir"),
+}
+CGROUP_HOOKS = {
+    "sock_connect4": lb.BPF_CGROUP_INET4_CONNECT,
+    "sock_sendmsg4": lb.BPF_CGROUP_UDP4_SENDMSG,
+    "sock_recvmsg4": lb.BPF_CGROUP_UDP4_RECVMSG,
+    "sock_getpeer4": lb.BPF_CGROUP_INET4_GETPEERNAME,
+    "sockops_tcp": lb.BPF_CGROUP_SOCK_OPS,
+}
+XDP_MODES = ("native", "generic", "best-effort", "disabled")
+XDP_FLAGS = {"native": lb.XDP_FLAGS_DRV_MODE, "generic": lb.XDP_FLAGS_SKB_MODE}
+
+
+class DatapathError(Exception):
+    """A datapath operation failed; the message names what and why."""
+
+
+@dataclass
+class LoadReport:
+    changed: bool = False
+    programs: dict[str, str] = field(default_factory=dict)     # name -> tag in force
+    replaced: list[str] = field(default_factory=list)          # programs whose code changed
+    links_updated: list[str] = field(default_factory=list)     # link pins swapped to new code
+    object_hash: str = ""
+
+
+def cgroup2_root() -> str:
+    """Where cgroup v2 is mounted (/sys/fs/cgroup on most hosts, .../unified on hybrid ones)."""
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, mountpoint, fstype, *_ = line.split()
+            if fstype == "cgroup2":
+                return mountpoint
+    raise DatapathError("no cgroup2 filesystem is mounted; mount one (e.g. on /sys/fs/cgroup)")
+
+
+def ensure_bpffs(path: str = "/sys/fs/bpf") -> None:
+    if not _is_bpffs(path):
+        os.makedirs(path, exist_ok=True)
+        subprocess.run(["mount", "-t", "bpf", "bpf", path], check=True, capture_output=True)
+
+
+def _is_bpffs(path: str) -> bool:
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == path and line.split()[2] == "bpf" for line in f)
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        os.close(fd)
+
+
+class Datapath:
+    def __init__(self, root: str = DEFAULT_ROOT, obj_dir: str = DEFAULT_OBJ_DIR):
+        self.root = root
+        self.obj_dir = obj_dir
+        self.maps_dir = os.path.join(root, "maps")
+        self.progs_dir = os.path.join(root, "progs")
+        self.links_dir = os.path.join(root, "links")
+
+    # ---- objects and programs ------------------------------------------------
+
+    def object_paths(self) -> dict[str, str]:
+        return {name: os.path.join(self.obj_dir, f"{name}.o") for name in OBJECTS}
+
+    def object_hash(self) -> str:
+        h = hashlib.sha256()
+        for name, path in sorted(self.object_paths().items()):
+            with open(path, "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
+        return h.hexdigest()[:16]
+
+    def is_loaded(self) -> bool:
+        return all(os.path.exists(os.path.join(self.progs_dir, p)) for progs in OBJECTS.values() for p in progs)
+
+    def pinned_tags(self) -> dict[str, str]:
+        tags = {}
+        for progs in OBJECTS.values():
+            for name in progs:
+                path = os.path.join(self.progs_dir, name)
+                if os.path.exists(path):
+                    fd = lb.obj_get(path)
+                    try:
+                        tags[name] = lb.prog_tag(fd)
+                    finally:
+                        os.close(fd)
+        return tags
+
+    def load(self, check_mode: bool = False) -> LoadReport:
+        """Load every object; pin new programs; swap existing links to them.
+
+        Nothing is replaced unless every object passed the verifier, so a
+        rejected upgrade leaves the running datapath exactly as it was."""
+        missing = [p for p in self.object_paths().values() if not os.path.exists(p)]
+        if missing:
+            raise DatapathError(f"datapath object(s) missing: {', '.join(missing)}")
+        ensure_bpffs(os.path.dirname(self.root.rstrip("/")) or "/sys/fs/bpf")
+        report = LoadReport(object_hash=self.object_hash())
+        old_tags = self.pinned_tags()
+        if check_mode:
+            new_tags = self._tags_without_pinning()
+            report.replaced = sorted(n for n, t in new_tags.items() if old_tags.get(n) != t)
+            report.changed = bool(report.replaced)
+            report.programs = new_tags
+            return report
+        for d in (self.root, self.maps_dir, self.progs_dir, self.links_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        loaded = []
+        try:
+            for name, path in self.object_paths().items():
+                loaded.append(BpfObject(path, self.maps_dir))
+            new = {}
+            for obj in loaded:
+                for prog, fd in obj.programs.items():
+                    new[prog] = (fd, lb.prog_tag(fd))
+            for prog, (fd, tag) in new.items():
+                report.programs[prog] = tag
+                if old_tags.get(prog) == tag:
+                    continue
+                report.replaced.append(prog)
+                # pin under a temporary name, then rename over the old pin: atomic
+                tmp = os.path.join(self.progs_dir, f"{prog}__new")
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                lb.obj_pin(fd, tmp)
+                os.replace(tmp, os.path.join(self.progs_dir, prog))
+                report.links_updated += self._update_links(prog, fd)
+        finally:
+            for obj in loaded:
+                obj.close()
+        report.changed = bool(report.replaced)
+        return report
+
+    def _tags_without_pinning(self) -> dict[str, str]:
+        tags = {}
+        for path in self.object_paths().values():
+            with BpfObject(path, None) as obj:
+                for prog, fd in obj.programs.items():
+                    tags[prog] = lb.prog_tag(fd)
+        return tags
+
+    def _update_links(self, prog: str, prog_fd: int) -> list[str]:
+        updated = []
+        for path in self.link_pins():
+            if os.path.basename(path) != prog:
+                continue
+            fd = lb.obj_get(path)
+            try:
+                lb.link_update(fd, prog_fd)
+            finally:
+                os.close(fd)
+            updated.append(os.path.relpath(path, self.links_dir))
+        return updated
+
+    def prog_fd(self, prog: str) -> int:
+        path = os.path.join(self.progs_dir, prog)
+        if not os.path.exists(path):
+            raise DatapathError(f"program {prog} is not loaded under {self.root} (run the datapath load first)")
+        return lb.obj_get(path)
+
+    # ---- links ------------------------------------------------------------------
+
+    def link_pins(self) -> list[str]:
+        out = []
+        if os.path.isdir(self.links_dir):
+            for group in sorted(os.listdir(self.links_dir)):
+                gdir = os.path.join(self.links_dir, group)
+                out += [os.path.join(gdir, p) for p in sorted(os.listdir(gdir))]
+        return out
+
+    def _link_path(self, group: str, prog: str) -> str:
+        return os.path.join(self.links_dir, group, prog)
+
+    def _attach(self, group: str, prog: str, target_fd: int, attach_type: int, flags: int = 0) -> bool:
+        """Create and pin a link unless one is pinned already; True when created."""
+        path = self._link_path(group, prog)
+        if os.path.exists(path):
+            if self._link_alive(path):
+                return False
+            os.unlink(path)  # the device or cgroup went away; the pin is stale
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        prog_fd = self.prog_fd(prog)
+        try:
+            link_fd = lb.link_create(prog_fd, target_fd, attach_type, flags)
+        finally:
+            os.close(prog_fd)
+        try:
+            lb.obj_pin(link_fd, path)
+        finally:
+            os.close(link_fd)
+        return True
+
+    @staticmethod
+    def _link_alive(path: str) -> bool:
+        """A tcx/XDP link whose device was deleted stays pinned but detached."""
+        fd = lb.obj_get(path)
+        try:
+            info = lb.link_info(fd)
+            if info.type == lb.BPF_LINK_TYPE_TCX:
+                return info.u.tcx.ifindex != 0
+            if info.type == lb.BPF_LINK_TYPE_XDP:
+                return info.u.xdp.ifindex != 0
+            return True
+        finally:
+            os.close(fd)
+
+    def _detach(self, group: str, prog: str | None = None) -> list[str]:
+        gdir = os.path.join(self.links_dir, group)
+        if not os.path.isdir(gdir):
+            return []
+        removed = []
+        for name in sorted(os.listdir(gdir)):
+            if prog is None or name == prog:
+                path = os.path.join(gdir, name)
+                # Detach now: dropping the last reference alone detaches only
+                # once the kernel gets round to freeing the link.
+                fd = lb.obj_get(path)
+                try:
+                    lb.bpf_link_detach(fd)
+                finally:
+                    os.close(fd)
+                os.unlink(path)
+                removed.append(f"{group}/{name}")
+        if not os.listdir(gdir):
+            os.rmdir(gdir)
+        return removed
+
+    def attach_tc(self, ifname: str, prog: str) -> bool:
+        """tc ingress of `ifname` through a tcx link (a process in the device's netns must call this)."""
+        return self._attach(ifname, prog, _ifindex(ifname), lb.BPF_TCX_INGRESS)
+
+    def attach_pod(self, host_ifname: str) -> bool:
+        return self.attach_tc(host_ifname, "tc_from_pod")
+
+    def detach_device(self, ifname: str) -> list[str]:
+        return self._detach(ifname)
+
+    def attach_nic(self, ifname: str, xdp_mode: str = "best-effort") -> dict:
+        """tc ingress + XDP on the node NIC. Returns what is in force."""
+        if xdp_mode not in XDP_MODES:
+            raise DatapathError(f"XDP mode {xdp_mode!r} is not one of {', '.join(XDP_MODES)}")
+        changed = self.attach_tc(ifname, "tc_from_nic")
+        wanted = {"best-effort": ["native", "generic"], "disabled": []}.get(xdp_mode, [xdp_mode])
+        current = self.xdp_mode(ifname)
+        errors = {}
+        if current in wanted or (not wanted and current == "none"):
+            return {"changed": changed, "xdp_mode": current}
+        self._detach(ifname, "xdp_nic")
+        for mode in wanted:
+            try:
+                self._attach(ifname, "xdp_nic", _ifindex(ifname), lb.BPF_XDP, XDP_FLAGS[mode])
+                return {"changed": True, "xdp_mode": mode, "xdp_errors": errors}
+            except lb.BpfError as e:
+                errors[mode] = str(e)
+        if wanted:
+            raise DatapathError(f"cannot attach XDP to {ifname} in mode {xdp_mode}: "
+                                + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+        return {"changed": True, "xdp_mode": "none"}
+
+    def xdp_mode(self, ifname: str) -> str:
+        """The mode of Sluice's XDP link on `ifname`: native, generic or none."""
+        from .netlink import xdp_attached_mode
+
+        if not os.path.exists(self._link_path(ifname, "xdp_nic")):
+            return "none"
+        return xdp_attached_mode(ifname)
+
+    def attach_cgroup(self, cgroup: str | None = None) -> list[str]:
+        """Socket LB hooks and sockops on a cgroup v2 directory (default: the root)."""
+        cgroup = cgroup or cgroup2_root()
+        fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return [p for p, t in CGROUP_HOOKS.items() if self._attach("cgroup", p, fd, t)]
+        finally:
+            os.close(fd)
+
+    def attach_sockmap(self) -> bool:
+        fd = lb.obj_get(os.path.join(self.maps_dir, "sl_sock_hash"))
+        try:
+            return self._attach("sockhash", "sk_msg_redir", fd, lb.BPF_SK_MSG_VERDICT)
+        finally:
+            os.close(fd)
+
+    # ---- maps, status, removal ---------------------------------------------------
+
+    def open_map(self, cls):
+        return cls.open(self.maps_dir)
+
+    def enums(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(hooks, outcomes) by short name, read from the object's BTF."""
+        with Btf(self.object_paths()["tc_pod"]) as btf:
+            hooks = {k.removeprefix("SL_HOOK_").lower(): v for k, v in btf.enum("sl_hook").items()
+                     if not k.endswith("_MAX")}
+            outcomes = {k.removeprefix("SL_OUT_").removeprefix("SL_").lower(): v
+                        for k, v in btf.enum("sl_outcome").items()
+                        if not k.endswith(("_MAX", "_BASE"))}
+        return hooks, outcomes
+
+    def metrics(self) -> dict[tuple[str, str], tuple[int, int]]:
+        hooks, outcomes = self.enums()
+        with self.open_map(m.MetricsMap) as metrics:
+            return metrics.read(hooks, outcomes)
+
+    def links(self) -> list[dict]:
+        out = []
+        for path in self.link_pins():
+            fd = lb.obj_get(path)
+            try:
+                info = lb.link_info(fd)
+                prog = lb.bpf_prog_get_fd_by_id(info.prog_id)
+                tag = lb.prog_tag(prog) if prog >= 0 else ""
+                _close(prog)
+            finally:
+                os.close(fd)
+            group, prog_name = os.path.relpath(path, self.links_dir).split("/")
+            entry = {"target": group, "program": prog_name, "link_id": info.id, "prog_id": info.prog_id,
+                     "tag": tag, "attached": self._link_alive(path)}
+            if info.type == lb.BPF_LINK_TYPE_TCX:
+                entry.update(kind="tcx", ifindex=info.u.tcx.ifindex)
+            elif info.type == lb.BPF_LINK_TYPE_XDP:
+                entry.update(kind="xdp", ifindex=info.u.xdp.ifindex)
+            elif info.type == lb.BPF_LINK_TYPE_CGROUP:
+                entry.update(kind="cgroup")
+            else:
+                entry.update(kind="sockmap")
+            out.append(entry)
+        return out
+
+    def map_fill(self) -> dict[str, dict]:
+        fill = {}
+        for cls in m.ALL_MAPS:
+            if cls.percpu or cls in (m.CpuListMap, m.ConfigMap):
+                continue
+            try:
+                with self.open_map(cls) as mp:
+                    fill[cls.name] = {"entries": len(mp), "max_entries": mp.max_entries}
+            except lb.BpfError:
+                fill[cls.name] = {"entries": None, "max_entries": None}
+        return fill
+
+    def status(self) -> dict:
+        return {
+            "root": self.root,
+            "loaded": self.is_loaded(),
+            "programs": self.pinned_tags(),
+            "links": self.links(),
+            "maps": self.map_fill() if self.is_loaded() else {},
+        }
+
+    def remove(self) -> bool:
+        """Detach and unpin everything under the root (uninstall)."""
+        if not os.path.exists(self.root):
+            return False
+        for group in os.listdir(self.links_dir) if os.path.isdir(self.links_dir) else []:
+            self._detach(group)
+        shutil.rmtree(self.root)
+        return True
+
+
+def _ifindex(ifname: str) -> int:
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        raise DatapathError(f"interface {ifname!r} does not exist") from None

@@ -1,0 +1,56 @@
+"""The Python mirrors of the map layouts and the ABI constants match the C side."""
+
+import ctypes
+
+import pytest
+
+from conftest import bpf_object_path
+from sluice import maps
+from sluice.bpf import libbpf as lb
+from sluice.bpf.btf import Btf
+from sluice.bpf.object import BpfObject
+from sluice.datapath import OBJECTS
+
+
+@pytest.mark.parametrize("obj", sorted(OBJECTS))
+@pytest.mark.parametrize("struct", maps.LAYOUTS, ids=lambda s: s.__name__)
+def test_struct_layout_matches_object_btf(obj, struct):
+    with Btf(bpf_object_path(obj)) as btf:
+        size, members = btf.struct_layout(struct.__name__)
+    mine = {name: (getattr(struct, name).offset, getattr(struct, name).size) for name, *_ in struct._fields_}
+    assert (ctypes.sizeof(struct), mine) == (size, members)
+
+
+def test_map_key_and_value_sizes_match_loaded_maps(load_object):
+    obj = load_object("tc_pod")
+    fds = obj.maps
+    for cls in maps.ALL_MAPS:
+        info = lb.map_info(fds[cls.name])
+        assert info.key_size == ctypes.sizeof(cls.key_type), cls.name
+        if not cls.percpu:
+            assert info.value_size == ctypes.sizeof(cls.value_type), cls.name
+
+
+def test_every_object_declares_every_map():
+    """All objects share the pinned maps, so each must carry the same definitions."""
+    names = {cls.name for cls in maps.ALL_MAPS}
+    for obj in OBJECTS:
+        with BpfObject(bpf_object_path(obj)) as loaded:
+            assert names <= set(loaded.maps), obj
+
+
+def test_attach_type_constants_match_kernel():
+    with Btf("/sys/kernel/btf/vmlinux") as btf:
+        attach = btf.enum("bpf_attach_type")
+        link_types = btf.enum("bpf_link_type")
+    for name in ("BPF_CGROUP_SOCK_OPS", "BPF_SK_MSG_VERDICT", "BPF_CGROUP_INET4_CONNECT", "BPF_CGROUP_UDP4_SENDMSG",
+                 "BPF_CGROUP_UDP4_RECVMSG", "BPF_CGROUP_INET4_GETPEERNAME", "BPF_XDP", "BPF_TCX_INGRESS"):
+        assert attach[name] == getattr(lb, name), name
+    for name in ("BPF_LINK_TYPE_CGROUP", "BPF_LINK_TYPE_XDP", "BPF_LINK_TYPE_TCX", "BPF_LINK_TYPE_SOCKMAP"):
+        assert link_types[name] == getattr(lb, name), name
+
+
+def test_maglev_size_matches_c():
+    with Btf(bpf_object_path("xdp_nic")) as btf:
+        size, members = btf.struct_layout("sl_lb_vip")
+    assert members["table"][1] == 4 * maps.MAGLEV_SIZE
