@@ -1,0 +1,274 @@
+"""sluice-agent: keeps the node's datapath in line with its desired state.
+
+It never detaches or empties anything when it stops or restarts: the datapath
+lives in pinned bpf_links and maps, independent of this process. On start it
+loads the datapath only if nothing is loaded, makes sure the node's hooks are
+attached, reconciles the maps to the state file, then serves the CNI plugin and
+the CLI on a root-only Unix socket and Prometheus metrics over HTTP, and
+re-reconciles whenever the state file changes. A state file that does not
+parse or validate is refused: the last good state stays in force and the
+reason is reported in health and logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import logging
+import os
+import signal
+import socketserver
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from . import netlink
+from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, Datapath, DatapathError
+from .state import DesiredState, Reconciler, StateError
+
+log = logging.getLogger("sluice.agent")
+
+DEFAULT_CONFIG = "/etc/sluice/agent.json"
+
+
+@dataclass
+class AgentConfig:
+    state_file: str = "/etc/sluice/state.json"
+    pin_root: str = DEFAULT_ROOT
+    obj_dir: str = DEFAULT_OBJ_DIR
+    socket: str = "/run/sluice/agent.sock"
+    metrics_address: str = "127.0.0.1:9962"   # empty: no metrics endpoint
+    ipam_dir: str = "/var/lib/sluice/ipam"
+    mtu: int = 1500
+    xdp_mode: str = "best-effort"
+    cgroup: str = ""                            # empty: the cgroup2 root
+    poll_interval: float = 1.0
+
+    @classmethod
+    def load(cls, path: str | None) -> "AgentConfig":
+        if not path or not os.path.exists(path):
+            return cls()
+        with open(path) as f:
+            raw = json.load(f)
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"agent config {path}: unknown setting(s) {', '.join(sorted(unknown))}")
+        return cls(**raw)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.dp = Datapath(config.pin_root, config.obj_dir)
+        self.state: DesiredState | None = None
+        self.health = {"ready": False, "pid": os.getpid(), "state_file": config.state_file,
+                       "last_reconcile": None, "last_error": None, "last_plan": None}
+        self._state_stamp = None
+        self._lock = threading.RLock()          # reconcile and CNI operations run one at a time
+        self._stop = threading.Event()
+        self._servers: list = []
+
+    # ---- datapath and state ------------------------------------------------------
+
+    def ensure_datapath(self, state: DesiredState) -> None:
+        if not self.dp.is_loaded():
+            log.info("no datapath loaded under %s: loading %s", self.dp.root, self.dp.obj_dir)
+            self.dp.load()
+        if state.routing_mode == "vxlan":
+            netlink.ensure_vxlan(state.vxlan_device, state.vxlan_port, state.nic)
+            self.dp.attach_tc(state.vxlan_device, "tc_from_nic")
+        if not os.path.exists(os.path.join(self.dp.links_dir, state.nic, "tc_from_nic")):
+            self.dp.attach_nic(state.nic, self.config.xdp_mode)
+        self.dp.attach_cgroup(self.config.cgroup or None)
+        self.dp.attach_sockmap()
+
+    def _stamp(self):
+        try:
+            st = os.stat(self.config.state_file)
+            return (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            return None
+
+    def reconcile(self, force: bool = False) -> bool:
+        """Re-read the state file if it changed; apply it. False when refused."""
+        with self._lock:
+            stamp = self._stamp()
+            if not force and stamp == self._state_stamp:
+                return True
+            self._state_stamp = stamp
+            try:
+                state = DesiredState.from_file(self.config.state_file)
+                self.ensure_datapath(state)
+                plan = Reconciler(self.dp).apply(state)
+            except (StateError, DatapathError, OSError) as e:
+                kept = "keeping the last good state" if self.state else "nothing applied yet"
+                self.health["last_error"] = f"{e} ({kept})"
+                log.error("state %s refused: %s; %s", self.config.state_file, e, kept)
+                return False
+            self.state = state
+            self.health.update(ready=True, last_error=None, last_reconcile=time.time(), last_plan=plan.to_dict())
+            if plan.changed:
+                log.info("reconciled:\n%s", plan.render())
+            return True
+
+    # ---- serving -----------------------------------------------------------------
+
+    def handle(self, request: dict) -> dict:
+        op = request.get("op")
+        if op == "health":
+            return {"ok": True, "result": self.health}
+        if op == "reconcile":
+            ok = self.reconcile(force=True)
+            return {"ok": ok, "result": self.health}
+        if op == "cni":
+            return self._handle_cni(request)
+        return {"ok": False, "error": {"code": 4, "msg": f"unknown request op {op!r}"}}
+
+    def _handle_cni(self, request: dict) -> dict:
+        from .cni import ops
+        from .cni.errors import CniError
+        from .ipam import Ipam
+
+        with self._lock:
+            try:
+                if self.state is None:
+                    raise CniError(11, "sluice-agent has no valid state yet", self.health["last_error"] or "")
+                node = ops.NodeContext(datapath=self.dp, ipam=Ipam(self.config.ipam_dir, self.state.pod_cidr),
+                                       mtu=self.config.mtu, ready=lambda: bool(self.health["ready"]))
+                result = ops.handle(request.get("command", ""), request.get("env") or {},
+                                    request.get("stdin", ""), node)
+                return {"ok": True, "result": result}
+            except CniError as e:
+                return {"ok": False, "error": {"code": e.code, "msg": e.msg, "details": e.details}}
+            except Exception as e:  # noqa: BLE001 - a CNI caller must always get an answer
+                log.exception("CNI %s failed", request.get("command"))
+                return {"ok": False, "error": {"code": 999, "msg": f"sluice-agent internal error: {e}"}}
+
+    def serve_socket(self) -> None:
+        path = self.config.socket
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        os.chmod(os.path.dirname(path), 0o700)
+        if os.path.exists(path):
+            os.unlink(path)
+        agent = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                line = self.rfile.readline()
+                try:
+                    response = agent.handle(json.loads(line))
+                except json.JSONDecodeError as e:
+                    response = {"ok": False, "error": {"code": 6, "msg": f"request is not JSON: {e}"}}
+                self.wfile.write(json.dumps(response).encode() + b"\n")
+
+        old_umask = os.umask(0o177)  # the socket is created 0600: root only
+        try:
+            server = socketserver.ThreadingUnixStreamServer(path, Handler)
+        finally:
+            os.umask(old_umask)
+        server.daemon_threads = True
+        self._servers.append(server)
+        threading.Thread(target=server.serve_forever, name="socket", daemon=True).start()
+
+    def metrics_text(self) -> str:
+        lines = [
+            "# HELP sluice_datapath_packets_total Packets per BPF hook and outcome, summed over CPUs.",
+            "# TYPE sluice_datapath_packets_total counter",
+        ]
+        drops = ["# HELP sluice_drops_total Packets dropped per BPF hook and drop reason.",
+                 "# TYPE sluice_drops_total counter"]
+        nbytes = ["# HELP sluice_datapath_bytes_total Bytes per BPF hook and outcome.",
+                  "# TYPE sluice_datapath_bytes_total counter"]
+        for (hook, outcome), (packets, size) in sorted(self.dp.metrics().items()):
+            if outcome.startswith("drop_"):
+                drops.append(f'sluice_drops_total{{hook="{hook}",reason="{outcome[5:]}"}} {packets}')
+            else:
+                lines.append(f'sluice_datapath_packets_total{{hook="{hook}",outcome="{outcome}"}} {packets}')
+            nbytes.append(f'sluice_datapath_bytes_total{{hook="{hook}",outcome="{outcome}"}} {size}')
+        fill = ["# HELP sluice_map_entries Entries in each datapath map.", "# TYPE sluice_map_entries gauge"]
+        fill += [f'sluice_map_entries{{map="{name}"}} {v["entries"]}'
+                 for name, v in self.dp.map_fill().items() if v["entries"] is not None]
+        ready = ["# HELP sluice_agent_ready 1 when the last state file was applied.",
+                 "# TYPE sluice_agent_ready gauge", f"sluice_agent_ready {int(bool(self.health['ready']))}"]
+        return "\n".join(lines + drops + nbytes + fill + ready) + "\n"
+
+    def serve_metrics(self) -> None:
+        if not self.config.metrics_address:
+            return
+        host, _, port = self.config.metrics_address.rpartition(":")
+        agent = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path != "/metrics":
+                    self.send_error(404)
+                    return
+                body = agent.metrics_text().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer((host.strip("[]") or "127.0.0.1", int(port)), Handler)
+        server.daemon_threads = True
+        self._servers.append(server)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+
+    def run(self) -> None:
+        self.reconcile(force=True)
+        self.serve_socket()
+        self.serve_metrics()
+        log.info("sluice-agent ready=%s, socket %s, metrics %s", self.health["ready"], self.config.socket,
+                 self.config.metrics_address or "off")
+        while not self._stop.wait(self.config.poll_interval):
+            self.reconcile()
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+
+    def stop(self, *_):
+        self._stop.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sluice-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="agent settings (JSON)")
+    parser.add_argument("--state-file", help="override the desired state file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = AgentConfig.load(args.config)
+    except (ValueError, TypeError, json.JSONDecodeError) as e:
+        log.error("%s", e)
+        return 2
+    if args.state_file:
+        config.state_file = args.state_file
+    agent = Agent(config)
+    signal.signal(signal.SIGTERM, agent.stop)
+    signal.signal(signal.SIGINT, agent.stop)
+    agent.run()
+    return 0
+
+
+def request(socket_path: str, payload: dict, timeout: float = 30.0) -> dict:
+    """One request to a running agent (used by the CLI)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(socket_path)
+        s.sendall(json.dumps(payload).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)

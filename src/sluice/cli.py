@@ -1,0 +1,121 @@
+"""sluice: inspect a node's datapath and preview state changes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import maps as m
+from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, Datapath, DatapathError
+from .state import DesiredState, Reconciler, StateError
+
+
+def _agent_health(socket_path: str) -> dict:
+    from .agent import request
+
+    try:
+        return request(socket_path, {"op": "health"}, timeout=5)["result"]
+    except (OSError, ValueError, KeyError) as e:
+        return {"ready": False, "reachable": False, "error": f"agent socket {socket_path}: {e}"}
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), *(fmt.format(*r) for r in rows)])
+
+
+def cmd_status(dp: Datapath, args) -> tuple[dict, str]:
+    status = dp.status()
+    status["agent"] = _agent_health(args.socket)
+    nic_modes = {}
+    for link in status["links"]:
+        if link["kind"] == "xdp":
+            nic_modes[link["target"]] = dp.xdp_mode(link["target"])
+    status["xdp_modes"] = nic_modes
+    out = [f"datapath root {status['root']}: {'loaded' if status['loaded'] else 'NOT loaded'}"]
+    out.append(_table([[p, t] for p, t in sorted(status["programs"].items())], ["program", "tag"]))
+    out.append("")
+    out.append(_table([[l["target"], l["kind"], l["program"], "yes" if l["attached"] else "NO (stale)",
+                        nic_modes.get(l["target"], "") if l["kind"] == "xdp" else ""]
+                       for l in status["links"]], ["device/target", "hook", "program", "attached", "xdp mode"]))
+    out.append("")
+    out.append(_table([[n, v["entries"], v["max_entries"]] for n, v in sorted(status["maps"].items())],
+                      ["map", "entries", "max"]))
+    agent = status["agent"]
+    out.append("")
+    out.append(f"agent: {'ready' if agent.get('ready') else 'NOT ready'}"
+               + (f" (pid {agent['pid']})" if agent.get("pid") else "")
+               + (f": {agent.get('last_error') or agent.get('error')}" if agent.get("last_error") or agent.get("error")
+                  else ""))
+    return status, "\n".join(out)
+
+
+def cmd_endpoints(dp: Datapath, args):
+    with dp.open_map(m.EndpointsMap) as mp:
+        items = {ip: vars(ep) for ip, ep in sorted(mp.items().items())}
+    return items, _table([[ip, e["ifindex"], e["pod_mac"], e["host_mac"]] for ip, e in items.items()],
+                         ["pod ip", "host ifindex", "pod mac", "host mac"])
+
+
+def cmd_routes(dp: Datapath, args):
+    with dp.open_map(m.RoutesMap) as mp:
+        items = {c: vars(r) for c, r in sorted(mp.items().items())}
+    return items, _table([[c, r["nexthop"], "vxlan" if r["tunnel"] else "native", r["ifindex"]]
+                          for c, r in items.items()], ["pod cidr", "nexthop", "mode", "ifindex"])
+
+
+def cmd_services(dp: Datapath, args):
+    cur = Reconciler(dp).current()
+    items = [{"frontend": f"{v}:{p}/{pr}", "kind": kind, "backends": [f"{b[0]}:{b[1]}" for b in bs]}
+             for kind, section in (("socket-lb", "services"), ("xdp-lb", "lb_vips"))
+             for (v, p, pr), bs in sorted(cur[section].items())]
+    return items, _table([[i["frontend"], i["kind"], ", ".join(i["backends"]) or "(none)"] for i in items],
+                         ["frontend", "kind", "backends"])
+
+
+def cmd_metrics(dp: Datapath, args):
+    items = [{"hook": h, "outcome": o, "packets": p, "bytes": b} for (h, o), (p, b) in sorted(dp.metrics().items())]
+    return items, _table([[i["hook"], i["outcome"], i["packets"], i["bytes"]] for i in items],
+                         ["hook", "outcome", "packets", "bytes"])
+
+
+def cmd_apply(dp: Datapath, args):
+    state = DesiredState.from_file(args.file)
+    reconciler = Reconciler(dp)
+    plan = reconciler.plan(state) if args.plan else reconciler.apply(state)
+    return {"changed": plan.changed, "plan": plan.to_dict(), "applied": not args.plan}, plan.render()
+
+
+COMMANDS = {"status": cmd_status, "endpoints": cmd_endpoints, "routes": cmd_routes, "services": cmd_services,
+            "metrics": cmd_metrics, "apply": cmd_apply}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sluice", description=__doc__)
+    parser.add_argument("--root", default=os.environ.get("SLUICE_PIN_ROOT", DEFAULT_ROOT), help="bpffs pin root")
+    parser.add_argument("--obj-dir", default=os.environ.get("SLUICE_OBJ_DIR", DEFAULT_OBJ_DIR))
+    parser.add_argument("--socket", default=os.environ.get("SLUICE_AGENT_SOCKET", "/run/sluice/agent.sock"))
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("status", "endpoints", "routes", "services", "metrics"):
+        sub.add_parser(name)
+    apply = sub.add_parser("apply", help="apply a state file, or with --plan show what it would change")
+    apply.add_argument("--plan", action="store_true", help="only show the plan")
+    apply.add_argument("file")
+    args = parser.parse_args(argv)
+    dp = Datapath(args.root, args.obj_dir)
+    try:
+        data, text = COMMANDS[args.command](dp, args)
+    except (DatapathError, StateError, OSError) as e:
+        print(f"sluice {args.command}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2, sort_keys=True, default=str) if args.json else text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
