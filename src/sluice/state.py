@@ -214,16 +214,17 @@ class Reconciler:
         with self.dp.open_map(m.BackendsMap) as bm, self.dp.open_map(m.ServicesMap) as sm, \
                 self.dp.open_map(m.LbVipsMap) as lm, self.dp.open_map(m.RoutesMap) as rm, \
                 self.dp.open_map(m.PrefilterMap) as pm, self.dp.open_map(m.ConfigMap) as cm:
-            backends = {i: (b.ip, b.port, b.proto) for i, b in bm.items()}
+            backends = {i: (b.ip, b.port, b.proto) for i, b in bm.items().items()}
+            svcs = sm.items()
             services = {fe: tuple(backends.get(i, ("?", 0, fe[2])) for i in svc.backend_ids)
-                        for fe, svc in sm.items()}
+                        for fe, svc in svcs.items()}
             lb_vips = {}
             for fe, count in lm.items().items():
                 ids = set(lm.table(*fe) or []) if count else set()
                 lb_vips[fe] = tuple(sorted(backends.get(i, ("?", 0, fe[2])) for i in ids))
             return {"routes": rm.items(), "services": services, "lb_vips": lb_vips,
                     "prefilter": set(pm.items()), "config": cm.get(), "backends": backends,
-                    "svc_ids": {fe: svc.svc_id for fe, svc in sm.items()}}
+                    "svc_ids": {fe: svc.svc_id for fe, svc in svcs.items()}}
 
     def _route_target(self, state: DesiredState) -> tuple[int, bool]:
         dev = state.vxlan_device if state.routing_mode == "vxlan" else state.nic
