@@ -1,0 +1,134 @@
+"""sluice-agent as a real process in a node namespace."""
+
+import copy
+import json
+import os
+import signal
+import stat
+import urllib.request
+
+import pytest
+
+from conftest import BPF_BUILD
+from lib import netns
+from lib.agent import AgentProcess
+from lib.cgroup import cgroup
+from sluice import maps as m
+from sluice.bpf import libbpf as lb
+from sluice.datapath import Datapath
+
+STATE = {
+    "node": {"name": "node1", "ip": "192.168.91.11", "nic": "sleth0", "pod_cidr": "10.245.1.0/24"},
+    "routes": [{"cidr": "10.245.2.0/24", "nexthop": "192.168.91.12"}],
+    "services": [{"vip": "10.97.0.10", "port": 80, "protocol": "tcp", "backends": [{"ip": "10.245.1.5", "port": 80}]}],
+    "prefilter": ["203.0.113.0/24"],
+}
+
+
+def write_state(path, state):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f)
+    os.replace(tmp, path)
+
+
+@pytest.fixture
+def node(pin_root, tmp_path):
+    """A node namespace with NIC sleth0, a test cgroup, and a running agent."""
+    with netns.namespaces("node") as (ns,), cgroup() as cg:
+        netns.ns_exec(ns, "ip", "link", "add", "sleth0", "type", "veth", "peer", "name", "sleth1")
+        netns.ns_exec(ns, "ip", "addr", "add", "192.168.91.11/24", "dev", "sleth0")
+        for dev in ("sleth0", "sleth1"):
+            netns.ns_exec(ns, "ip", "link", "set", dev, "up")
+        state_file = str(tmp_path / "state.json")
+        write_state(state_file, STATE)
+        port = 19962
+        agent = AgentProcess(ns, {"state_file": state_file, "pin_root": pin_root, "obj_dir": BPF_BUILD,
+                                  "socket": str(tmp_path / "run" / "agent.sock"),
+                                  "metrics_address": f"127.0.0.1:{port}", "ipam_dir": str(tmp_path / "ipam"),
+                                  "cgroup": cg.path, "poll_interval": 0.2}, str(tmp_path))
+        agent.start()
+        try:
+            yield agent, ns, Datapath(pin_root, BPF_BUILD), state_file
+        finally:
+            agent.stop()
+            Datapath(pin_root, BPF_BUILD).remove()
+
+
+def services(dp):
+    with dp.open_map(m.ServicesMap) as sm:
+        return {fe: len(s.backend_ids) for fe, s in sm.items().items()}
+
+
+def test_agent_loads_attaches_and_reconciles(node):
+    agent, ns, dp, _ = node
+    health = agent.health()
+    assert health["ready"] and health["last_error"] is None
+    targets = {(l["target"], l["program"]) for l in dp.links()}
+    assert {("sleth0", "tc_from_nic"), ("sleth0", "xdp_nic"), ("cgroup", "sock_connect4"),
+            ("cgroup", "sockops_tcp"), ("sockhash", "sk_msg_redir")} <= targets
+    assert services(dp) == {("10.97.0.10", 80, "tcp"): 1}
+    with dp.open_map(m.PrefilterMap) as pm:
+        assert pm.items() == {"203.0.113.0/24": 1}
+
+
+def test_agent_follows_state_file_changes(node):
+    agent, _, dp, state_file = node
+    new = copy.deepcopy(STATE)
+    new["services"].append({"vip": "10.97.0.11", "port": 53, "protocol": "udp",
+                            "backends": [{"ip": "10.245.1.6", "port": 53}, {"ip": "10.245.1.7", "port": 53}]})
+    write_state(state_file, new)
+    agent.wait_for(lambda: ("10.97.0.11", 53, "udp") in services(dp), what="new service in the map")
+    assert services(dp)[("10.97.0.11", 53, "udp")] == 2
+    assert agent.health()["last_plan"]["services"]["add"][0]["frontend"] == "10.97.0.11:53/udp"
+
+
+@pytest.mark.parametrize("content,reason", [
+    ("{not json", "not valid JSON"),
+    ('{"node": {"name": "n", "ip": "192.168.91.11", "nic": "sleth0", "pod_cidr": "10.245.1.0/24"}, '
+     '"services": [{"vip": "10.97.0.12", "port": 0, "backends": []}]}', "port 0"),
+    ('{"node": {"name": "n", "ip": "192.168.91.11", "nic": "sleth0", "pod_cidr": "10.245.1.0/24"}, '
+     '"routes": [{"cidr": "10.245.1.0/25", "nexthop": "192.168.91.12"}]}', "overlaps"),
+])
+def test_bad_state_file_keeps_last_good_state(node, content, reason):
+    agent, _, dp, state_file = node
+    before = services(dp)
+    with open(state_file, "w") as f:
+        f.write(content)
+    health = agent.wait_for(lambda: (h := agent.health())["last_error"] and h, what="refusal")
+    assert reason in health["last_error"] and "keeping the last good state" in health["last_error"]
+    assert services(dp) == before
+    write_state(state_file, STATE)  # fixing the file clears the error
+    agent.wait_for(lambda: agent.health()["last_error"] is None, what="recovery")
+
+
+def test_socket_is_root_only(node):
+    agent, *_ = node
+    sock = agent.config["socket"]
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(sock)).st_mode) == 0o700
+
+
+def test_metrics_endpoint_on_configured_address(node):
+    agent, ns, dp, _ = node
+    with netns.entered(ns):
+        body = urllib.request.urlopen(f"http://{agent.config['metrics_address']}/metrics", timeout=5).read().decode()
+    assert "sluice_agent_ready 1" in body
+    assert 'sluice_map_entries{map="sl_services"} 2' in body
+    assert "# TYPE sluice_drops_total counter" in body
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "clean-stop"])
+def test_agent_restart_never_detaches(node, sig):
+    agent, ns, dp, _ = node
+    with netns.entered(ns):
+        ifindex = netns.ifindex(ns, "sleth0")
+        progs_before = lb.prog_query(ifindex, lb.BPF_TCX_INGRESS)
+    links_before = dp.links()
+    agent.stop(sig)
+    with netns.entered(ns):
+        assert lb.prog_query(ifindex, lb.BPF_TCX_INGRESS) == progs_before
+    assert services(dp) == {("10.97.0.10", 80, "tcp"): 1}
+    agent.start()
+    assert agent.health()["last_plan"] == {}
+    assert dp.links() == links_before
