@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 
 from pyroute2 import IPRoute, NetlinkError
@@ -59,6 +60,16 @@ def exists(ifname: str) -> bool:
         return bool(ip.link_lookup(ifname=ifname))
 
 
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    """os.setns() and os.CLONE_NEWNET arrive in Python 3.12; the venv runs 3.11."""
+    if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 @contextlib.contextmanager
 def in_netns(path: str):
     """setns() the calling thread into the netns at `path`, and back."""
@@ -69,10 +80,10 @@ def in_netns(path: str):
         os.close(own)
         raise
     try:
-        os.setns(target, os.CLONE_NEWNET)
+        _setns(target)
         yield
     finally:
-        os.setns(own, os.CLONE_NEWNET)
+        _setns(own)
         os.close(own)
         os.close(target)
 
