@@ -1,0 +1,329 @@
+"""tc_from_pod and tc_from_nic on real traffic between namespaces, attached
+through tcx links: pods on one node, and pods on two nodes over a shared
+underlay with native routing and with VXLAN.
+
+Node namespaces keep IPv4 forwarding off, so pod traffic only gets through when
+the programs redirect it; counters are checked to the packet where the traffic
+is known exactly (three ICMP echoes each way)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.l2 import Ether
+from scapy.layers.vxlan import VXLAN
+
+from conftest import bpf_object_path
+from lib import netns
+from sluice.bpf import libbpf as lb
+from sluice.bpf.btf import Btf
+from sluice.bpf.object import BpfObject
+from sluice.maps import Endpoint, EndpointsMap, MetricsMap, Route, RoutesMap
+
+pytestmark = pytest.mark.kernel
+
+GATEWAY = "169.254.1.1"     # every pod's default gateway, answered by its host veth's MAC
+UNDERLAY = ("192.168.50.1", "192.168.50.2")
+POD_CIDRS = ("10.1.1.0/24", "10.1.2.0/24")
+POD1, POD2 = "10.1.1.11", "10.1.2.22"
+VXLAN_MTU = 1450            # 1500 minus outer IPv4, UDP, VXLAN and Ethernet
+VNI = 42
+ECHOES = 3
+TCP_BYTES = 4 << 20
+MIN_TCP_PACKETS = TCP_BYTES // 65536    # GSO packets carry at most 64 KiB
+ETH_P_ALL = 0x0003
+POD_HOOK, NIC_HOOK = "SL_HOOK_TC_FROM_POD", "SL_HOOK_TC_FROM_NIC"
+
+
+class Datapath:
+    """One node: tc_pod and tc_nic sharing their maps in the node's own pin dir,
+    attached with tcx links that are released on close."""
+
+    def __init__(self, ns: str, pin_dir: str):
+        self.ns = ns
+        self.links: list[int] = []
+        os.mkdir(pin_dir)
+        self.pod = BpfObject(bpf_object_path("tc_pod"), pin_dir)
+        self.nic = BpfObject(bpf_object_path("tc_nic"), pin_dir)
+        self.endpoints = EndpointsMap(self.pod.map_fd("sl_endpoints"))
+        self.routes = RoutesMap(self.pod.map_fd("sl_routes"))
+        self.metrics = MetricsMap(self.pod.map_fd("sl_metrics"))
+        with Btf(self.pod.path) as btf:
+            self.hooks = btf.enum("sl_hook")
+            self.outcomes = {k: v for k, v in btf.enum("sl_outcome").items()
+                             if k != "SL_DROP_BASE" and not k.endswith("_MAX")}
+
+    def attach(self, dev: str, obj: BpfObject, prog: str) -> None:
+        index = netns.ifindex(self.ns, dev)
+        with netns.entered(self.ns):  # the link resolves the ifindex in the caller's netns
+            self.links.append(lb.link_create(obj.prog_fd(prog), index, lb.BPF_TCX_INGRESS))
+
+    def attach_pod(self, dev: str) -> None:
+        self.attach(dev, self.pod, "tc_from_pod")
+
+    def attach_nic(self, dev: str) -> None:
+        self.attach(dev, self.nic, "tc_from_nic")
+
+    def packets(self) -> dict[tuple[str, str], int]:
+        return {k: packets for k, (packets, _) in self.metrics.read(self.hooks, self.outcomes).items()}
+
+    def forwarded(self) -> dict[tuple[str, str], int]:
+        """Counters other than SL_OUT_PASS, which also sees ARP and IPv6 housekeeping."""
+        return {k: n for k, n in self.packets().items() if k[1] != "SL_OUT_PASS"}
+
+    def close(self) -> None:
+        for fd in self.links:
+            os.close(fd)
+        self.links.clear()
+        self.nic.close()
+        self.pod.close()
+
+
+@contextlib.contextmanager
+def datapath(ns: str, pin_root: str):
+    dp = Datapath(ns, os.path.join(pin_root, ns))
+    try:
+        yield dp
+    finally:
+        dp.close()
+
+
+def node_setup(ns: str) -> None:
+    netns.ns_exec(ns, "sysctl", "-qw", "net.ipv4.ip_forward=0")
+
+
+def add_pod(node: str, pod: str, host_dev: str, ip: str, mtu: int = 1500) -> Endpoint:
+    """A pod as a CNI plugin would wire it: eth0 with a /32, default route via a
+    link-local gateway whose MAC (the host veth's) is a permanent neighbour."""
+    netns.ns_exec(node, "ip", "link", "add", host_dev, "mtu", str(mtu), "type", "veth",
+                  "peer", "name", "eth0", "mtu", str(mtu), "netns", pod)
+    netns.ns_exec(node, "ip", "link", "set", host_dev, "up")
+    host_mac = netns.mac(node, host_dev)
+    for argv in (("addr", "add", f"{ip}/32", "dev", "eth0"),
+                 ("link", "set", "eth0", "up"),
+                 ("route", "add", GATEWAY, "dev", "eth0", "scope", "link"),
+                 ("route", "add", "default", "via", GATEWAY, "dev", "eth0"),
+                 ("neigh", "replace", GATEWAY, "lladdr", host_mac, "dev", "eth0", "nud", "permanent")):
+        netns.ns_exec(pod, "ip", *argv)
+    return Endpoint(netns.ifindex(node, host_dev), netns.mac(pod, "eth0"), host_mac)
+
+
+def ping(ns: str, dst: str, count: int = ECHOES, timeout: float = 2.0) -> list[int]:
+    """ICMP echoes from `ns` (no ping binary here: a raw socket); the TTL of
+    each reply that came back."""
+    with netns.entered(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    ident, ttls = os.getpid() & 0xFFFF, []
+    with sock:
+        for seq in range(count):
+            sock.sendto(bytes(ICMP(type=8, id=ident, seq=seq) / b"sluice"), (dst, 0))
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                try:
+                    reply = IP(sock.recv(2048))
+                except socket.timeout:
+                    break
+                if (reply.src == dst and ICMP in reply and reply[ICMP].type == 0
+                        and reply[ICMP].id == ident and reply[ICMP].seq == seq):
+                    ttls.append(reply.ttl)
+                    break
+    return ttls
+
+
+def tcp_transfer(server_ns: str, server_ip: str, client_ns: str, size: int = TCP_BYTES) -> None:
+    """Send `size` random bytes over TCP from client_ns to server_ip and check
+    they arrive intact."""
+    payload = os.urandom(size)
+    with netns.entered(server_ns):
+        server = socket.create_server((server_ip, 0))
+    got: dict = {}
+
+    def receive():
+        try:
+            server.settimeout(5)
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(5)
+                digest, n = hashlib.sha256(), 0
+                while chunk := conn.recv(1 << 16):
+                    digest.update(chunk)
+                    n += len(chunk)
+            got.update(n=n, digest=digest.digest())
+        except OSError as e:
+            got["error"] = e
+
+    receiver = threading.Thread(target=receive, daemon=True)
+    with server:
+        receiver.start()
+        with netns.entered(client_ns):
+            client = socket.socket()
+        with client:
+            client.settimeout(5)
+            client.connect((server_ip, server.getsockname()[1]))
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)
+        receiver.join(10)
+    assert "error" not in got, got.get("error")
+    assert got.get("n") == size
+    assert got["digest"] == hashlib.sha256(payload).digest()
+
+
+def send_frame(ns: str, dev: str, frame: bytes) -> None:
+    with netns.entered(ns):
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    with sock:
+        sock.bind((dev, 0))
+        sock.send(frame)
+
+
+@contextlib.contextmanager
+def capture(ns: str, dev: str):
+    """Every frame crossing `dev` while the block runs (a packet socket sees
+    ingress before tc does); yields the list, filled when the block ends."""
+    with netns.entered(ns):
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    frames: list[Ether] = []
+    with sock:
+        sock.bind((dev, 0))
+        yield frames
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                frames.append(Ether(sock.recv(65536)))
+
+
+def wait_for(predicate, timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def drops(dp: Datapath) -> dict:
+    return {k: n for k, n in dp.packets().items() if k[1].startswith("SL_DROP_")}
+
+
+# ---- (a) two pods on one node ---------------------------------------------------------
+
+
+@pytest.fixture
+def one_node(pin_root):
+    with netns.namespaces("node", "pod1", "pod2") as (node, pod1, pod2), datapath(node, pin_root) as dp:
+        node_setup(node)
+        for pod, host_dev, ip in ((pod1, "h1", POD1), (pod2, "h2", POD2)):
+            dp.endpoints.put(ip, add_pod(node, pod, host_dev, ip))
+            dp.attach_pod(host_dev)
+        yield SimpleNamespace(dp=dp, node=node, pod1=pod1, pod2=pod2)
+
+
+def test_same_node_pods_talk_through_redirect_peer(one_node):
+    n = one_node
+    with capture(n.pod2, "eth0") as frames:
+        assert ping(n.pod1, POD2) == [63] * ECHOES  # one hop: each direction decremented once
+    # Delivered as if routed by the gateway: from the host veth's MAC to the pod's.
+    requests = [f for f in frames if ICMP in f and f[ICMP].type == 8]
+    assert [(f.src, f.dst) for f in requests] == [(netns.mac(n.node, "h2"), netns.mac(n.pod2, "eth0"))] * ECHOES
+    assert n.dp.forwarded() == {(POD_HOOK, "SL_OUT_REDIRECT_PEER"): 2 * ECHOES}
+
+    tcp_transfer(n.pod2, POD2, n.pod1)
+    after = n.dp.forwarded()
+    assert set(after) == {(POD_HOOK, "SL_OUT_REDIRECT_PEER")}
+    assert after[(POD_HOOK, "SL_OUT_REDIRECT_PEER")] >= 2 * ECHOES + MIN_TCP_PACKETS
+
+
+def test_same_node_pod_cannot_spoof_another_pod(one_node):
+    n = one_node
+    # pod1 claims pod2's address: its packets die on its own veth.
+    netns.ns_exec(n.pod1, "ip", "addr", "add", f"{POD2}/32", "dev", "eth0")
+    with netns.entered(n.pod1):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.bind((POD2, 0))
+        for _ in range(3):
+            sock.sendto(b"spoofed", ("10.1.1.99", 9))
+    assert wait_for(lambda: n.dp.forwarded() == {(POD_HOOK, "SL_DROP_SPOOFED"): 3})
+
+
+def test_same_node_truncated_ipv4_is_dropped(one_node):
+    n = one_node
+    # An IPv4 ethertype with 10 bytes of header: test_run refuses such frames,
+    # a pod's AF_PACKET socket can still send them.
+    frame = bytes(Ether(src=netns.mac(n.pod1, "eth0"), dst=netns.mac(n.node, "h1"), type=0x0800)) + \
+        bytes(IP(src=POD1, dst=POD2))[:10]
+    send_frame(n.pod1, "eth0", frame)
+    assert wait_for(lambda: n.dp.forwarded() == {(POD_HOOK, "SL_DROP_INVALID"): 1})
+    assert n.dp.metrics.read(n.dp.hooks, n.dp.outcomes)[(POD_HOOK, "SL_DROP_INVALID")] == (1, len(frame))
+
+
+# ---- (b), (c) one pod on each of two nodes --------------------------------------------
+
+
+@contextlib.contextmanager
+def two_nodes(pin_root: str, tunnel: bool):
+    """Two nodes on an underlay veth pair, one pod each; sl_routes sends each
+    node's traffic for the other's pod CIDR natively via nic0 or over vx0."""
+    with netns.namespaces("node1", "node2", "pod1", "pod2") as (node1, node2, pod1, pod2), \
+            datapath(node1, pin_root) as dp1, datapath(node2, pin_root) as dp2:
+        netns.ns_exec(node1, "ip", "link", "add", "nic0", "type", "veth", "peer", "name", "nic0", "netns", node2)
+        mtu = VXLAN_MTU if tunnel else 1500
+        for node, dp, addr, pod, ip in ((node1, dp1, UNDERLAY[0], pod1, POD1), (node2, dp2, UNDERLAY[1], pod2, POD2)):
+            node_setup(node)
+            netns.ns_exec(node, "ip", "addr", "add", f"{addr}/24", "dev", "nic0")
+            netns.ns_exec(node, "ip", "link", "set", "nic0", "up")
+            dp.attach_nic("nic0")
+            if tunnel:
+                netns.ns_exec(node, "ip", "link", "add", "vx0", "type", "vxlan", "external", "dstport", "4789")
+                netns.ns_exec(node, "ip", "link", "set", "vx0", "up")
+                dp.attach_nic("vx0")
+            dp.endpoints.put(ip, add_pod(node, pod, "h1", ip, mtu))
+            dp.attach_pod("h1")
+        for dp, node, cidr, nexthop in ((dp1, node1, POD_CIDRS[1], UNDERLAY[1]),
+                                        (dp2, node2, POD_CIDRS[0], UNDERLAY[0])):
+            dev = "vx0" if tunnel else "nic0"
+            dp.routes.put(cidr, Route(nexthop, netns.ifindex(node, dev), tunnel=tunnel, vni=VNI))
+        yield SimpleNamespace(dp1=dp1, dp2=dp2, node1=node1, node2=node2, pod1=pod1, pod2=pod2)
+
+
+@pytest.mark.parametrize("tunnel, outcome", [(False, "SL_OUT_REDIRECT_NEIGH"), (True, "SL_OUT_REDIRECT_TUNNEL")],
+                         ids=["native", "vxlan"])
+def test_pods_on_two_nodes(pin_root, tunnel, outcome):
+    with two_nodes(pin_root, tunnel) as c:
+        with capture(c.node2, "nic0") as frames:
+            assert ping(c.pod1, POD2) == [62] * ECHOES  # decremented on each node
+        # What node1 sent to node2: addressed by MAC on the underlay (redirect_neigh
+        # resolved the next hop, or the VXLAN device routed the outer packet).
+        macs = (netns.mac(c.node1, "nic0"), netns.mac(c.node2, "nic0"))
+        requests = [f for f in frames if (f.src, f.dst) == macs and IP in f]
+        assert len(requests) == ECHOES
+        for f in requests:
+            if tunnel:  # the tunnel key as tc_from_pod set it
+                assert (f[IP].dst, f[IP].ttl, f[UDP].dport, f[UDP].chksum, f[VXLAN].vni) == \
+                    (UNDERLAY[1], 64, 4789, 0, VNI)
+                f = f[VXLAN].payload
+            assert (f[IP].src, f[IP].dst, f[IP].ttl) == (POD1, POD2, 63)
+        # Each node sends its pod's echoes out through a route and delivers the
+        # other pod's into its pod: requests on node1 -> node2, replies back.
+        expected = {(POD_HOOK, outcome): ECHOES, (NIC_HOOK, "SL_OUT_REDIRECT_PEER"): ECHOES}
+        assert c.dp1.forwarded() == expected
+        assert c.dp2.forwarded() == expected
+        if tunnel:
+            # The outer VXLAN packets cross nic0 and pass to the stack for decapsulation.
+            assert c.dp2.packets()[(NIC_HOOK, "SL_OUT_PASS")] >= ECHOES
+
+        tcp_transfer(c.pod2, POD2, c.pod1)
+        sent1, sent2 = c.dp1.forwarded(), c.dp2.forwarded()
+        assert set(sent1) == set(sent2) == set(expected), (drops(c.dp1), drops(c.dp2))
+        # Whatever one node's tc_from_pod sent, the other's tc_from_nic delivered.
+        assert sent1[(POD_HOOK, outcome)] == sent2[(NIC_HOOK, "SL_OUT_REDIRECT_PEER")] >= ECHOES + MIN_TCP_PACKETS
+        assert sent2[(POD_HOOK, outcome)] == sent1[(NIC_HOOK, "SL_OUT_REDIRECT_PEER")] > ECHOES
