@@ -4,6 +4,7 @@ namespace is deleted on exit, even when the test fails."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import subprocess
 import uuid
@@ -67,6 +68,16 @@ def mac(ns: str | None, dev: str) -> str:
     return link_info(ns, dev)["address"]
 
 
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    """os.setns only exists from Python 3.12 on; the venv runs 3.11."""
+    if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 @contextlib.contextmanager
 def entered(ns: str):
     """setns() this thread into `ns` for the duration (for bpf_link creation
@@ -74,9 +85,9 @@ def entered(ns: str):
     own = os.open("/proc/self/ns/net", os.O_RDONLY)
     target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
     try:
-        os.setns(target, os.CLONE_NEWNET)
+        _setns(target)
         yield
     finally:
-        os.setns(own, os.CLONE_NEWNET)
+        _setns(own)
         os.close(own)
         os.close(target)
