@@ -208,6 +208,7 @@ bpf_program__fd = _declare("bpf_program__fd", c_int, c_void_p)
 bpf_map__name = _declare("bpf_map__name", c_char_p, c_void_p)
 bpf_map__fd = _declare("bpf_map__fd", c_int, c_void_p)
 bpf_map__pin_path = _declare("bpf_map__pin_path", c_char_p, c_void_p)
+bpf_map__set_pin_path = _declare("bpf_map__set_pin_path", c_int, c_void_p, c_char_p)
 bpf_map__is_internal = _declare("bpf_map__is_internal", c_bool, c_void_p)
 libbpf_set_print = _declare("libbpf_set_print", c_void_p, c_void_p)
 

@@ -15,7 +15,8 @@ VERIFIER_LOG_SIZE = 1 << 22
 class BpfObject:
     """One loaded ELF object. Maps declared with LIBBPF_PIN_BY_NAME are reused
     from (or pinned into) `pin_root` by libbpf itself, so every object of a node
-    shares one instance of each map and reloads keep their contents."""
+    shares one instance of each map and reloads keep their contents. Without a
+    pin root the maps are private to this object and nothing is pinned."""
 
     def __init__(self, path: str, pin_root: str | None = None):
         self.path = path
@@ -33,6 +34,10 @@ class BpfObject:
             err = ctypes.get_errno() or errno.EINVAL
             raise lb.BpfError(err, f"open BPF object {path}: {os.strerror(err)}")
         self._opts = opts  # libbpf keeps pointers into it until load
+        if pin_root is None:
+            # libbpf would otherwise pin LIBBPF_PIN_BY_NAME maps under /sys/fs/bpf
+            for _, bpf_map in self._iter(lb.bpf_object__next_map, lb.bpf_map__name):
+                lb.bpf_map__set_pin_path(bpf_map, None)
         ret = lb.bpf_object__load(self._obj)
         if ret < 0:
             log = self._log.value.decode(errors="replace")
