@@ -1,0 +1,127 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* XDP L4 load balancer: flow hash, Maglev backend selection, full NAT (SNAT to
+ * the node so replies come back through it) and the packet rewrite.
+ * A flow is described by a struct sl_nat_key, exactly as its packets carry it. */
+#pragma once
+
+#include "maps.h"
+#include "csum.h"
+
+#define SL_NAT_PORT_MIN   61000
+#define SL_NAT_PORT_MAX   65535
+#define SL_NAT_PORT_RANGE (SL_NAT_PORT_MAX - SL_NAT_PORT_MIN + 1)
+#define SL_NAT_PROBES     8         /* bounded: a new flow tries this many NAT ports */
+
+#define SL_JHASH_INITVAL  0xdeadbeef
+
+static __always_inline __u32 sl_rol32(__u32 w, __u32 s)
+{
+	return (w << s) | (w >> (32 - s));
+}
+
+/* jhash_3words() of the kernel (lookup3 final mix): cheap, well spread, and
+ * easy to mirror in Python, where tests predict the Maglev slot of a flow. */
+static __always_inline __u32 sl_jhash_3words(__u32 a, __u32 b, __u32 c, __u32 initval)
+{
+	initval += SL_JHASH_INITVAL + (3 << 2);
+	a += initval;
+	b += initval;
+	c += initval;
+	c ^= b; c -= sl_rol32(b, 14);
+	a ^= c; a -= sl_rol32(c, 11);
+	b ^= a; b -= sl_rol32(a, 25);
+	c ^= b; c -= sl_rol32(b, 16);
+	a ^= c; a -= sl_rol32(c, 4);
+	b ^= a; b -= sl_rol32(a, 14);
+	c ^= b; c -= sl_rol32(b, 24);
+	return c;
+}
+
+/* Per-flow hash over the 5-tuple as it lies in the packet (network byte order
+ * words, as loaded by this little-endian host). Ports are 0 for protocols
+ * without them, which makes it an address-pair hash. */
+static __always_inline __u32 sl_flow_hash(const struct sl_nat_key *t)
+{
+	return sl_jhash_3words(t->saddr, t->daddr, ((__u32)t->sport << 16) | t->dport, t->proto);
+}
+
+/* Maglev: the flow's slot in the VIP's lookup table names the backend. */
+static __always_inline const struct sl_backend *
+sl_lb_select_backend(const struct sl_lb_vip *vip, __u32 hash)
+{
+	__u32 slot = hash % SL_MAGLEV_SIZE;
+	__u32 backend_id;
+
+	/* The verifier does not learn bounds from a modulo: state it again. */
+	asm volatile("" : "+r"(slot));
+	if (slot >= SL_MAGLEV_SIZE)
+		return NULL;
+	backend_id = vip->table[slot];
+	return bpf_map_lookup_elem(&sl_backends, &backend_id);
+}
+
+/* Create both NAT entries of a new flow `fwd` (client -> VIP) towards `be`:
+ *   forward: client:cport -> VIP:vport   becomes node:natport -> backend:bport
+ *   reverse: backend:bport -> node:natport becomes VIP:vport -> client:cport
+ * The NAT port comes from the flow hash; a port is claimed by inserting the
+ * reverse entry with BPF_NOEXIST, which is atomic against other CPUs. */
+static __always_inline int sl_lb_nat_create(const struct sl_nat_key *fwd, const struct sl_backend *be,
+					    __be32 node_ip, __u32 hash, struct sl_nat *out)
+{
+	struct sl_nat_key rev = {
+		.saddr = be->ip,
+		.daddr = node_ip,
+		.sport = be->port,
+		.proto = fwd->proto,
+	};
+	struct sl_nat back = {
+		.saddr = fwd->daddr,
+		.daddr = fwd->saddr,
+		.sport = fwd->dport,
+		.dport = fwd->sport,
+	};
+	__u32 i;
+
+	for (i = 0; i < SL_NAT_PROBES; i++) {
+		__u16 port = SL_NAT_PORT_MIN + (hash + i) % SL_NAT_PORT_RANGE;
+
+		rev.dport = bpf_htons(port);
+		if (bpf_map_update_elem(&sl_lb_nat, &rev, &back, BPF_NOEXIST))
+			continue;
+		out->saddr = node_ip;
+		out->daddr = be->ip;
+		out->sport = rev.dport;
+		out->dport = be->port;
+		if (bpf_map_update_elem(&sl_lb_nat, fwd, out, BPF_ANY)) {
+			bpf_map_delete_elem(&sl_lb_nat, &rev);
+			return -1;
+		}
+		return 0;
+	}
+	return -1;
+}
+
+/* Rewrite addresses and ports of a TCP/UDP packet to `to`, updating the IPv4
+ * checksum and (through the pseudo header) the L4 checksum `l4sum`
+ * incrementally; UDP keeps the "no checksum" zero. */
+static __always_inline void sl_lb_rewrite(struct iphdr *ip, struct sl_l4_ports *l4, __sum16 *l4sum,
+					  __u8 proto, const struct sl_nat *to)
+{
+	sl_csum_replace4(&ip->check, ip->saddr, to->saddr);
+	sl_csum_replace4(&ip->check, ip->daddr, to->daddr);
+	if (proto == IPPROTO_UDP) {
+		sl_udp_csum_replace4(l4sum, ip->saddr, to->saddr);
+		sl_udp_csum_replace4(l4sum, ip->daddr, to->daddr);
+		sl_udp_csum_replace2(l4sum, l4->sport, to->sport);
+		sl_udp_csum_replace2(l4sum, l4->dport, to->dport);
+	} else {
+		sl_csum_replace4(l4sum, ip->saddr, to->saddr);
+		sl_csum_replace4(l4sum, ip->daddr, to->daddr);
+		sl_csum_replace2(l4sum, l4->sport, to->sport);
+		sl_csum_replace2(l4sum, l4->dport, to->dport);
+	}
+	ip->saddr = to->saddr;
+	ip->daddr = to->daddr;
+	l4->sport = to->sport;
+	l4->dport = to->dport;
+}
