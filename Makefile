@@ -15,7 +15,7 @@ BPF_CFLAGS := -O2 -g -target bpf -D__TARGET_ARCH_x86 -Wall -Werror -Wno-unused-f
               -I$(BUILD) -Ibpf -Ibpf/lib
 SETUP_STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup bpf test test-bpf test-unit sanity lint demo lab-up lab-down bench clean
+.PHONY: help setup bpf artifacts test clean
 
 help:
 	@echo "make demo    set up, bring the lab up, converge it with site.yml, run the connectivity suite"
@@ -40,6 +40,16 @@ $(SETUP_STAMP): apt-packages.txt requirements.txt requirements-dev.txt pyproject
 
 bpf: $(BPF_OBJS)
 
+# What the roles ship to nodes: the datapath objects and wheels of the node
+# package with its dependencies (reproducible, so an unchanged tree re-deploys nothing).
+WHEELS := $(BUILD)/wheels
+artifacts: setup bpf
+	@mkdir -p $(WHEELS)
+	@rm -f $(WHEELS)/sluice-*.whl
+	SOURCE_DATE_EPOCH=315532800 $(PY) -m pip wheel -q --disable-pip-version-check --no-deps -w $(WHEELS) .
+	$(PY) -m pip download -q --disable-pip-version-check --only-binary=:all: -d $(WHEELS) -r requirements.txt
+	cp requirements.txt $(WHEELS)/requirements.txt
+
 $(VMLINUX_H):
 	@mkdir -p $(@D)
 	bpftool btf dump file /sys/kernel/btf/vmlinux format c > $@.tmp && mv $@.tmp $@
@@ -53,3 +63,13 @@ test: setup bpf
 
 clean:
 	rm -rf $(BUILD)
+
+# Local multi-node lab (lab/lab.py): LAB_NODES nodes reached over SSH through the
+# generated inventory/lab/hosts.yml, plus an external client namespace.
+LAB_NODES ?= 3
+lab-up: setup
+	$(PY) lab/lab.py up --nodes $(LAB_NODES)
+
+# No `setup` prerequisite: cleaning up must work even when the venv does not (lab.py is stdlib only).
+lab-down:
+	$(if $(wildcard $(PY)),$(PY),python3) lab/lab.py down
