@@ -23,7 +23,8 @@ int sockops_tcp(struct bpf_sock_ops *skops)
 	if (!sl_sock_peer_is_local(local_ip, remote_ip))
 		return 1;
 
-	sl_sock_key_own(&key, local_ip, remote_ip, skops->local_port, skops->remote_port);
+	sl_sock_key_own(&key, bpf_get_netns_cookie(skops), local_ip, remote_ip, skops->local_port,
+			skops->remote_port);
 	if (!bpf_sock_hash_update(skops, &sl_sock_hash, &key, BPF_NOEXIST))
 		sl_count(SL_HOOK_SOCKOPS, SL_OUT_SOCKHASH_ADD, 0);
 	return 1;
@@ -34,7 +35,8 @@ int sk_msg_redir(struct sk_msg_md *msg)
 {
 	struct sl_sock_key peer;
 
-	sl_sock_key_peer(&peer, msg->local_ip4, msg->remote_ip4, msg->local_port, msg->remote_port);
+	sl_sock_key_peer(&peer, bpf_get_netns_cookie(msg), msg->local_ip4, msg->remote_ip4, msg->local_port,
+			 msg->remote_port);
 	/* A peer missing from the map (closing, or added after this send) is not
 	 * an error: the data takes the normal TCP path, never SK_DROP. */
 	if (bpf_msg_redirect_hash(msg, &sl_sock_hash, &peer, BPF_F_INGRESS) == SK_PASS)

@@ -238,10 +238,12 @@ struct {
 
 /* ---- same-node TCP acceleration ---- */
 struct sl_sock_key {
+	__u64 netns;                /* netns cookie when the peer shares the namespace, else 0 */
 	__be32 sip;
 	__be32 dip;
 	__be16 sport;
 	__be16 dport;
+	__u32 pad;
 };
 
 struct {

@@ -18,10 +18,20 @@ static __always_inline __be16 sl_sock_remote_port(__u32 remote_port)
 	return (__be16)(remote_port >> 16);
 }
 
-/* The key a socket is stored under: its own 4-tuple, local side first. */
-static __always_inline void sl_sock_key_own(struct sl_sock_key *key, __be32 local_ip, __be32 remote_ip,
-					    __u32 local_port, __u32 remote_port)
+/* Loopback and same-address 4-tuples repeat in every pod, so their keys carry
+ * the namespace; a peer in another pod's namespace is keyed without one, so
+ * both ends compute each other's key. */
+static __always_inline __u64 sl_sock_key_netns(__u64 netns_cookie, __be32 local_ip, __be32 remote_ip)
 {
+	return remote_ip == local_ip || (bpf_ntohl(remote_ip) >> 24) == 127 ? netns_cookie : 0;
+}
+
+/* The key a socket is stored under: its own 4-tuple, local side first. */
+static __always_inline void sl_sock_key_own(struct sl_sock_key *key, __u64 netns, __be32 local_ip,
+					    __be32 remote_ip, __u32 local_port, __u32 remote_port)
+{
+	__builtin_memset(key, 0, sizeof(*key));
+	key->netns = sl_sock_key_netns(netns, local_ip, remote_ip);
 	key->sip = local_ip;
 	key->dip = remote_ip;
 	key->sport = sl_sock_local_port(local_port);
@@ -29,9 +39,11 @@ static __always_inline void sl_sock_key_own(struct sl_sock_key *key, __be32 loca
 }
 
 /* The key the other end of the connection is stored under. */
-static __always_inline void sl_sock_key_peer(struct sl_sock_key *key, __be32 local_ip, __be32 remote_ip,
-					     __u32 local_port, __u32 remote_port)
+static __always_inline void sl_sock_key_peer(struct sl_sock_key *key, __u64 netns, __be32 local_ip,
+					     __be32 remote_ip, __u32 local_port, __u32 remote_port)
 {
+	__builtin_memset(key, 0, sizeof(*key));
+	key->netns = sl_sock_key_netns(netns, local_ip, remote_ip);
 	key->sip = remote_ip;
 	key->dip = local_ip;
 	key->sport = sl_sock_remote_port(remote_port);
@@ -39,9 +51,7 @@ static __always_inline void sl_sock_key_peer(struct sl_sock_key *key, __be32 loc
 }
 
 /* Only a peer on this node has a socket we can hand data to: a local pod, the
- * same address (two containers of one pod), or loopback. The key carries no
- * network namespace, so loopback 4-tuples of different pods share one key
- * space; BPF_NOEXIST keeps the first owner of a key. */
+ * same address (two containers of one pod), or loopback. */
 static __always_inline bool sl_sock_peer_is_local(__be32 local_ip, __be32 remote_ip)
 {
 	struct sl_endpoint_key ep = { .ip = remote_ip };

@@ -97,7 +97,8 @@ class sl_nat(Structure):
     _fields_ = [("saddr", c_uint32), ("daddr", c_uint32), ("sport", c_uint16), ("dport", c_uint16)]
 
 class sl_sock_key(Structure):
-    _fields_ = [("sip", c_uint32), ("dip", c_uint32), ("sport", c_uint16), ("dport", c_uint16)]
+    _fields_ = [("netns", c_uint64), ("sip", c_uint32), ("dip", c_uint32), ("sport", c_uint16), ("dport", c_uint16),
+                ("pad", c_uint32)]
 
 class sl_metric(Structure):
     _fields_ = [("packets", c_uint64), ("bytes", c_uint64)]
