@@ -4,10 +4,10 @@ namespace is deleted on exit, even when the test fails."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import subprocess
 import uuid
+
+from sluice.netlink import in_netns
 
 PREFIX = "sltest-"
 
@@ -68,26 +68,7 @@ def mac(ns: str | None, dev: str) -> str:
     return link_info(ns, dev)["address"]
 
 
-CLONE_NEWNET = 0x40000000
-
-
-def _setns(fd: int) -> None:
-    """os.setns only exists from Python 3.12 on; the venv runs 3.11."""
-    if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-@contextlib.contextmanager
 def entered(ns: str):
     """setns() this thread into `ns` for the duration (for bpf_link creation
     and ifindex-relative calls that must happen inside the namespace)."""
-    own = os.open("/proc/self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    try:
-        _setns(target)
-        yield
-    finally:
-        _setns(own)
-        os.close(own)
-        os.close(target)
+    return in_netns(f"/run/netns/{ns}")
