@@ -1,0 +1,522 @@
+"""The CNI plugin on the real kernel: pods are sltest-* namespaces, the node is
+this test's own netns, where only links named sl* are created (and deleted).
+
+End-to-end tests execute the plugin as a runtime does (CNI_* environment, the
+network configuration on stdin) against a test agent (tests/lib/cni_agent.py)
+that runs sluice.cni.ops like sluice-agent; detailed tests call ops.handle
+in-process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+from conftest import BPF_BUILD, ROOT
+from lib import cni_agent
+from lib.netns import PREFIX, run, unique
+from sluice import netlink
+from sluice.cni import ops, podnet
+from sluice.cni.errors import CniError
+from sluice.datapath import Datapath
+from sluice.ipam import Ipam
+from sluice.maps import EndpointsMap
+
+pytestmark = pytest.mark.kernel
+
+VENV_BIN = os.path.join(ROOT, ".venv", "bin")
+CONSOLE_SCRIPT = os.path.join(VENV_BIN, "sluice-cni")
+REFERENCE_PLUGINS = "/usr/lib/cni"
+NETWORK = "sluice-test"
+MTU = 1450
+REDIRECT_PEER = ("tc_from_pod", "redirect_peer")  # a key of Datapath.metrics()
+NO_AGENT = "/nonexistent/sluice-agent.sock"
+
+# What a node's CNI bin dir holds: the plugin started the cheap way (no site, no pyroute2).
+LAUNCHER = f"""#!{os.path.join(VENV_BIN, "python")} -IS
+import sys
+sys.path.insert(0, {os.path.join(ROOT, "src")!r})
+from sluice.cni.plugin import main
+sys.exit(main())
+"""
+
+
+# ---- fixtures ------------------------------------------------------------------------------
+
+class Pods:
+    """Pod namespaces and the node-side veths ADD makes for them; all deleted at the end."""
+
+    def __init__(self):
+        self.namespaces: list[str] = []
+        self.attachments: set[tuple[str, str]] = set()
+
+    def netns(self, tag: str = "pod") -> str:
+        name = unique(tag)
+        run("ip", "netns", "add", name)
+        self.namespaces.append(name)
+        return f"/run/netns/{name}"
+
+    def container_id(self, tag: str = "pod", ifname: str = "eth0") -> str:
+        cid = f"{PREFIX}{tag}-{uuid.uuid4().hex[:12]}"
+        self.attachments.add((cid, ifname))
+        return cid
+
+    def pod(self, tag: str = "pod") -> tuple[str, str]:
+        """(container ID, netns path) of a new pod."""
+        return self.container_id(tag), self.netns(tag)
+
+    def cleanup(self) -> None:
+        for cid, ifname in self.attachments:
+            netlink.delete_link(podnet.host_ifname(cid, ifname))
+        for name in self.namespaces:
+            run("ip", "netns", "del", name, check=False)
+
+
+@pytest.fixture
+def pods():
+    p = Pods()
+    try:
+        yield p
+    finally:
+        p.cleanup()
+
+
+@pytest.fixture
+def datapath(pin_root):
+    dp = Datapath(root=pin_root, obj_dir=BPF_BUILD)
+    dp.load()
+    return dp
+
+
+def pod_cidr(prefixlen: int = 24) -> str:
+    # Random, so node routes of concurrent runs do not collide.
+    return f"10.213.{random.randrange(256)}.0/{prefixlen}"
+
+
+@pytest.fixture
+def node(datapath, tmp_path):
+    return ops.NodeContext(datapath=datapath, ipam=Ipam(str(tmp_path / "ipam"), pod_cidr()), mtu=MTU)
+
+
+@pytest.fixture
+def agent(node):
+    directory = tempfile.mkdtemp(prefix="slcni-")  # short: a socket path has at most 107 bytes
+    try:
+        with cni_agent.serve(node, directory) as path:
+            yield path
+    finally:
+        shutil.rmtree(directory)
+
+
+@pytest.fixture(scope="session")
+def cni_bin(tmp_path_factory):
+    """A CNI_PATH: the plugin as `sluice` plus the reference plugins the conflist chains."""
+    directory = tmp_path_factory.mktemp("cni-bin")
+    launcher = directory / "sluice"
+    launcher.write_text(LAUNCHER)
+    launcher.chmod(0o755)
+    for name in ("tuning", "bandwidth"):
+        (directory / name).symlink_to(os.path.join(REFERENCE_PLUGINS, name))
+    return str(directory)
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+def config(agent_socket: str | None = None, version: str = "1.1.0", **extra) -> dict:
+    conf = {"cniVersion": version, "name": NETWORK, "type": "sluice", **extra}
+    if agent_socket:
+        conf["agentSocket"] = agent_socket
+    return conf
+
+
+def handle(node, command: str, cid: str = "", netns: str = "", ifname: str = "eth0", conf: dict | None = None):
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": ifname}
+    return ops.handle(command, env, json.dumps(conf or config()), node)
+
+
+def exec_plugin(plugin: str, command: str, conf, cid: str = "", netns: str = "", ifname: str = "eth0",
+                cni_path: str = REFERENCE_PLUGINS, omit: tuple[str, ...] = ()) -> tuple[int, dict | None]:
+    """Execute a CNI plugin as a runtime does; (exit status, parsed stdout)."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command, "CNI_CONTAINERID": cid,
+           "CNI_NETNS": netns, "CNI_IFNAME": ifname, "CNI_PATH": cni_path}
+    for name in omit:
+        del env[name]
+    stdin = conf if isinstance(conf, str) else json.dumps(conf)
+    proc = subprocess.run([plugin], input=stdin.encode(), env=env, capture_output=True, timeout=60)
+    assert not proc.stderr, proc.stderr.decode()
+    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else None
+
+
+def ns_run(netns: str, *argv: str, **kw) -> subprocess.CompletedProcess:
+    return run("nsenter", f"--net={netns}", *argv, **kw)
+
+
+def _checksum(data: bytes) -> int:
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    total = (total >> 16) + (total & 0xFFFF)
+    return ~(total + (total >> 16)) & 0xFFFF
+
+
+def ping(netns: str, dst: str, count: int = 3, timeout: float = 2.0) -> int:
+    """ICMP echoes from `netns` over a raw socket (there is no ping binary here); replies received."""
+    with netlink.in_netns(netns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    ident, replies = os.getpid() & 0xFFFF, 0
+    with sock:
+        for seq in range(count):
+            header = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"sluice"
+            sock.sendto(header[:2] + struct.pack("!H", _checksum(header)) + header[4:], (dst, 0))
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                try:
+                    packet, (src, _) = sock.recvfrom(2048)
+                except TimeoutError:
+                    break
+                icmp = packet[(packet[0] & 0xF) * 4:]
+                if src == dst and icmp[0] == 0 and struct.unpack("!HH", icmp[4:8]) == (ident, seq):
+                    replies += 1
+                    break
+    return replies
+
+
+def pod_address(result: dict) -> str:
+    return result["ips"][0]["address"].split("/")[0]
+
+
+def endpoints(node) -> dict:
+    with node.datapath.open_map(EndpointsMap) as m:
+        return m.items()
+
+
+def assert_gone(node, cid: str, ifname: str = "eth0", address: str | None = None) -> None:
+    host = podnet.host_ifname(cid, ifname)
+    assert not netlink.exists(host), f"{host} still exists"
+    assert not os.path.exists(os.path.join(node.datapath.links_dir, host)), f"link pins of {host} remain"
+    assert node.ipam.lookup(cid, ifname) is None, "the address is still allocated"
+    if address:
+        assert address not in endpoints(node), f"endpoint {address} is still in the map"
+        assert podnet.host_route_oif(address) is None, f"node route to {address} remains"
+
+
+# ---- VERSION and start-up ----------------------------------------------------------------
+
+def test_version_is_answered_without_agent_or_pyroute2(cni_bin):
+    plugin = os.path.join(cni_bin, "sluice")
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        status, out = exec_plugin(plugin, "VERSION", "", cni_path=cni_bin)
+        times.append(time.perf_counter() - start)
+    assert status == 0
+    assert out == {"cniVersion": "1.1.0", "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]}
+    print(f"plugin VERSION through python -I -S: best {min(times) * 1000:.1f} ms of 5")
+
+    # Everything an ADD imports on the plugin side is the standard library and sluice.cni's client part.
+    probe = ("import sys, json; sys.path.insert(0, sys.argv[1]); import sluice.cni.plugin; "
+             "print(json.dumps(sorted(sys.modules)))")
+    proc = subprocess.run([os.path.join(VENV_BIN, "python"), "-I", "-S", "-c", probe, os.path.join(ROOT, "src")],
+                          capture_output=True, text=True, check=True)
+    modules = json.loads(proc.stdout)
+    foreign = {m for m in modules if m.split(".")[0] not in {*sys.stdlib_module_names, "__main__", "sluice"}}
+    assert not foreign, f"the plugin imports non-stdlib modules: {sorted(foreign)}"
+    assert {m for m in modules if m.startswith("sluice")} <= {
+        "sluice", "sluice.cni", "sluice.cni.plugin", "sluice.cni.errors", "sluice.cni.spec"}
+
+
+# ---- ADD, traffic, CHECK, DEL ------------------------------------------------------------------
+
+def test_two_pods_get_addresses_and_talk_through_redirect_peer(node, agent, pods, cni_bin, tmp_path):
+    plugin = os.path.join(cni_bin, "sluice")
+    results = {}
+    for tag in ("a", "b"):
+        cid, netns = pods.pod(tag)
+        status, result = exec_plugin(plugin, "ADD", config(agent), cid, netns, cni_path=cni_bin)
+        assert status == 0, result
+        results[tag] = (netns, result)
+        host = podnet.host_ifname(cid, "eth0")
+        host_iface, pod_iface = result["interfaces"]
+        assert host_iface == {"name": host, "mac": podnet.host_link(host).mac}
+        pod_link = json.loads(ns_run(netns, "ip", "-j", "link", "show", "eth0").stdout)[0]
+        assert pod_iface == {"name": "eth0", "mac": pod_link["address"], "sandbox": netns, "mtu": MTU}
+        assert pod_link["mtu"] == MTU and podnet.host_link(host).mtu == MTU
+        gateway = str(node.ipam.gateway)
+        assert result["ips"] == [{"address": f"{node.ipam.lookup(cid, 'eth0')}/32", "gateway": gateway,
+                                  "interface": 1}]
+        assert result["routes"] == [{"dst": "0.0.0.0/0", "gw": gateway}]
+        assert result["cniVersion"] == "1.1.0"
+
+    (ns_a, res_a), (ns_b, res_b) = results["a"], results["b"]
+    ip_a, ip_b = pod_address(res_a), pod_address(res_b)
+    assert ip_a != ip_b
+    before = node.datapath.metrics().get(REDIRECT_PEER, (0, 0))[0]
+
+    assert ping(ns_a, ip_b) == 3
+    assert ping(ns_b, ip_a) == 3
+
+    payload, received = os.urandom(1 << 20), tmp_path / "received"
+    server = subprocess.Popen(["nsenter", f"--net={ns_b}", "socat", "-u", f"TCP-LISTEN:5001,bind={ip_b}",
+                               f"CREATE:{received}"], stderr=subprocess.PIPE)
+    try:
+        subprocess.run(["nsenter", f"--net={ns_a}", "socat", "-u", "STDIN", f"TCP:{ip_b}:5001,retry=100,interval=0.05"],
+                       input=payload, check=True, capture_output=True, timeout=30)
+        assert server.wait(timeout=30) == 0, server.stderr.read()
+    finally:
+        server.kill()
+        server.wait()
+    assert hashlib.sha256(received.read_bytes()).digest() == hashlib.sha256(payload).digest()
+
+    redirected = node.datapath.metrics().get(REDIRECT_PEER, (0, 0))[0] - before
+    assert redirected >= 12 + 20, f"only {redirected} packets went through bpf_redirect_peer"
+
+
+def test_repeated_add_returns_the_same_attachment(node, pods):
+    cid, netns = pods.pod()
+    first = handle(node, "ADD", cid, netns)
+    again = handle(node, "ADD", cid, netns)
+    assert again == first
+    assert len(node.ipam.allocations()) == 1
+    handle(node, "CHECK", cid, netns, conf=config(prevResult=first))
+
+
+@pytest.mark.parametrize("version", ["0.4.0", "1.0.0"])
+def test_add_result_follows_the_configured_version(node, pods, version):
+    cid, netns = pods.pod()
+    result = handle(node, "ADD", cid, netns, conf=config(version=version))
+    assert result["cniVersion"] == version
+    assert "mtu" not in result["interfaces"][1]
+    assert ("version" in result["ips"][0]) == (version == "0.4.0")
+
+
+def test_check_passes_then_names_the_missing_host_interface(node, agent, pods, cni_bin):
+    plugin = os.path.join(cni_bin, "sluice")
+    cid, netns = pods.pod()
+    result = handle(node, "ADD", cid, netns)
+    assert exec_plugin(plugin, "CHECK", config(agent, prevResult=result), cid, netns) == (0, None)
+
+    status, error = exec_plugin(plugin, "CHECK", config(agent), cid, netns)
+    assert status == 1 and error["code"] == 7 and "prevResult" in error["msg"]
+
+    host = podnet.host_ifname(cid, "eth0")
+    run("ip", "link", "del", host)
+    status, error = exec_plugin(plugin, "CHECK", config(agent, prevResult=result), cid, netns)
+    assert status == 1
+    assert error == {"cniVersion": "1.1.0", "code": 102,
+                     "msg": f"host interface {host} for container {cid} is missing"}
+
+
+def test_check_names_a_missing_endpoint_and_a_wrong_address(node, pods):
+    cid, netns = pods.pod()
+    result = handle(node, "ADD", cid, netns)
+    address = pod_address(result)
+    wrong = json.loads(json.dumps(result))
+    wrong["ips"][0]["address"] = "10.213.255.254/32"
+    with pytest.raises(CniError, match=r"interface eth0 in .* lacks address 10.213.255.254/32"):
+        handle(node, "CHECK", cid, netns, conf=config(prevResult=wrong))
+    with node.datapath.open_map(EndpointsMap) as m:
+        m.delete(address)
+    with pytest.raises(CniError, match=f"the endpoints map has no entry for {address}"):
+        handle(node, "CHECK", cid, netns, conf=config(prevResult=result))
+
+
+def test_del_leaves_nothing_and_can_be_repeated(node, agent, pods, cni_bin):
+    plugin = os.path.join(cni_bin, "sluice")
+    cid, netns = pods.pod()
+    address = pod_address(handle(node, "ADD", cid, netns))
+    host = podnet.host_ifname(cid, "eth0")
+    assert os.path.exists(os.path.join(node.datapath.links_dir, host, "tc_from_pod"))
+    assert address in endpoints(node)
+
+    assert exec_plugin(plugin, "DEL", config(agent), cid, netns) == (0, None)
+    assert_gone(node, cid, address=address)
+    assert run("nsenter", f"--net={netns}", "ip", "link", "show", "eth0", check=False).returncode != 0
+    assert exec_plugin(plugin, "DEL", config(agent), cid, netns) == (0, None)
+
+
+def test_del_after_the_netns_is_gone(node, agent, pods, cni_bin):
+    plugin = os.path.join(cni_bin, "sluice")
+    cid, netns = pods.pod()
+    address = pod_address(handle(node, "ADD", cid, netns))
+    run("ip", "netns", "del", os.path.basename(netns))
+
+    assert exec_plugin(plugin, "DEL", config(agent), cid, netns) == (0, None)
+    assert_gone(node, cid, address=address)
+    assert exec_plugin(plugin, "DEL", config(agent), cid, "", omit=("CNI_NETNS",)) == (0, None)
+
+
+def test_50_concurrent_adds_get_distinct_addresses(node, agent, pods):
+    conf = json.dumps(config(agent))
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": "ADD", "CNI_IFNAME": "eth0",
+           "CNI_PATH": REFERENCE_PLUGINS}
+    procs = []
+    for _ in range(50):
+        cid, netns = pods.pod("c")
+        procs.append(subprocess.Popen([CONSOLE_SCRIPT], env={**env, "CNI_CONTAINERID": cid, "CNI_NETNS": netns},
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for proc in procs:  # all running before any gets its config, like a burst of pod starts
+        proc.stdin.write(conf.encode())
+        proc.stdin.close()
+    results = []
+    for proc in procs:
+        out, err = proc.stdout.read(), proc.stderr.read()
+        assert proc.wait(timeout=120) == 0, (out, err)
+        results.append(json.loads(out))
+    addresses = {pod_address(r) for r in results}
+    assert len(addresses) == 50
+    assert addresses <= set(endpoints(node))
+    assert {str(a) for a in node.ipam.allocations()} == addresses
+
+
+# ---- errors ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stdin, omit, code, named", [
+    ("{not json", (), 6, "not valid JSON"),
+    (json.dumps(config(NO_AGENT, version="0.3.1")), (), 1, "0.3.1"),
+    (json.dumps(config(NO_AGENT)), ("CNI_NETNS",), 4, "CNI_NETNS"),
+    (json.dumps(config(NO_AGENT)), ("CNI_CONTAINERID",), 4, "CNI_CONTAINERID"),
+])
+def test_plugin_rejects_bad_requests_itself(cni_bin, stdin, omit, code, named):
+    # The configured agent socket does not exist: these requests must never get that far.
+    status, error = exec_plugin(os.path.join(cni_bin, "sluice"), "ADD", stdin, "sltest-c", "/run/netns/x",
+                                omit=omit)
+    assert status == 1
+    assert error["code"] == code and named in error["msg"], error
+
+
+def test_unknown_command_and_unreachable_agent(cni_bin, tmp_path):
+    plugin = os.path.join(cni_bin, "sluice")
+    socket_path = str(tmp_path / "no-agent.sock")
+    status, error = exec_plugin(plugin, "FROB", config(socket_path), "sltest-c", "/run/netns/x")
+    assert (status, error["code"]) == (1, 4) and "FROB" in error["msg"]
+    status, error = exec_plugin(plugin, "ADD", config(socket_path), "sltest-c", "/run/netns/x")
+    assert (status, error["code"]) == (1, 11) and socket_path in error["msg"]
+    status, error = exec_plugin(plugin, "STATUS", config(socket_path))
+    assert (status, error["code"]) == (1, 50) and socket_path in error["msg"]
+
+
+def test_missing_netns_is_an_unknown_container(node, agent, pods, cni_bin):
+    cid = pods.container_id()
+    netns = f"/run/netns/{PREFIX}absent-{uuid.uuid4().hex[:6]}"
+    status, error = exec_plugin(os.path.join(cni_bin, "sluice"), "ADD", config(agent), cid, netns)
+    assert status == 1
+    assert error["code"] == 3 and netns in error["msg"], error
+    assert node.ipam.allocations() == {}
+
+
+def test_exhausted_pool_names_the_cidr_and_rolls_back(datapath, tmp_path, pods):
+    cidr = pod_cidr(29)  # network, gateway, broadcast and 5 pod addresses
+    node = ops.NodeContext(datapath=datapath, ipam=Ipam(str(tmp_path / "ipam"), cidr), mtu=MTU)
+    netns = pods.netns()
+    for i in range(5):
+        handle(node, "ADD", pods.container_id(ifname=f"eth{i}"), netns, f"eth{i}")
+    cid = pods.container_id(ifname="eth5")
+    with pytest.raises(CniError) as failure:
+        handle(node, "ADD", cid, netns, "eth5")
+    assert failure.value.code == 100 and cidr in failure.value.msg, failure.value
+    assert not netlink.exists(podnet.host_ifname(cid, "eth5"))
+    assert len(node.ipam.allocations()) == 5
+
+
+def test_failed_add_rolls_back_what_it_did(tmp_path, pin_root, pods):
+    # The datapath is not loaded: the veth and address come first, then attaching fails.
+    node = ops.NodeContext(datapath=Datapath(root=pin_root, obj_dir=BPF_BUILD),
+                           ipam=Ipam(str(tmp_path / "ipam"), pod_cidr()), mtu=MTU)
+    cid, netns = pods.pod()
+    host = podnet.host_ifname(cid, "eth0")
+    with pytest.raises(CniError) as failure:
+        handle(node, "ADD", cid, netns)
+    assert failure.value.code == 101
+    assert f"attaching tc_from_pod to {host} failed" in failure.value.msg and cid in failure.value.msg
+    assert not netlink.exists(host)
+    assert node.ipam.allocations() == {}
+    assert run("nsenter", f"--net={netns}", "ip", "link", "show", "eth0", check=False).returncode != 0
+
+
+def test_add_fails_cleanly_when_the_pod_interface_name_is_taken(node, pods):
+    cid, netns = pods.pod()
+    ns_run(netns, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer")
+    with pytest.raises(CniError, match=r"creating veth pair .* failed: File exists"):
+        handle(node, "ADD", cid, netns)
+    assert node.ipam.allocations() == {}
+    assert not netlink.exists(podnet.host_ifname(cid, "eth0"))
+
+
+# ---- GC and STATUS -------------------------------------------------------------------------
+
+def test_gc_removes_attachments_not_listed(node, agent, pods, cni_bin):
+    kept, kept_ns = pods.pod("keep")
+    gone, gone_ns = pods.pod("gone")
+    kept_result = handle(node, "ADD", kept, kept_ns)
+    gone_address = pod_address(handle(node, "ADD", gone, gone_ns))
+    orphan = "sl" + uuid.uuid4().hex[:11]  # a node-side veth whose ADD never finished
+    run("ip", "link", "add", orphan, "type", "veth", "peer", "name", "sl" + uuid.uuid4().hex[:12])
+    try:
+        valid = [{"containerID": kept, "ifname": "eth0"}]
+        conf = config(agent, **{"cni.dev/valid-attachments": valid})
+        assert exec_plugin(os.path.join(cni_bin, "sluice"), "GC", conf) == (0, None)
+        assert_gone(node, gone, address=gone_address)
+        assert not netlink.exists(orphan)
+        handle(node, "CHECK", kept, kept_ns, conf=config(prevResult=kept_result))
+    finally:
+        netlink.delete_link(orphan)
+
+    with pytest.raises(CniError, match="cni.dev/valid-attachments") as failure:
+        handle(node, "GC")
+    assert failure.value.code == 7
+
+
+def test_status(node, agent, cni_bin):
+    assert exec_plugin(os.path.join(cni_bin, "sluice"), "STATUS", config(agent)) == (0, None)
+    node.ready = lambda: False
+    status, error = exec_plugin(os.path.join(cni_bin, "sluice"), "STATUS", config(agent))
+    assert status == 1 and error["code"] == 50 and "not applied" in error["msg"]
+    status, error = exec_plugin(os.path.join(cni_bin, "sluice"), "STATUS", config(agent, version="1.0.0"))
+    assert status == 1 and error["code"] == 1
+
+
+# ---- a conflist with the reference plugins --------------------------------------------------
+
+def run_chain(cni_bin: str, command: str, conflist: dict, cid: str, netns: str, prev: dict | None = None):
+    """What libcni does for a conflist: each plugin gets name, cniVersion and the previous
+    result; DEL runs the list backwards."""
+    plugins = conflist["plugins"][::-1] if command == "DEL" else conflist["plugins"]
+    for plugin in plugins:
+        conf = {**plugin, "name": conflist["name"], "cniVersion": conflist["cniVersion"]}
+        if prev is not None:
+            conf["prevResult"] = prev
+        status, out = exec_plugin(os.path.join(cni_bin, plugin["type"]), command, conf, cid, netns,
+                                  cni_path=cni_bin)
+        assert status == 0, (plugin["type"], out)
+        if command == "ADD":
+            prev = out
+    return prev
+
+
+def test_conflist_with_tuning_and_bandwidth(node, agent, pods, cni_bin):
+    conflist = {"cniVersion": "1.0.0", "name": NETWORK, "plugins": [
+        {"type": "sluice", "agentSocket": agent},
+        {"type": "tuning", "sysctl": {"net.core.somaxconn": "1234"}},
+        {"type": "bandwidth", "ingressRate": 100_000_000, "ingressBurst": 1_000_000},
+    ]}
+    cid, netns = pods.pod()
+    host = podnet.host_ifname(cid, "eth0")
+    result = run_chain(cni_bin, "ADD", conflist, cid, netns)
+    assert result["cniVersion"] == "1.0.0"
+    assert result["interfaces"][0]["name"] == host
+    assert ns_run(netns, "sysctl", "-n", "net.core.somaxconn").stdout.strip() == "1234"
+    assert "tbf" in run("tc", "qdisc", "show", "dev", host).stdout
+
+    run_chain(cni_bin, "CHECK", conflist, cid, netns, prev=result)
+    run_chain(cni_bin, "DEL", conflist, cid, netns, prev=result)
+    assert_gone(node, cid, address=pod_address(result))
