@@ -25,6 +25,7 @@ import pytest
 
 from conftest import BPF_BUILD, ROOT
 from lib import cni_agent
+from lib.cni_exec import REFERENCE_PLUGINS, exec_plugin
 from lib.netns import PREFIX, run, unique
 from sluice import netlink
 from sluice.cni import ops, podnet
@@ -37,7 +38,6 @@ pytestmark = pytest.mark.kernel
 
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 CONSOLE_SCRIPT = os.path.join(VENV_BIN, "sluice-cni")
-REFERENCE_PLUGINS = "/usr/lib/cni"
 NETWORK = "sluice-test"
 MTU = 1450
 REDIRECT_PEER = ("tc_from_pod", "redirect_peer")  # a key of Datapath.metrics()
@@ -143,19 +143,6 @@ def config(agent_socket: str | None = None, version: str = "1.1.0", **extra) -> 
 def handle(node, command: str, cid: str = "", netns: str = "", ifname: str = "eth0", conf: dict | None = None):
     env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": ifname}
     return ops.handle(command, env, json.dumps(conf or config()), node)
-
-
-def exec_plugin(plugin: str, command: str, conf, cid: str = "", netns: str = "", ifname: str = "eth0",
-                cni_path: str = REFERENCE_PLUGINS, omit: tuple[str, ...] = ()) -> tuple[int, dict | None]:
-    """Execute a CNI plugin as a runtime does; (exit status, parsed stdout)."""
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command, "CNI_CONTAINERID": cid,
-           "CNI_NETNS": netns, "CNI_IFNAME": ifname, "CNI_PATH": cni_path}
-    for name in omit:
-        del env[name]
-    stdin = conf if isinstance(conf, str) else json.dumps(conf)
-    proc = subprocess.run([plugin], input=stdin.encode(), env=env, capture_output=True, timeout=60)
-    assert not proc.stderr, proc.stderr.decode()
-    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else None
 
 
 def ns_run(netns: str, *argv: str, **kw) -> subprocess.CompletedProcess:

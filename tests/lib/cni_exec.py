@@ -1,0 +1,21 @@
+"""Executing a CNI plugin the way a container runtime does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+REFERENCE_PLUGINS = "/usr/lib/cni"
+
+
+def exec_plugin(plugin: str, command: str, conf, cid: str = "", netns: str = "", ifname: str = "eth0",
+                cni_path: str = REFERENCE_PLUGINS, omit: tuple[str, ...] = ()) -> tuple[int, dict | None]:
+    """Execute a CNI plugin as a runtime does; (exit status, parsed stdout)."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": command, "CNI_CONTAINERID": cid,
+           "CNI_NETNS": netns, "CNI_IFNAME": ifname, "CNI_PATH": cni_path}
+    for name in omit:
+        del env[name]
+    stdin = conf if isinstance(conf, str) else json.dumps(conf)
+    proc = subprocess.run([plugin], input=stdin.encode(), env=env, capture_output=True, timeout=60)
+    assert not proc.stderr, proc.stderr.decode()
+    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else None
