@@ -1,0 +1,26 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) Sluice developers
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+
+from __future__ import annotations
+
+
+class ModuleDocFragment:
+    """Options shared by the sluice.network modules that work with the datapath."""
+
+    DOCUMENTATION = r"""
+options:
+  pin_root:
+    description:
+      - Directory on the BPF filesystem under which the Sluice datapath pins its programs, maps and links.
+    type: path
+    default: /sys/fs/bpf/sluice
+  obj_dir:
+    description:
+      - Directory holding the compiled datapath objects (C(tc_pod.o), C(tc_nic.o), C(xdp_nic.o), C(sock_lb.o), C(sockmap.o)).
+    type: path
+    default: /opt/sluice/bpf
+requirements:
+  - sluice (the Sluice node package, installed by the sluice.network.node role)
+  - Linux with BPF, run as root
+"""

@@ -1,0 +1,360 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright (c) Sluice developers
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: state
+short_description: Write the node's Sluice desired state and apply it to the datapath maps
+version_added: 0.1.0
+description:
+  - Validates the desired state with C(sluice.state.DesiredState.parse) (an error names the bad value and nothing is
+    written), writes it as JSON to O(path), and with O(apply=true) applies it to the datapath maps at once through
+    C(sluice.state.Reconciler) instead of waiting for the agent's file watch.
+  - The plan (what applying changes in the maps and kernel routes) is computed against the live maps and returned,
+    so C(--check --diff) reports exactly the pending changes.
+author:
+  - Sluice developers
+extends_documentation_fragment:
+  - sluice.network.sluice
+attributes:
+  check_mode:
+    support: full
+    description: Validates, computes the plan and the file diff; writes and applies nothing.
+  diff_mode:
+    support: full
+    description: Before and after of the state file; RV(plan) holds the pending map changes.
+options:
+  path:
+    description: The state file the agent watches.
+    type: path
+    default: /etc/sluice/state.json
+  node:
+    description: This node.
+    type: dict
+    required: true
+    suboptions:
+      name:
+        description: Node name.
+        type: str
+        required: true
+      ip:
+        description: Node IPv4 address.
+        type: str
+        required: true
+      nic:
+        description: The node NIC (routes to other nodes leave through it in V(native) routing).
+        type: str
+        required: true
+      pod_cidr:
+        description: This node's pod CIDR.
+        type: str
+        required: true
+  routing:
+    description: How pod traffic reaches other nodes.
+    type: dict
+    suboptions:
+      mode:
+        description: V(native) routes to the other nodes' IPs; V(vxlan) encapsulates.
+        type: str
+        choices: [native, vxlan]
+        default: native
+      vxlan_device:
+        description: Name of the (collect_md) VXLAN device.
+        type: str
+        default: sluice_vxlan
+      vxlan_port:
+        description: VXLAN UDP port.
+        type: int
+        default: 4789
+      vni:
+        description: VXLAN network identifier.
+        type: int
+        default: 1
+  routes:
+    description: Other nodes' pod CIDRs and how to reach them.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      cidr:
+        description: Pod CIDR of the other node.
+        type: str
+        required: true
+      nexthop:
+        description: The other node's IP.
+        type: str
+        required: true
+      node:
+        description: The other node's name (informational).
+        type: str
+  services:
+    description: Cluster services (socket and tc load balancing).
+    type: list
+    elements: dict
+    default: []
+    suboptions: &frontend
+      name:
+        description: Service name (used in error messages).
+        type: str
+      vip:
+        description: Virtual IP.
+        type: str
+        required: true
+      port:
+        description: Virtual port.
+        type: int
+        required: true
+      protocol:
+        description: Protocol.
+        type: str
+        choices: [tcp, udp]
+        default: tcp
+      backends:
+        description: Backends, each a dict with C(ip) and C(port).
+        type: list
+        elements: dict
+        default: []
+  prefilter:
+    description: CIDRs the XDP prefilter drops.
+    type: list
+    elements: str
+    default: []
+  lb_vips:
+    description: External load-balancer VIPs (XDP, Maglev), same shape as O(services).
+    type: list
+    elements: dict
+    default: []
+    suboptions: *frontend
+  xdp:
+    description: XDP settings.
+    type: dict
+    suboptions:
+      cpumap_cpus:
+        description: CPUs the XDP program spreads packets to through the cpumap (empty for none).
+        type: list
+        elements: int
+        default: []
+  apply:
+    description:
+      - Apply the state to the datapath maps now. With V(false) only the file is written and the agent applies it.
+    type: bool
+    default: true
+notes:
+  - RV(changed) is true when the file content differs, or when O(apply=true) and the plan is not empty.
+  - Without a loaded datapath the plan cannot be computed; O(apply=true) then fails before anything is written.
+seealso:
+  - module: sluice.network.datapath
+  - module: sluice.network.info
+"""
+
+EXAMPLES = r"""
+- name: Desired state of a node, applied at once
+  sluice.network.state:
+    node:
+      name: node1
+      ip: 192.0.2.11
+      nic: eth0
+      pod_cidr: 10.244.1.0/24
+    routing:
+      mode: native
+    routes:
+      - cidr: 10.244.2.0/24
+        nexthop: 192.0.2.12
+        node: node2
+    services:
+      - name: web
+        vip: 10.96.0.10
+        port: 80
+        protocol: tcp
+        backends:
+          - ip: 10.244.1.5
+            port: 8080
+          - ip: 10.244.2.7
+            port: 8080
+    prefilter:
+      - 198.51.100.0/24
+  register: sluice_state
+
+- name: Show what is pending
+  ansible.builtin.debug:
+    var: sluice_state.plan
+"""
+
+RETURN = r"""
+path:
+  description: The state file.
+  returned: always
+  type: str
+  sample: /etc/sluice/state.json
+plan:
+  description:
+    - Changes applying the state makes (or made) to the maps and routes, per section, each with C(add), C(change)
+      and C(remove) lists. Empty when the datapath already matches. Null when no datapath is loaded.
+  returned: always
+  type: dict
+  sample: {services: {add: [{frontend: 10.96.0.10:80/tcp, backends: ["10.244.1.5:8080"]}], change: [], remove: []}}
+plan_text:
+  description: The plan as the C(sluice) CLI renders it.
+  returned: always
+  type: str
+  sample: "No changes: the datapath matches the state."
+file_changed:
+  description: Whether the state file content was (or would be) changed.
+  returned: always
+  type: bool
+applied:
+  description: Whether the plan was applied to the maps by this task.
+  returned: always
+  type: bool
+"""
+
+import json
+import os
+import tempfile
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.sluice.network.plugins.module_utils.sluice import (
+    HAS_SLUICE,
+    datapath,
+    datapath_argument_spec,
+    ensure_sluice,
+)
+
+if HAS_SLUICE:
+    from sluice.bpf.libbpf import BpfError
+    from sluice.datapath import DatapathError
+    from sluice.state import DesiredState, Reconciler, StateError
+
+FRONTEND = dict(
+    name=dict(type="str"),
+    vip=dict(type="str", required=True),
+    port=dict(type="int", required=True),
+    protocol=dict(type="str", default="tcp", choices=["tcp", "udp"]),
+    backends=dict(type="list", elements="dict", default=[]),
+)
+
+
+def build_state(p):
+    """The state file document from the module options (only what is set)."""
+    def clean(d):
+        return {k: v for k, v in d.items() if v is not None}
+
+    raw = {"node": clean(p["node"])}
+    if p["routing"]:
+        raw["routing"] = clean(p["routing"])
+    raw["routes"] = [clean(r) for r in p["routes"]]
+    raw["services"] = [clean(s) for s in p["services"]]
+    raw["prefilter"] = list(p["prefilter"])
+    raw["lb_vips"] = [clean(s) for s in p["lb_vips"]]
+    if p["xdp"]:
+        raw["xdp"] = clean(p["xdp"])
+    return raw
+
+
+def main():
+    argument_spec = dict(
+        path=dict(type="path", default="/etc/sluice/state.json"),
+        node=dict(type="dict", required=True, options=dict(
+            name=dict(type="str", required=True),
+            ip=dict(type="str", required=True),
+            nic=dict(type="str", required=True),
+            pod_cidr=dict(type="str", required=True),
+        )),
+        routing=dict(type="dict", options=dict(
+            mode=dict(type="str", default="native", choices=["native", "vxlan"]),
+            vxlan_device=dict(type="str", default="sluice_vxlan"),
+            vxlan_port=dict(type="int", default=4789),
+            vni=dict(type="int", default=1),
+        )),
+        routes=dict(type="list", elements="dict", default=[], options=dict(
+            cidr=dict(type="str", required=True),
+            nexthop=dict(type="str", required=True),
+            node=dict(type="str"),
+        )),
+        services=dict(type="list", elements="dict", default=[], options=FRONTEND),
+        prefilter=dict(type="list", elements="str", default=[]),
+        lb_vips=dict(type="list", elements="dict", default=[], options=FRONTEND),
+        xdp=dict(type="dict", options=dict(cpumap_cpus=dict(type="list", elements="int", default=[]))),
+        apply=dict(type="bool", default=True),
+    )
+    argument_spec.update(datapath_argument_spec())
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    ensure_sluice(module)
+    p = module.params
+    path = p["path"]
+    raw = build_state(p)
+    try:
+        state = DesiredState.parse(raw)
+    except StateError as e:
+        module.fail_json(msg=f"invalid desired state: {e}", path=path, changed=False)
+    text = json.dumps(raw, indent=2, sort_keys=True) + "\n"
+    try:
+        with open(path) as f:
+            before = f.read()
+    except FileNotFoundError:
+        before = None
+    except OSError as e:
+        module.fail_json(msg=f"cannot read {path}: {e}")
+    file_changed = before != text
+
+    dp = datapath(module)
+    plan = None
+    try:
+        if dp.is_loaded():
+            plan = Reconciler(dp).plan(state)
+        elif p["apply"]:
+            module.fail_json(msg=f"apply: the Sluice datapath is not loaded under {p['pin_root']}; run "
+                                 "sluice.network.datapath first (or set apply=false to let the agent apply it)",
+                             path=path, changed=False)
+        else:
+            module.warn(f"no datapath is loaded under {p['pin_root']}: the plan cannot be computed")
+    except StateError as e:
+        module.fail_json(msg=f"invalid desired state: {e}", path=path, changed=False)
+    except (DatapathError, BpfError, OSError) as e:
+        module.fail_json(msg=f"cannot compute the plan against the datapath under {p['pin_root']}: {e}",
+                         path=path, changed=False)
+
+    pending = bool(p["apply"] and plan is not None and plan.changed)
+    applied = False
+    if not module.check_mode:
+        if file_changed:
+            _write(module, path, text)
+        if pending:
+            try:
+                plan = Reconciler(dp).apply(state)
+                applied = True
+            except (StateError, DatapathError, BpfError, OSError) as e:
+                module.fail_json(msg=f"applying the state to the datapath failed: {e}", path=path,
+                                 changed=file_changed, file_changed=file_changed)
+    result = dict(
+        changed=file_changed or pending,
+        path=path,
+        plan=plan.to_dict() if plan is not None else None,
+        plan_text=plan.render() if plan is not None else "",
+        file_changed=file_changed,
+        applied=applied,
+    )
+    if module._diff:  # pylint: disable=protected-access
+        result["diff"] = dict(before=before or "", after=text, before_header=path, after_header=path)
+    module.exit_json(**result)
+
+
+def _write(module, path, text):
+    directory = os.path.dirname(path) or "."
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+    except OSError as e:
+        module.fail_json(msg=f"cannot write {path}: {e}")
+    module.atomic_move(tmp, path)
+
+
+if __name__ == "__main__":
+    main()

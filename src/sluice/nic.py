@@ -1,0 +1,427 @@
+"""Node NIC settings: MTU, ethtool channels/rings/offloads, driver options and XDP capability.
+
+Everything runs in the caller's network namespace (netlink and `ethtool`, never
+/sys/class/net, which shows the namespace sysfs was mounted in). External tools
+are run through a `runner(argv) -> (rc, stdout, stderr)` so the Ansible module
+can pass its own `run_command`; argv lists only, never a shell string.
+
+Every setter comes with a reader and a planner: `plan_*` checks the wanted value
+against what the device reports (maximums, fixed features) and raises NicError
+naming the bad value before anything is changed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+from typing import Callable
+
+from . import netlink
+
+MTU_MIN, MTU_MAX = 68, 65535
+CHANNEL_KEYS = ("combined", "rx", "tx", "other")
+RING_KEYS = ("rx", "tx", "rx-mini", "rx-jumbo")
+
+# ethtool's short feature names -> the names `ethtool -k` prints
+FEATURE_ALIASES = {
+    "rx": "rx-checksumming",
+    "tx": "tx-checksumming",
+    "sg": "scatter-gather",
+    "tso": "tcp-segmentation-offload",
+    "ufo": "udp-fragmentation-offload",
+    "gso": "generic-segmentation-offload",
+    "gro": "generic-receive-offload",
+    "lro": "large-receive-offload",
+    "rxvlan": "rx-vlan-offload",
+    "txvlan": "tx-vlan-offload",
+    "ntuple": "ntuple-filters",
+    "rxhash": "receive-hashing",
+}
+
+Runner = Callable[[list], tuple]
+
+
+class NicError(Exception):
+    """Bad input or a failed operation; the message names the value and the device."""
+
+
+class Unsupported(NicError):
+    """The device (driver) does not support an operation, e.g. ethtool -G on veth."""
+
+
+def default_runner(argv: list) -> tuple:
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        return 127, "", f"{argv[0]}: command not found"
+    return p.returncode, p.stdout, p.stderr
+
+
+def _int_or_none(value: str):
+    value = value.strip()
+    return int(value) if value.isdigit() else None
+
+
+def parse_channels(text: str) -> dict:
+    """`ethtool -l` -> {"max": {...}, "current": {...}} with None for n/a."""
+    out = {"max": {}, "current": {}}
+    section = None
+    for line in text.splitlines():
+        if line.startswith("Pre-set maximums"):
+            section = "max"
+        elif line.startswith("Current hardware settings"):
+            section = "current"
+        elif section and ":" in line:
+            key, value = line.split(":", 1)
+            key = key.strip().lower()
+            if key in CHANNEL_KEYS:
+                out[section][key] = _int_or_none(value)
+    return out
+
+
+def parse_rings(text: str) -> dict:
+    """`ethtool -g` -> {"max": {...}, "current": {...}}."""
+    out = {"max": {}, "current": {}}
+    section = None
+    for line in text.splitlines():
+        if line.startswith("Pre-set maximums"):
+            section = "max"
+        elif line.startswith("Current hardware settings"):
+            section = "current"
+        elif section and ":" in line:
+            key, value = line.split(":", 1)
+            key = {"rx mini": "rx-mini", "rx jumbo": "rx-jumbo"}.get(key.strip().lower(), key.strip().lower())
+            if key in RING_KEYS:
+                out[section][key] = _int_or_none(value)
+    return out
+
+
+def parse_features(text: str) -> dict:
+    """`ethtool -k` -> {feature: {"on": bool, "fixed": bool}}."""
+    out = {}
+    for line in text.splitlines()[1:]:
+        m = re.match(r"^\s*([\w-]+):\s+(on|off)(.*)$", line)
+        if m:
+            out[m.group(1)] = {"on": m.group(2) == "on", "fixed": "[fixed]" in m.group(3)}
+    return out
+
+
+def feature_name(name: str) -> str:
+    return FEATURE_ALIASES.get(name, name)
+
+
+class Nic:
+    def __init__(self, ifname: str, runner: Runner = default_runner, ethtool: str = "ethtool"):
+        self.ifname = ifname
+        self.run = runner
+        self.ethtool_bin = ethtool
+
+    # ---- basics --------------------------------------------------------------------
+
+    def link(self) -> dict:
+        try:
+            return netlink.link(self.ifname)
+        except netlink.LinkNotFound:
+            raise NicError(f"interface {self.ifname!r} does not exist") from None
+
+    def _ethtool(self, *args: str) -> str:
+        rc, out, err = self.run([self.ethtool_bin, *args])
+        if rc == 0:
+            return out
+        msg = (err or out).strip()
+        if rc == 127 or ("not found" in msg and self.ethtool_bin in msg):
+            raise NicError(f"ethtool is not installed (needed for {' '.join(args[:1])} on {self.ifname})")
+        if "not supported" in msg.lower() or "operation not supported" in msg.lower():
+            raise Unsupported(f"{self.ifname}: `ethtool {' '.join(args)}` is not supported by its driver: {msg}")
+        raise NicError(f"{self.ifname}: `ethtool {' '.join(args)}` failed (rc={rc}): {msg}")
+
+    def driver(self) -> str | None:
+        try:
+            out = self._ethtool("-i", self.ifname)
+        except NicError:
+            return None
+        for line in out.splitlines():
+            if line.startswith("driver:"):
+                return line.split(":", 1)[1].strip() or None
+        return None
+
+    # ---- MTU -----------------------------------------------------------------------
+
+    @staticmethod
+    def check_mtu(mtu: int) -> int:
+        if isinstance(mtu, bool) or not isinstance(mtu, int) or not MTU_MIN <= mtu <= MTU_MAX:
+            raise NicError(f"mtu {mtu!r} is outside {MTU_MIN}..{MTU_MAX}")
+        return mtu
+
+    def set_mtu(self, mtu: int) -> bool:
+        self.check_mtu(mtu)
+        info = self.link()
+        if info["mtu"] == mtu:
+            return False
+        with netlink.ipr() as ip:
+            try:
+                ip.link("set", index=info["ifindex"], mtu=mtu)
+            except netlink.NetlinkError as e:
+                raise NicError(f"{self.ifname}: cannot set mtu {mtu}: {e}") from None
+        return True
+
+    # ---- channels and rings --------------------------------------------------------
+
+    def channels(self) -> dict:
+        return parse_channels(self._ethtool("-l", self.ifname))
+
+    def rings(self) -> dict:
+        return parse_rings(self._ethtool("-g", self.ifname))
+
+    def _plan_counts(self, what: str, wanted: dict, have: dict, keys) -> dict:
+        """The subset of `wanted` that differs from the device, after checking it against the maximums."""
+        changes = {}
+        for key, value in sorted(wanted.items()):
+            if value is None:
+                continue
+            if key not in keys:
+                raise NicError(f"{what}: {key!r} is not one of {', '.join(keys)}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise NicError(f"{what}.{key}: {value!r} is not a non-negative integer")
+            maximum = have["max"].get(key)
+            if maximum is None:
+                raise Unsupported(f"{self.ifname}: {what}.{key} is not supported by its driver (ethtool reports n/a)")
+            if value > maximum:
+                raise NicError(f"{what}.{key}: {value} exceeds the maximum {maximum} of {self.ifname}")
+            if have["current"].get(key) != value:
+                changes[key] = value
+        return changes
+
+    def plan_channels(self, wanted: dict, have: dict | None = None) -> dict:
+        """Changes `ethtool -L` has to make; `have` is a prior channels() reading."""
+        return self._plan_counts("channels", wanted, have or self.channels(), CHANNEL_KEYS)
+
+    def plan_rings(self, wanted: dict, have: dict | None = None) -> dict:
+        """Changes `ethtool -G` has to make; `have` is a prior rings() reading."""
+        return self._plan_counts("rings", wanted, have or self.rings(), RING_KEYS)
+
+    def set_channels(self, changes: dict) -> None:
+        if changes:
+            self._ethtool("-L", self.ifname, *[str(x) for kv in sorted(changes.items()) for x in kv])
+
+    def set_rings(self, changes: dict) -> None:
+        if changes:
+            self._ethtool("-G", self.ifname, *[str(x) for kv in sorted(changes.items()) for x in kv])
+
+    # ---- offloads ------------------------------------------------------------------
+
+    def features(self) -> dict:
+        return parse_features(self._ethtool("-k", self.ifname))
+
+    def offloads(self, names) -> dict:
+        """Current on/off of the given features (short or long names), keyed as given."""
+        have = self.features()
+        return {n: have[feature_name(n)]["on"] for n in names if feature_name(n) in have}
+
+    def plan_offloads(self, wanted: dict) -> dict:
+        have = self.features()
+        changes = {}
+        for name, on in sorted(wanted.items()):
+            if not isinstance(on, bool):
+                raise NicError(f"offloads.{name}: {on!r} is not a boolean")
+            feat = have.get(feature_name(name))
+            if feat is None:
+                raise NicError(f"offloads: {self.ifname} has no feature {name!r}")
+            if feat["on"] == on:
+                continue
+            if feat["fixed"]:
+                raise Unsupported(f"offloads.{name}: {self.ifname} cannot turn {name} "
+                                  f"{'on' if on else 'off'} (fixed by its driver)")
+            changes[name] = on
+        return changes
+
+    def set_offloads(self, changes: dict) -> None:
+        if not changes:
+            return
+        args = [x for name, on in sorted(changes.items()) for x in (name, "on" if on else "off")]
+        self._ethtool("-K", self.ifname, *args)
+        have = self.offloads(changes)
+        refused = sorted(n for n, on in changes.items() if have.get(n) != on)
+        if refused:
+            raise Unsupported(f"offloads: {self.ifname} refused to change {', '.join(refused)}")
+
+    # ---- XDP capability --------------------------------------------------------------
+
+    def xdp_features(self) -> int | None:
+        """NETDEV_A_DEV_XDP_FEATURES of the device (kernel 6.3+), None when the kernel cannot tell."""
+        return xdp_features(self.link()["ifindex"])
+
+    def native_xdp(self) -> bool | None:
+        """True/False when the kernel reports whether the driver does native XDP, else None."""
+        features = self.xdp_features()
+        return None if features is None else bool(features & NETDEV_XDP_ACT_BASIC)
+
+
+# ---- generic netlink: the `netdev` family's xdp-features ------------------------------
+
+NETLINK_GENERIC = 16
+GENL_ID_CTRL = 0x10
+CTRL_CMD_GETFAMILY = 3
+CTRL_ATTR_FAMILY_ID = 1
+CTRL_ATTR_FAMILY_NAME = 2
+NETDEV_CMD_DEV_GET = 1
+NETDEV_A_DEV_IFINDEX = 1
+NETDEV_A_DEV_XDP_FEATURES = 3
+NETDEV_XDP_ACT_BASIC = 1
+NLM_F_REQUEST = 1
+NLMSG_ERROR = 2
+
+
+def _nla(attr_type: int, payload: bytes) -> bytes:
+    data = struct.pack("HH", 4 + len(payload), attr_type) + payload
+    return data + b"\0" * (-len(data) % 4)
+
+
+def _parse_attrs(data: bytes) -> dict:
+    attrs = {}
+    while len(data) >= 4:
+        length, attr_type = struct.unpack_from("HH", data)
+        if length < 4:
+            break
+        attrs[attr_type & 0x3FFF] = data[4:length]
+        data = data[(length + 3) & ~3:]
+    return attrs
+
+
+def _genl_request(sock, family: int, cmd: int, attrs: bytes, seq: int) -> dict | None:
+    body = struct.pack("BBH", cmd, 1, 0) + attrs
+    sock.send(struct.pack("IHHII", 16 + len(body), family, NLM_F_REQUEST, seq, 0) + body)
+    data = sock.recv(65536)
+    length, msg_type = struct.unpack_from("IH", data)
+    if msg_type == NLMSG_ERROR:
+        return None
+    return _parse_attrs(data[20:length])
+
+
+def xdp_features(ifindex: int) -> int | None:
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC) as sock:
+            sock.settimeout(2)
+            fam = _genl_request(sock, GENL_ID_CTRL, CTRL_CMD_GETFAMILY,
+                                _nla(CTRL_ATTR_FAMILY_NAME, b"netdev\0"), 1)
+            if not fam or CTRL_ATTR_FAMILY_ID not in fam:
+                return None
+            family = struct.unpack("H", fam[CTRL_ATTR_FAMILY_ID][:2])[0]
+            dev = _genl_request(sock, family, NETDEV_CMD_DEV_GET,
+                                _nla(NETDEV_A_DEV_IFINDEX, struct.pack("I", ifindex)), 2)
+    except OSError:
+        return None
+    if not dev or NETDEV_A_DEV_XDP_FEATURES not in dev:
+        return None
+    return struct.unpack("Q", dev[NETDEV_A_DEV_XDP_FEATURES][:8])[0]
+
+
+# ---- kernel modules (drivers) -------------------------------------------------------------
+
+def module_name(module: str) -> str:
+    return module.replace("-", "_")
+
+
+def driver_builtin(name: str, sysroot: str = "/", modprobe: str | None = "auto") -> bool:
+    """True when `name` is built into the kernel (or modules cannot be loaded at all).
+
+    A loadable module that is loaded has /sys/module/<name>/initstate; a built-in
+    one has no initstate (and may have no /sys/module entry at all), and is
+    listed in /lib/modules/<release>/modules.builtin."""
+    mod = module_name(name)
+    sysmod = os.path.join(sysroot, "sys/module", mod)
+    if os.path.exists(os.path.join(sysmod, "initstate")):
+        return False
+    if os.path.isdir(sysmod):
+        return True
+    builtin = os.path.join(sysroot, "lib/modules", os.uname().release, "modules.builtin")
+    try:
+        with open(builtin) as f:
+            if any(module_name(os.path.basename(line.strip())).removesuffix(".ko") == mod for line in f):
+                return True
+    except OSError:
+        pass
+    if modprobe == "auto":
+        modprobe = shutil.which("modprobe") or shutil.which("modprobe", path="/usr/sbin:/sbin")
+    return not modprobe
+
+
+def module_loaded(name: str, sysroot: str = "/") -> bool:
+    return os.path.exists(os.path.join(sysroot, "sys/module", module_name(name), "initstate"))
+
+
+def module_params(name: str, sysroot: str = "/") -> dict:
+    """Readable parameters of a loaded module."""
+    pdir = os.path.join(sysroot, "sys/module", module_name(name), "parameters")
+    out = {}
+    if os.path.isdir(pdir):
+        for p in sorted(os.listdir(pdir)):
+            try:
+                with open(os.path.join(pdir, p)) as f:
+                    out[p] = f.read().strip()
+            except OSError:
+                continue
+    return out
+
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_.,:/+=-]+$")
+
+
+def check_driver(name: str, options: dict) -> None:
+    if not name or not re.match(r"^[A-Za-z0-9_-]+$", name):
+        raise NicError(f"driver.name {name!r} is not a kernel module name")
+    for key, value in (options or {}).items():
+        if not re.match(r"^[A-Za-z0-9_]+$", str(key)):
+            raise NicError(f"driver.options: {key!r} is not a module parameter name")
+        if not _TOKEN.match(str(value)):
+            raise NicError(f"driver.options.{key}: {value!r} contains characters a module parameter cannot hold")
+
+
+def modprobe_conf(name: str, options: dict) -> str:
+    """/etc/modprobe.d/sluice-<name>.conf"""
+    text = "# Managed by sluice.network.nic\n"
+    if options:
+        text += f"options {module_name(name)} " + " ".join(f"{k}={v}" for k, v in sorted(options.items())) + "\n"
+    return text
+
+
+def modules_load_conf(name: str) -> str:
+    """/etc/modules-load.d/sluice-<name>.conf"""
+    return f"# Managed by sluice.network.nic\n{module_name(name)}\n"
+
+
+def driver_files(name: str, options: dict, sysroot: str = "/") -> dict:
+    """path -> wanted content of the persistent driver configuration."""
+    return {
+        os.path.join(sysroot, "etc/modprobe.d", f"sluice-{name}.conf"): modprobe_conf(name, options),
+        os.path.join(sysroot, "etc/modules-load.d", f"sluice-{name}.conf"): modules_load_conf(name),
+    }
+
+
+def read_file(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def write_file(path: str, text: str, mode: int = 0o644) -> bool:
+    """Atomically replace `path` with `text`; False when it already has it."""
+    if read_file(path) == text:
+        return False
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.sluice-tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    return True
+
+
+def modprobe_argv(name: str, options: dict, modprobe: str = "modprobe") -> list:
+    return [modprobe, module_name(name)] + [f"{k}={v}" for k, v in sorted((options or {}).items())]
