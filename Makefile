@@ -73,3 +73,32 @@ lab-up: setup
 # No `setup` prerequisite: cleaning up must work even when the venv does not (lab.py is stdlib only).
 lab-down:
 	$(if $(wildcard $(PY)),$(PY),python3) lab/lab.py down
+
+# ---- Ansible collection checks (plugins/, tests/unit, tests/sanity) ----------------------------
+# ansible-test needs the collection at a path ending in ansible_collections/<ns>/<name>: a copy of the
+# git-tracked and untracked-not-ignored files (collections/ holds a symlink back to the root).
+# Offline: ansible-test's get-pip download is replaced by a stand-in (tests/sanity/get_pip_offline.py).
+COLL_COPY    := $(BUILD)/ansible_collections/sluice/network
+GET_PIP_STUB := $(HOME)/.ansible/test/cache/get_pip_24_2.py
+ANSIBLE_TEST := env PATH=$(abspath $(VENV))/bin:$$PATH ansible-test
+
+$(GET_PIP_STUB): tests/sanity/get_pip_offline.py
+	@mkdir -p $(@D)
+	cp $< $@
+
+collection-copy:
+	rm -rf $(COLL_COPY) && mkdir -p $(COLL_COPY)
+	git ls-files -co --exclude-standard -z | grep -zv '^collections/' \
+	    | while IFS= read -r -d '' f; do [ -e "$$f" ] && printf '%s\0' "$$f"; done \
+	    | tar --null -T - -cf - | tar -xf - -C $(COLL_COPY)
+	@# its own (empty) git repository: ansible-test would otherwise find the checkout's, where build/ is ignored
+	git -C $(COLL_COPY) init -q
+
+sanity: setup bpf $(GET_PIP_STUB) collection-copy
+	cd $(COLL_COPY) && $(ANSIBLE_TEST) sanity --python 3.11 --color no
+	cd $(COLL_COPY) && $(ANSIBLE_TEST) units --python 3.11 --color no
+
+lint: setup
+	$(VENV)/bin/ansible-lint --profile production
+
+.PHONY: collection-copy
