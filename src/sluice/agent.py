@@ -197,7 +197,7 @@ class Agent:
     def serve_metrics(self) -> None:
         if not self.config.metrics_address:
             return
-        host, _, port = self.config.metrics_address.rpartition(":")
+        host, _colon, port = self.config.metrics_address.rpartition(":")
         agent = self
 
         class Handler(http.server.BaseHTTPRequestHandler):

@@ -68,7 +68,7 @@ def cgroup2_root() -> str:
     """Where cgroup v2 is mounted (/sys/fs/cgroup on most hosts, .../unified on hybrid ones)."""
     with open("/proc/mounts") as f:
         for line in f:
-            _, mountpoint, fstype, *_ = line.split()
+            _device, mountpoint, fstype, *_options = line.split()
             if fstype == "cgroup2":
                 return mountpoint
     raise DatapathError("no cgroup2 filesystem is mounted; mount one (e.g. on /sys/fs/cgroup)")

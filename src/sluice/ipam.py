@@ -91,7 +91,7 @@ def _parse_reserved(entry: str, network: IPNetwork) -> IPSet:
         raise invalid
     try:
         if "-" in entry:
-            first, _, last = entry.partition("-")
+            first, _dash, last = entry.partition("-")
             reserved = IPSet(IPRange(_parse_ipv4(first.strip(), "address"), _parse_ipv4(last.strip(), "address")))
         elif "/" in entry:
             reserved = IPSet([IPNetwork(entry)])
@@ -337,7 +337,7 @@ class Ipam:
 
     def _remove_orphaned_temp_files(self) -> None:
         # Under the exclusive lock no one is writing, so any temp file was left by a crash.
-        for _, pool_dir in self._pool_dirs():
+        for _pool, pool_dir in self._pool_dirs():
             for name in os.listdir(pool_dir):
                 if name.startswith(TEMP_PREFIX):
                     os.unlink(os.path.join(pool_dir, name))

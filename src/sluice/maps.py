@@ -25,18 +25,23 @@ MAGLEV_SIZE = 1021
 IPPROTO = {"tcp": 6, "udp": 17}
 PROTO_NAME = {v: k for k, v in IPPROTO.items()}
 
+
 def be32(ip: str) -> int:
     """An IPv4 address as the integer a __be32 field holds on this host."""
     return int.from_bytes(ipaddress.IPv4Address(ip).packed, sys.byteorder)
 
+
 def ip_str(value: int) -> str:
     return str(ipaddress.IPv4Address(value.to_bytes(4, sys.byteorder)))
+
 
 def be16(port: int) -> int:
     return int.from_bytes(port.to_bytes(2, "big"), sys.byteorder)
 
+
 def port_int(value: int) -> int:
     return int.from_bytes(value.to_bytes(2, sys.byteorder), "big")
+
 
 def mac_bytes(mac: str) -> bytes:
     parts = mac.split(":")
@@ -44,72 +49,93 @@ def mac_bytes(mac: str) -> bytes:
         raise ValueError(f"invalid MAC address {mac!r}")
     return bytes(int(p, 16) for p in parts)
 
+
 def mac_str(raw) -> str:
     return ":".join(f"{b:02x}" for b in bytes(raw))
+
 
 # ---- mirrors of bpf/lib/maps.h -------------------------------------------------
 
 class sl_config(Structure):
     _fields_ = [("node_ip", c_uint32), ("nic_ifindex", c_uint32), ("flags", c_uint32), ("cpu_count", c_uint32)]
 
+
 class sl_endpoint_key(Structure):
     _fields_ = [("ip", c_uint32)]
+
 
 class sl_endpoint(Structure):
     _fields_ = [("ifindex", c_uint32), ("pod_mac", c_uint8 * 6), ("host_mac", c_uint8 * 6), ("flags", c_uint32)]
 
+
 class sl_route_key(Structure):
     _fields_ = [("prefixlen", c_uint32), ("ip", c_uint32)]
 
+
 class sl_route(Structure):
     _fields_ = [("nexthop", c_uint32), ("ifindex", c_uint32), ("flags", c_uint32), ("vni", c_uint32)]
+
 
 class sl_service_key(Structure):
     _fields_ = [("vip", c_uint32), ("port", c_uint16), ("proto", c_uint8), ("pad", c_uint8),
                 ("slot", c_uint16), ("pad2", c_uint16)]
 
+
 class sl_service(Structure):
     _fields_ = [("backend_id", c_uint32), ("svc_id", c_uint32), ("count", c_uint16), ("flags", c_uint16)]
+
 
 class sl_backend(Structure):
     _fields_ = [("ip", c_uint32), ("port", c_uint16), ("proto", c_uint8), ("flags", c_uint8)]
 
+
 class sl_sock_revnat_key(Structure):
     _fields_ = [("cookie", c_uint64), ("ip", c_uint32), ("port", c_uint16), ("pad", c_uint16)]
+
 
 class sl_sock_revnat(Structure):
     _fields_ = [("vip", c_uint32), ("port", c_uint16), ("pad", c_uint16)]
 
+
 class sl_prefilter_key(Structure):
     _fields_ = [("prefixlen", c_uint32), ("ip", c_uint32)]
+
 
 class sl_lb_vip_key(Structure):
     _fields_ = [("vip", c_uint32), ("port", c_uint16), ("proto", c_uint8), ("pad", c_uint8)]
 
+
 class sl_lb_vip(Structure):
     _fields_ = [("backend_count", c_uint32), ("flags", c_uint32), ("table", c_uint32 * MAGLEV_SIZE)]
+
 
 class sl_nat_key(Structure):
     _fields_ = [("saddr", c_uint32), ("daddr", c_uint32), ("sport", c_uint16), ("dport", c_uint16),
                 ("proto", c_uint8), ("pad", c_uint8 * 3)]
 
+
 class sl_nat(Structure):
     _fields_ = [("saddr", c_uint32), ("daddr", c_uint32), ("sport", c_uint16), ("dport", c_uint16)]
+
 
 class sl_sock_key(Structure):
     _fields_ = [("netns", c_uint64), ("sip", c_uint32), ("dip", c_uint32), ("sport", c_uint16), ("dport", c_uint16),
                 ("pad", c_uint32)]
 
+
 class sl_metric(Structure):
     _fields_ = [("packets", c_uint64), ("bytes", c_uint64)]
 
+
 class bpf_cpumap_val(Structure):
     _fields_ = [("qsize", c_uint32), ("bpf_prog_fd", c_uint32)]
+
 
 # Every struct that maps.h defines, for the layout test.
 LAYOUTS = [sl_config, sl_endpoint_key, sl_endpoint, sl_route_key, sl_route, sl_service_key, sl_service,
            sl_backend, sl_sock_revnat_key, sl_sock_revnat, sl_prefilter_key, sl_lb_vip_key, sl_lb_vip,
            sl_nat_key, sl_nat, sl_sock_key, sl_metric]
+
 
 def possible_cpus() -> int:
     """Number of possible CPUs: the per-CPU value count of per-CPU maps."""
@@ -117,9 +143,10 @@ def possible_cpus() -> int:
         spec = f.read().strip()
     count = 0
     for part in spec.split(","):
-        lo, _, hi = part.partition("-")
+        lo, _dash, hi = part.partition("-")
         count += int(hi or lo) - int(lo) + 1
     return count
+
 
 # ---- generic map -----------------------------------------------------------------
 
@@ -193,8 +220,8 @@ class Map:
         """Write many entries in one BPF_MAP_UPDATE_BATCH call."""
         if not pairs:
             return
-        keys = (self.key_type * len(pairs))(*(k for k, _ in pairs))
-        values = (self.value_type * len(pairs))(*(v for _, v in pairs))
+        keys = (self.key_type * len(pairs))(*(k for k, _value in pairs))
+        values = (self.value_type * len(pairs))(*(v for _key, v in pairs))
         count = c_uint32(len(pairs))
         opts = lb.BpfMapBatchOpts(sz=sizeof(lb.BpfMapBatchOpts), elem_flags=flags)
         lb.check(lb.bpf_map_update_batch(self.fd, keys, values, byref(count), byref(opts)),
@@ -210,10 +237,11 @@ class Map:
                  f"batch delete from {self.name} ({count.value}/{len(keys)} deleted)")
 
     def __len__(self) -> int:
-        return sum(1 for _ in self.raw_keys())
+        return sum(1 for _key in self.raw_keys())
 
     def clear(self) -> None:
         self.delete_batch(list(self.raw_keys()))
+
 
 # ---- typed maps --------------------------------------------------------------------
 
@@ -223,6 +251,7 @@ class Endpoint:
     pod_mac: str
     host_mac: str
     flags: int = 0
+
 
 class EndpointsMap(Map):
     name = "sl_endpoints"
@@ -254,9 +283,11 @@ class EndpointsMap(Map):
     def items(self) -> dict[str, Endpoint]:
         return {ip_str(k.ip): self._decode(v) for k, v in self.raw_items()}
 
+
 def _lpm_key(key_type, cidr: str):
     net = ipaddress.IPv4Network(cidr, strict=True)
     return key_type(net.prefixlen, be32(str(net.network_address)))
+
 
 @dataclass(frozen=True)
 class Route:
@@ -264,6 +295,7 @@ class Route:
     ifindex: int
     tunnel: bool = False
     vni: int = 0
+
 
 class RoutesMap(Map):
     name = "sl_routes"
@@ -283,11 +315,13 @@ class RoutesMap(Map):
             for k, v in self.raw_items()
         }
 
+
 @dataclass(frozen=True)
 class Backend:
     ip: str
     port: int
     proto: str = "tcp"
+
 
 class BackendsMap(Map):
     name = "sl_backends"
@@ -310,10 +344,12 @@ class BackendsMap(Map):
         return {k.value: Backend(ip_str(v.ip), port_int(v.port), PROTO_NAME.get(v.proto, str(v.proto)))
                 for k, v in self.raw_items()}
 
+
 @dataclass(frozen=True)
 class Service:
     svc_id: int
     backend_ids: tuple[int, ...]
+
 
 class ServicesMap(Map):
     """Slot 0 of (vip, port, proto) is the master entry; slots 1..n name backends."""
@@ -369,6 +405,7 @@ class ServicesMap(Map):
                 out[svc] = self.get(*svc)
         return out
 
+
 class PrefilterMap(Map):
     name = "sl_prefilter"
     key_type, value_type = sl_prefilter_key, c_uint32
@@ -385,6 +422,7 @@ class PrefilterMap(Map):
     def items(self) -> dict[str, int]:
         return {f"{ip_str(k.ip)}/{k.prefixlen}": v.value for k, v in self.raw_items()}
 
+
 def maglev_table(backends: dict[int, Backend], size: int = MAGLEV_SIZE) -> list[int]:
     """Maglev lookup table (Eisenbud et al., NSDI'16) of backend ids.
 
@@ -394,7 +432,7 @@ def maglev_table(backends: dict[int, Backend], size: int = MAGLEV_SIZE) -> list[
         return [0] * size
     ordered = sorted(backends.items(), key=lambda kv: (kv[1].ip, kv[1].port, kv[0]))
     perms = []
-    for _, b in ordered:
+    for _backend_id, b in ordered:
         digest = hashlib.sha256(f"{b.ip}:{b.port}/{b.proto}".encode()).digest()
         offset = int.from_bytes(digest[:8], "little") % size
         skip = int.from_bytes(digest[8:16], "little") % (size - 1) + 1
@@ -413,6 +451,7 @@ def maglev_table(backends: dict[int, Backend], size: int = MAGLEV_SIZE) -> list[
             filled += 1
             if filled == size:
                 return table
+
 
 class LbVipsMap(Map):
     name = "sl_lb_vips"
@@ -440,6 +479,7 @@ class LbVipsMap(Map):
         return {(ip_str(k.vip), port_int(k.port), PROTO_NAME.get(k.proto, str(k.proto))): v.backend_count
                 for k, v in self.raw_items()}
 
+
 class ConfigMap(Map):
     name = "sl_config"
     key_type, value_type = c_uint32, sl_config
@@ -452,6 +492,7 @@ class ConfigMap(Map):
         v = self.lookup(c_uint32(0))
         return {"node_ip": ip_str(v.node_ip), "nic_ifindex": v.nic_ifindex,
                 "cpumap": bool(v.flags & self.CPUMAP), "cpu_count": v.cpu_count}
+
 
 class CpuMap(Map):
     """The cpumap (sl_cpu_map) together with the list of CPUs XDP spreads over (sl_cpus)."""
@@ -472,9 +513,11 @@ class CpuMap(Map):
     def cpus(self) -> list[int]:
         return [k.value for k in self.raw_keys()]
 
+
 class CpuListMap(Map):
     name = "sl_cpus"
     key_type, value_type = c_uint32, c_uint32
+
 
 class SockHash(Map):
     """Same-node TCP sockets; userspace lookups return the socket cookie."""
@@ -485,9 +528,11 @@ class SockHash(Map):
     def sockets(self) -> list[tuple[str, int, str, int]]:
         return [(ip_str(k.sip), port_int(k.sport), ip_str(k.dip), port_int(k.dport)) for k in self.raw_keys()]
 
+
 class SockRevNatMap(Map):
     name = "sl_sock_revnat"
     key_type, value_type = sl_sock_revnat_key, sl_sock_revnat
+
 
 class NatMap(Map):
     name = "sl_lb_nat"
@@ -497,6 +542,7 @@ class NatMap(Map):
         return [((ip_str(k.saddr), port_int(k.sport), ip_str(k.daddr), port_int(k.dport), k.proto),
                  (ip_str(v.saddr), port_int(v.sport), ip_str(v.daddr), port_int(v.dport)))
                 for k, v in self.raw_items()]
+
 
 class MetricsMap(Map):
     """Per-CPU counters of (hook, outcome); read summed over CPUs."""
@@ -524,6 +570,7 @@ class MetricsMap(Map):
         zero = (sl_metric * self._ncpu)()
         for slot in range(self.max_entries):
             lb.bpf_map_update_elem(self.fd, byref(c_uint32(slot)), byref(zero), lb.BPF_ANY)
+
 
 ALL_MAPS = [ConfigMap, EndpointsMap, RoutesMap, ServicesMap, BackendsMap, SockRevNatMap, PrefilterMap,
             LbVipsMap, NatMap, CpuMap, CpuListMap, SockHash, MetricsMap]

@@ -75,7 +75,7 @@ def start(pidfile: str, log: str, cmd: list[str]) -> int:
         os.makedirs(d, mode=0o700, exist_ok=True)
     if os.fork():
         # wait until the supervisor has written its pid, so `status` right after start is true
-        for _ in range(100):
+        for _attempt in range(100):
             if _read_pid(pidfile):
                 print("started")
                 return 0

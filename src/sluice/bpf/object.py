@@ -36,7 +36,7 @@ class BpfObject:
         self._opts = opts  # libbpf keeps pointers into it until load
         if pin_root is None:
             # libbpf would otherwise pin LIBBPF_PIN_BY_NAME maps under /sys/fs/bpf
-            for _, bpf_map in self._iter(lb.bpf_object__next_map, lb.bpf_map__name):
+            for _map_name, bpf_map in self._iter(lb.bpf_object__next_map, lb.bpf_map__name):
                 lb.bpf_map__set_pin_path(bpf_map, None)
         ret = lb.bpf_object__load(self._obj)
         if ret < 0:

@@ -78,4 +78,3 @@ def main() -> int:
     if output:
         print(output)
     return status
-
