@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
 def ensure_bpffs() -> None:
-    if subprocess.run(["mountpoint", "-q", BPFFS]).returncode != 0:
+    if subprocess.run(["mountpoint", "-q", BPFFS], check=False).returncode != 0:
         subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], check=True)
 
 

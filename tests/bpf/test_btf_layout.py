@@ -17,7 +17,7 @@ from sluice.datapath import OBJECTS
 def test_struct_layout_matches_object_btf(obj, struct):
     with Btf(bpf_object_path(obj)) as btf:
         size, members = btf.struct_layout(struct.__name__)
-    mine = {name: (getattr(struct, name).offset, getattr(struct, name).size) for name, *_ in struct._fields_}
+    mine = {name: (getattr(struct, name).offset, getattr(struct, name).size) for name, *_type in struct._fields_}
     assert (ctypes.sizeof(struct), mine) == (size, members)
 
 

@@ -167,7 +167,7 @@ def test_port_that_is_not_a_service_is_untouched(lab):
     assert lab.client("tcp", BACKENDS["b1"], BACKEND_PORT, 1) == [
         {"name": "b1", "peer": (BACKENDS["b1"], BACKEND_PORT)}]
     got = lab.counters()
-    assert not any(outcome == "SL_OUT_SOCK_XLATE" for _, outcome in got), got
+    assert not any(outcome == "SL_OUT_SOCK_XLATE" for _hook, outcome in got), got
 
 
 def test_service_without_backends_refuses_connect(lab):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import uuid
 
@@ -68,12 +69,12 @@ def sk_msg_attached(prog_fd: int, map_fd: int):
     legacy attachment to the map."""
     try:
         link = libbpf.link_create(prog_fd, map_fd, libbpf.BPF_SK_MSG_VERDICT)
-        detach = lambda: os.close(link)  # noqa: E731
+        detach = functools.partial(os.close, link)
     except libbpf.BpfError as e:
         if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
             raise
         libbpf.check(libbpf.bpf_prog_attach(prog_fd, map_fd, libbpf.BPF_SK_MSG_VERDICT, 0), "attach sk_msg")
-        detach = lambda: libbpf.bpf_prog_detach2(prog_fd, map_fd, libbpf.BPF_SK_MSG_VERDICT)  # noqa: E731
+        detach = functools.partial(libbpf.bpf_prog_detach2, prog_fd, map_fd, libbpf.BPF_SK_MSG_VERDICT)
     try:
         yield
     finally:
@@ -125,7 +126,7 @@ def tuples(client, server):
 
 @pytest.mark.parametrize("addr", ["10.244.1.2", "127.0.0.1"], ids=["pod-address", "loopback"])
 def test_same_pod_connection_is_redirected(sockmap, addr):
-    cg, sockhash, _, counters = sockmap
+    cg, sockhash, _prog, counters = sockmap
     with netns.namespaces("pod", "host") as (pod, host):
         # The pod's eth0 (its peer lives in a namespace of our own), so the
         # connection goes to the pod's own address, not only to loopback.

@@ -47,7 +47,7 @@ class Node:
         """Run the program on `frame` as if it arrived on `dev` (None: loopback)."""
         ctx = packets.skb_ctx(ifindex=self.ifindex[dev]) if dev else None
         with netns.entered(self.ns):  # test_run resolves ctx ifindex in the caller's netns
-            ret, out, _ = lb.test_run(self.prog, frame, ctx=ctx)
+            ret, out, _duration = lb.test_run(self.prog, frame, ctx=ctx)
         return ret, out
 
     def counters(self) -> dict[tuple[str, str], tuple[int, int]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
+import functools
 import os
 import socket
 from ctypes import c_uint32
@@ -62,13 +63,20 @@ def _rol32(w: int, s: int) -> int:
 def jhash_3words(a: int, b: int, c: int, initval: int) -> int:
     initval = (initval + 0xDEADBEEF + (3 << 2)) & M32
     a, b, c = (a + initval) & M32, (b + initval) & M32, (c + initval) & M32
-    c ^= b; c = (c - _rol32(b, 14)) & M32  # noqa: E702
-    a ^= c; a = (a - _rol32(c, 11)) & M32  # noqa: E702
-    b ^= a; b = (b - _rol32(a, 25)) & M32  # noqa: E702
-    c ^= b; c = (c - _rol32(b, 16)) & M32  # noqa: E702
-    a ^= c; a = (a - _rol32(c, 4)) & M32  # noqa: E702
-    b ^= a; b = (b - _rol32(a, 14)) & M32  # noqa: E702
-    c ^= b; c = (c - _rol32(b, 24)) & M32  # noqa: E702
+    c ^= b
+    c = (c - _rol32(b, 14)) & M32
+    a ^= c
+    a = (a - _rol32(c, 11)) & M32
+    b ^= a
+    b = (b - _rol32(a, 25)) & M32
+    c ^= b
+    c = (c - _rol32(b, 16)) & M32
+    a ^= c
+    a = (a - _rol32(c, 4)) & M32
+    b ^= a
+    b = (b - _rol32(a, 14)) & M32
+    c ^= b
+    c = (c - _rol32(b, 24)) & M32
     return c
 
 
@@ -98,10 +106,10 @@ class Xdp:
         """One test run, as if `frame` arrived on the node's nic0."""
         ifindex = self.nic0 if ifindex is None else ifindex
         if self.ns is None:
-            ret, out, _ = lb.test_run(self.prog, frame)
+            ret, out, _duration = lb.test_run(self.prog, frame)
             return ret, out
         with netns.entered(self.ns):
-            ret, out, _ = lb.test_run(self.prog, frame, ctx=packets.xdp_ctx_for(frame, ifindex))
+            ret, out, _duration = lb.test_run(self.prog, frame, ctx=packets.xdp_ctx_for(frame, ifindex))
         return ret, out
 
     def counters(self) -> dict[str, int]:
@@ -110,7 +118,7 @@ class Xdp:
             hooks = btf.enum("sl_hook")
             outcomes = {k: v for k, v in btf.enum("sl_outcome").items()
                         if k != "SL_DROP_BASE" and not k.endswith("_MAX")}
-        return {o: n for (h, o), (n, _) in self.map(MetricsMap).read(hooks, outcomes).items() if h == HOOK}
+        return {o: n for (h, o), (n, _bytes) in self.map(MetricsMap).read(hooks, outcomes).items() if h == HOOK}
 
 
 @pytest.fixture
@@ -123,7 +131,7 @@ def _setup_node(ns: str) -> None:
     """nic0 (10.0.0.1/24, default route via the gateway) and nic1 (10.1.0.1/24),
     each a veth whose peer stays in the namespace, forwarding on (the FIB
     lookup of bpf_fib_lookup requires it), permanent neighbours."""
-    sh = lambda *a: netns.ns_exec(ns, *a)  # noqa: E731
+    sh = functools.partial(netns.ns_exec, ns)
     for nic, peer, addr in (("nic0", "wire0", f"{NODE_IP}/24"), ("nic1", "wire1", f"{NODE_NET1_IP}/24")):
         sh("ip", "link", "add", nic, "type", "veth", "peer", "name", peer)
         sh("ip", "addr", "add", addr, "dev", nic)
@@ -239,7 +247,7 @@ def test_lb_same_flow_same_backend(node):
     install_vip(node, BACKENDS)
     frame = packets.tcp(CLIENT, VIP, CPORT, VPORT, flags="A")
     first = node.run(frame)
-    for _ in range(50):
+    for _attempt in range(50):
         assert node.run(frame) == first
     assert len(node.map(NatMap)) == 2
     # a new Maglev table does not move an established flow: its NAT entry wins
@@ -467,7 +475,7 @@ def test_real_lb_traffic(xdp):
     with netns.namespaces("node", "cli", "be") as (node_ns, cli_ns, be_ns):
         _veth(node_ns, "nic0", cli_ns, "eth0")
         _veth(node_ns, "nic1", be_ns, "eth0")
-        node_sh = lambda *a: netns.ns_exec(node_ns, *a)  # noqa: E731
+        node_sh = functools.partial(netns.ns_exec, node_ns)
         node_sh("ip", "addr", "add", "10.0.0.1/24", "dev", "nic0")
         node_sh("ip", "addr", "add", "10.1.0.1/24", "dev", "nic1")
         for dev in ("nic0", "nic1"):
@@ -497,7 +505,7 @@ def test_real_lb_traffic(xdp):
         try:
             with _xdp_link(xdp.prog, node_ns, "nic0", lb.XDP_FLAGS_SKB_MODE), \
                     _xdp_link(xdp.prog, node_ns, "nic1", lb.XDP_FLAGS_SKB_MODE):
-                for _ in range(3):
+                for _attempt in range(3):
                     local, remote, seen_by_backend = _in_ns(cli_ns, exchange)
                     assert remote == (VIP, VPORT)
                     assert seen_by_backend[0] == "10.1.0.1"

@@ -66,7 +66,7 @@ def cgroup():
                 with contextlib.suppress(OSError), open(procs, "w") as f:
                     f.write(str(pid))
         # A process that just exited can keep the cgroup busy for a moment.
-        for _ in range(50):
+        for _attempt in range(50):
             try:
                 os.rmdir(path)
                 break

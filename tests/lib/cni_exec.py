@@ -16,6 +16,6 @@ def exec_plugin(plugin: str, command: str, conf, cid: str = "", netns: str = "",
     for name in omit:
         del env[name]
     stdin = conf if isinstance(conf, str) else json.dumps(conf)
-    proc = subprocess.run([plugin], input=stdin.encode(), env=env, capture_output=True, timeout=60)
+    proc = subprocess.run([plugin], input=stdin.encode(), env=env, capture_output=True, timeout=60, check=False)
     assert not proc.stderr, proc.stderr.decode()
     return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else None

@@ -61,7 +61,7 @@ def services(dp):
 
 
 def test_agent_loads_attaches_and_reconciles(node):
-    agent, ns, dp, _ = node
+    agent, ns, dp, _state_file = node
     health = agent.health()
     assert health["ready"] and health["last_error"] is None
     targets = {(l["target"], l["program"]) for l in dp.links()}
@@ -73,7 +73,7 @@ def test_agent_loads_attaches_and_reconciles(node):
 
 
 def test_agent_follows_state_file_changes(node):
-    agent, _, dp, state_file = node
+    agent, _ns, dp, state_file = node
     new = copy.deepcopy(STATE)
     new["services"].append({"vip": "10.97.0.11", "port": 53, "protocol": "udp",
                             "backends": [{"ip": "10.245.1.6", "port": 53}, {"ip": "10.245.1.7", "port": 53}]})
@@ -91,7 +91,7 @@ def test_agent_follows_state_file_changes(node):
      '"routes": [{"cidr": "10.245.1.0/25", "nexthop": "192.168.91.12"}]}', "overlaps"),
 ])
 def test_bad_state_file_keeps_last_good_state(node, content, reason):
-    agent, _, dp, state_file = node
+    agent, _ns, dp, state_file = node
     before = services(dp)
     with open(state_file, "w") as f:
         f.write(content)
@@ -103,14 +103,14 @@ def test_bad_state_file_keeps_last_good_state(node, content, reason):
 
 
 def test_socket_is_root_only(node):
-    agent, *_ = node
+    agent, *_rest = node
     sock = agent.config["socket"]
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(os.path.dirname(sock)).st_mode) == 0o700
 
 
 def test_metrics_endpoint_on_configured_address(node):
-    agent, ns, dp, _ = node
+    agent, ns, dp, _state_file = node
     with netns.entered(ns):
         body = urllib.request.urlopen(f"http://{agent.config['metrics_address']}/metrics", timeout=5).read().decode()
     assert "sluice_agent_ready 1" in body
@@ -120,7 +120,7 @@ def test_metrics_endpoint_on_configured_address(node):
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "clean-stop"])
 def test_agent_restart_never_detaches(node, sig):
-    agent, ns, dp, _ = node
+    agent, ns, dp, _state_file = node
     with netns.entered(ns):
         ifindex = netns.ifindex(ns, "sleth0")
         progs_before = lb.prog_query(ifindex, lb.BPF_TCX_INGRESS)

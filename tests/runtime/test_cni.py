@@ -168,7 +168,7 @@ def ping(netns: str, dst: str, count: int = 3, timeout: float = 2.0) -> int:
             while (left := deadline - time.monotonic()) > 0:
                 sock.settimeout(left)
                 try:
-                    packet, (src, _) = sock.recvfrom(2048)
+                    packet, (src, _port) = sock.recvfrom(2048)
                 except TimeoutError:
                     break
                 icmp = packet[(packet[0] & 0xF) * 4:]
@@ -202,7 +202,7 @@ def assert_gone(node, cid: str, ifname: str = "eth0", address: str | None = None
 def test_version_is_answered_without_agent_or_pyroute2(cni_bin):
     plugin = os.path.join(cni_bin, "sluice")
     times = []
-    for _ in range(5):
+    for _attempt in range(5):
         start = time.perf_counter()
         status, out = exec_plugin(plugin, "VERSION", "", cni_path=cni_bin)
         times.append(time.perf_counter() - start)
@@ -347,7 +347,7 @@ def test_50_concurrent_adds_get_distinct_addresses(node, agent, pods):
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "CNI_COMMAND": "ADD", "CNI_IFNAME": "eth0",
            "CNI_PATH": REFERENCE_PLUGINS}
     procs = []
-    for _ in range(50):
+    for _attempt in range(50):
         cid, netns = pods.pod("c")
         procs.append(subprocess.Popen([CONSOLE_SCRIPT], env={**env, "CNI_CONTAINERID": cid, "CNI_NETNS": netns},
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE))

@@ -122,7 +122,7 @@ def test_xdp_modes_on_veth(datapath):
 
 def test_stale_link_of_deleted_device_is_replaced(datapath):
     with netns.namespaces("dp") as (ns,):
-        for _ in range(2):
+        for _round in range(2):
             netns.ns_exec(ns, "ip", "link", "add", "slveth0", "type", "veth", "peer", "name", "slveth1")
             with netns.entered(ns):
                 assert datapath.attach_pod("slveth0") is True

@@ -258,7 +258,7 @@ def test_concurrent_adds_from_separate_processes_get_distinct_addresses(tmp_path
 
 def test_concurrent_retries_of_one_add_share_one_address(tmp_path):
     # A runtime retrying an ADD: the idempotence check and the allocation must be one locked step.
-    outputs = run_workers(ALLOCATE_ONCE, [[str(tmp_path), "10.0.0.0/24", "ctr-retried"] for _ in range(20)])
+    outputs = run_workers(ALLOCATE_ONCE, [[str(tmp_path), "10.0.0.0/24", "ctr-retried"] for _worker in range(20)])
 
     assert len({output.strip() for output in outputs}) == 1
     assert held_by(Ipam(str(tmp_path), "10.0.0.0/24")) == {outputs[0].strip(): "ctr-retried"}

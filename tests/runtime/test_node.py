@@ -161,7 +161,8 @@ def test_pods_talk_through_redirect_peer(node):
         server = Child(b["ns"], SERVER, "pod-b")
         procs.append(server)
         assert server.read()["ready"]
-        out = netns.ns_exec(a["ns"], "python3", "-c", f"import socket; print(socket.create_connection(('{b['ip']}', 8080), timeout=5).recv(64).decode())").stdout
+        client = f"import socket; print(socket.create_connection(('{b['ip']}', 8080), timeout=5).recv(64).decode())"
+        out = netns.ns_exec(a["ns"], "python3", "-c", client).stdout
         assert out.strip() == "pod-b"
     after = node["dp"].metrics()[("tc_from_pod", "redirect_peer")][0]
     assert after - before >= 4  # SYN, ACK, data, FIN at least, each way through tc_from_pod

@@ -150,6 +150,6 @@ def test_vxlan_routes_use_tunnel_device(node):
 
 
 def test_missing_nic_is_named(node):
-    dp, _ = node
+    dp, _ns = node
     with pytest.raises(StateError, match="'sl-missing'"):
         Reconciler(dp).plan(DesiredState.parse(with_change("node.nic", "sl-missing")))
