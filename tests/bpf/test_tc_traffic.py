@@ -73,7 +73,7 @@ class Datapath:
         self.attach(dev, self.nic, "tc_from_nic")
 
     def packets(self) -> dict[tuple[str, str], int]:
-        return {k: packets for k, (packets, _) in self.metrics.read(self.hooks, self.outcomes).items()}
+        return {k: packets for k, (packets, _bytes) in self.metrics.read(self.hooks, self.outcomes).items()}
 
     def forwarded(self) -> dict[tuple[str, str], int]:
         """Counters other than SL_OUT_PASS, which also sees ARP and IPv6 housekeeping."""
@@ -150,7 +150,7 @@ def tcp_transfer(server_ns: str, server_ip: str, client_ns: str, size: int = TCP
     def receive():
         try:
             server.settimeout(5)
-            conn, _ = server.accept()
+            conn, _peer = server.accept()
             with conn:
                 conn.settimeout(5)
                 digest, n = hashlib.sha256(), 0
@@ -219,12 +219,14 @@ def drops(dp: Datapath) -> dict:
 
 @pytest.fixture
 def one_node(pin_root):
-    with netns.namespaces("node", "pod1", "pod2") as (node, pod1, pod2), datapath(node, pin_root) as dp:
-        node_setup(node)
-        for pod, host_dev, ip in ((pod1, "h1", POD1), (pod2, "h2", POD2)):
-            dp.endpoints.put(ip, add_pod(node, pod, host_dev, ip))
-            dp.attach_pod(host_dev)
-        yield SimpleNamespace(dp=dp, node=node, pod1=pod1, pod2=pod2)
+    # Nested, not one `with` of two items: pylint takes `node` bound by the first item as unbound in the second.
+    with netns.namespaces("node", "pod1", "pod2") as (node, pod1, pod2):
+        with datapath(node, pin_root) as dp:
+            node_setup(node)
+            for pod, host_dev, ip in ((pod1, "h1", POD1), (pod2, "h2", POD2)):
+                dp.endpoints.put(ip, add_pod(node, pod, host_dev, ip))
+                dp.attach_pod(host_dev)
+            yield SimpleNamespace(dp=dp, node=node, pod1=pod1, pod2=pod2)
 
 
 def test_same_node_pods_talk_through_redirect_peer(one_node):
@@ -250,7 +252,7 @@ def test_same_node_pod_cannot_spoof_another_pod(one_node):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with sock:
         sock.bind((POD2, 0))
-        for _ in range(3):
+        for _attempt in range(3):
             sock.sendto(b"spoofed", ("10.1.1.99", 9))
     assert wait_for(lambda: n.dp.forwarded() == {(POD_HOOK, "SL_DROP_SPOOFED"): 3})
 
@@ -273,26 +275,26 @@ def test_same_node_truncated_ipv4_is_dropped(one_node):
 def two_nodes(pin_root: str, tunnel: bool):
     """Two nodes on an underlay veth pair, one pod each; sl_routes sends each
     node's traffic for the other's pod CIDR natively via nic0 or over vx0."""
-    with netns.namespaces("node1", "node2", "pod1", "pod2") as (node1, node2, pod1, pod2), \
-            datapath(node1, pin_root) as dp1, datapath(node2, pin_root) as dp2:
-        netns.ns_exec(node1, "ip", "link", "add", "nic0", "type", "veth", "peer", "name", "nic0", "netns", node2)
-        mtu = VXLAN_MTU if tunnel else 1500
-        for node, dp, addr, pod, ip in ((node1, dp1, UNDERLAY[0], pod1, POD1), (node2, dp2, UNDERLAY[1], pod2, POD2)):
-            node_setup(node)
-            netns.ns_exec(node, "ip", "addr", "add", f"{addr}/24", "dev", "nic0")
-            netns.ns_exec(node, "ip", "link", "set", "nic0", "up")
-            dp.attach_nic("nic0")
-            if tunnel:
-                netns.ns_exec(node, "ip", "link", "add", "vx0", "type", "vxlan", "external", "dstport", "4789")
-                netns.ns_exec(node, "ip", "link", "set", "vx0", "up")
-                dp.attach_nic("vx0")
-            dp.endpoints.put(ip, add_pod(node, pod, "h1", ip, mtu))
-            dp.attach_pod("h1")
-        for dp, node, cidr, nexthop in ((dp1, node1, POD_CIDRS[1], UNDERLAY[1]),
-                                        (dp2, node2, POD_CIDRS[0], UNDERLAY[0])):
-            dev = "vx0" if tunnel else "nic0"
-            dp.routes.put(cidr, Route(nexthop, netns.ifindex(node, dev), tunnel=tunnel, vni=VNI))
-        yield SimpleNamespace(dp1=dp1, dp2=dp2, node1=node1, node2=node2, pod1=pod1, pod2=pod2)
+    with netns.namespaces("node1", "node2", "pod1", "pod2") as (node1, node2, pod1, pod2):
+        with datapath(node1, pin_root) as dp1, datapath(node2, pin_root) as dp2:
+            netns.ns_exec(node1, "ip", "link", "add", "nic0", "type", "veth", "peer", "name", "nic0", "netns", node2)
+            mtu = VXLAN_MTU if tunnel else 1500
+            for node, dp, addr, pod, ip in ((node1, dp1, UNDERLAY[0], pod1, POD1), (node2, dp2, UNDERLAY[1], pod2, POD2)):
+                node_setup(node)
+                netns.ns_exec(node, "ip", "addr", "add", f"{addr}/24", "dev", "nic0")
+                netns.ns_exec(node, "ip", "link", "set", "nic0", "up")
+                dp.attach_nic("nic0")
+                if tunnel:
+                    netns.ns_exec(node, "ip", "link", "add", "vx0", "type", "vxlan", "external", "dstport", "4789")
+                    netns.ns_exec(node, "ip", "link", "set", "vx0", "up")
+                    dp.attach_nic("vx0")
+                dp.endpoints.put(ip, add_pod(node, pod, "h1", ip, mtu))
+                dp.attach_pod("h1")
+            for dp, node, cidr, nexthop in ((dp1, node1, POD_CIDRS[1], UNDERLAY[1]),
+                                            (dp2, node2, POD_CIDRS[0], UNDERLAY[0])):
+                dev = "vx0" if tunnel else "nic0"
+                dp.routes.put(cidr, Route(nexthop, netns.ifindex(node, dev), tunnel=tunnel, vni=VNI))
+            yield SimpleNamespace(dp1=dp1, dp2=dp2, node1=node1, node2=node2, pod1=pod1, pod2=pod2)
 
 
 @pytest.mark.parametrize("tunnel, outcome", [(False, "SL_OUT_REDIRECT_NEIGH"), (True, "SL_OUT_REDIRECT_TUNNEL")],
