@@ -1,5 +1,6 @@
-# Copyright: Sluice developers
-# Apache License 2.0 (see LICENSE)
+# Copyright (c) Sluice developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Cluster-wide planning from the inventory, done on the controller before any
 node is touched: every node's pod CIDR (explicit, or derived from the cluster
 CIDR and a stable node index) and the routes each node needs to the others."""

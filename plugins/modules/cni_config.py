@@ -1,7 +1,8 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
 # Copyright (c) Sluice developers
-# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ description:
     C(<conf_dir>/.sluice-moved/) so the runtime cannot pick a stale configuration; O(state=absent) puts them back.
   - Rendering and file handling live in C(sluice.cniconf) of the node package.
 author:
-  - Sluice developers
+  - Sluice developers (@sluice-network)
 requirements:
   - sluice (the Sluice node package, installed by the sluice.network.node role)
 attributes:

@@ -1,7 +1,8 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
 # Copyright (c) Sluice developers
-# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ description:
   - A program the verifier rejects fails the task with the verifier's log and leaves the running datapath attached.
   - The XDP program is attached by M(sluice.network.nic).
 author:
-  - Sluice developers
+  - Sluice developers (@sluice-network)
 extends_documentation_fragment:
   - sluice.network.sluice
 attributes:

@@ -1,7 +1,8 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
 # Copyright (c) Sluice developers
-# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ description:
     the XDP mode in force on every NIC Sluice attached to, the agent's health over its socket (an unreachable agent
     is reported, not a failure), the pod endpoints, and the state file with whether the agent has applied it.
 author:
-  - Sluice developers
+  - Sluice developers (@sluice-network)
 extends_documentation_fragment:
   - sluice.network.sluice
 attributes:

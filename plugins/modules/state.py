@@ -1,7 +1,8 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
 # Copyright (c) Sluice developers
-# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ description:
   - The plan (what applying changes in the maps and kernel routes) is computed against the live maps and returned,
     so C(--check --diff) reports exactly the pending changes.
 author:
-  - Sluice developers
+  - Sluice developers (@sluice-network)
 extends_documentation_fragment:
   - sluice.network.sluice
 attributes:
@@ -143,7 +144,8 @@ options:
     type: bool
     default: true
 notes:
-  - RV(changed) is true when the file content differs, or when O(apply=true) and the plan is not empty.
+  - The task reports a change when the state file content differs (RV(file_changed)), or when O(apply=true) and
+    RV(plan) is not empty.
   - Without a loaded datapath the plan cannot be computed; O(apply=true) then fails before anything is written.
 seealso:
   - module: sluice.network.datapath
