@@ -1,0 +1,225 @@
+"""What every benchmark section shares: namespaces and processes that are
+always cleaned up, commands pinned to a CPU, and the statistics the report uses
+(medians, percentiles, spreads and ratios, never a lone absolute time)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import time
+import uuid
+
+from . import ROOT
+from lib import netns
+
+BPF_BUILD = os.path.join(ROOT, "build", "bpf")
+VENV_BIN = os.path.join(ROOT, ".venv", "bin")
+BPFFS = "/sys/fs/bpf"
+PREFIX = netns.PREFIX            # "slbench-"
+CPU = 0                          # both ends of every latency measurement run here (PLATFORM.md)
+
+class Skipped(Exception):
+    """A section that cannot be measured here (reported as "not measured")."""
+
+
+# ---- everything this run created, for the last-resort cleanup ------------------------------
+
+_namespaces: set[str] = set()
+_processes: dict[int, subprocess.Popen] = {}
+_pin_roots: set[str] = set()
+
+
+def _sweep() -> None:
+    """Kill what this run started (by pid) and delete what it created; idempotent."""
+    for pid, proc in list(_processes.items()):
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        _processes.pop(pid, None)
+    for root in list(_pin_roots):
+        _remove_pin_root(root)
+    for ns in list(_namespaces):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        _namespaces.discard(ns)
+
+
+def _remove_pin_root(root: str) -> None:
+    from sluice.datapath import Datapath
+
+    with contextlib.suppress(Exception):
+        Datapath(root, BPF_BUILD).remove()
+    shutil.rmtree(root, ignore_errors=True)
+    _pin_roots.discard(root)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so every `finally` runs."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+    import atexit
+
+    atexit.register(_sweep)
+
+
+@contextlib.contextmanager
+def namespaces(*tags: str):
+    """slbench-<tag>-<random> namespaces with lo up, deleted on exit (tests/lib/netns)."""
+    with netns.namespaces(*tags) as names:
+        _namespaces.update(names)
+        try:
+            yield names
+        finally:
+            _namespaces.difference_update(names)
+
+
+def add_namespace(tag: str) -> str:
+    """One more namespace, tracked for cleanup; delete it with del_namespace."""
+    name = netns.unique(tag)
+    netns.run("ip", "netns", "add", name)
+    _namespaces.add(name)
+    return name
+
+
+def del_namespace(name: str) -> None:
+    netns.run("ip", "netns", "del", name, check=False)
+    _namespaces.discard(name)
+
+
+@contextlib.contextmanager
+def pin_root():
+    """A private bpffs directory for one datapath; detached and removed on exit."""
+    from sluice.datapath import ensure_bpffs
+
+    ensure_bpffs(BPFFS)
+    path = os.path.join(BPFFS, f"{PREFIX}{uuid.uuid4().hex[:8]}")
+    os.makedirs(path, mode=0o700)
+    _pin_roots.add(path)
+    try:
+        yield path
+    finally:
+        _remove_pin_root(path)
+
+
+# ---- commands ------------------------------------------------------------------------------
+
+def sh(ns: str | None, *argv: str, cpu: int | None = None, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(_argv(ns, argv, cpu), check=check, text=True, capture_output=True, **kw)
+
+
+def _argv(ns: str | None, argv, cpu: int | None) -> list[str]:
+    out = list(map(str, argv))
+    if cpu is not None:
+        out = ["taskset", "-c", str(cpu), *out]
+    if ns:
+        out = ["nsenter", f"--net=/run/netns/{ns}", *out]
+    return out
+
+
+def spawn(ns: str | None, *argv: str, cpu: int | None = None, **kw) -> subprocess.Popen:
+    """A background process, tracked so it is killed (by pid) if the run is interrupted."""
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.STDOUT)
+    proc = subprocess.Popen(_argv(ns, argv, cpu), text=True, **kw)
+    _processes[proc.pid] = proc
+    return proc
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 5) -> str:
+    """Signal one process we started, reap it, return what it printed."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    _processes.pop(proc.pid, None)
+    return out or ""
+
+
+@contextlib.contextmanager
+def running(ns: str | None, *argv: str, cpu: int | None = None, ready: float = 0.3, **kw):
+    proc = spawn(ns, *argv, cpu=cpu, **kw)
+    try:
+        time.sleep(ready)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+        yield proc
+    finally:
+        stop(proc)
+
+
+def sysctl(ns: str, values: dict) -> None:
+    for key, value in values.items():
+        sh(ns, "sysctl", "-qw", f"{key}={value}")
+
+
+def iptables_restore(ns: str, rules: str, noflush: bool = False, timeout: float = 600) -> float:
+    """Load `rules` with iptables-restore inside `ns`; seconds it took."""
+    argv = ["iptables-restore"] + (["--noflush"] if noflush else [])
+    t0 = time.perf_counter()
+    sh(ns, *argv, input=rules, timeout=timeout)
+    return time.perf_counter() - t0
+
+
+# ---- statistics ----------------------------------------------------------------------------
+
+def percentile(values, p: float) -> float:
+    """Linear-interpolated percentile (p in 0..100)."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def summary(values) -> dict:
+    """Median and spread of repeated measurements of one quantity."""
+    xs = [float(v) for v in values]
+    if not xs:
+        return {"n": 0, "median": None, "min": None, "max": None}
+    return {"n": len(xs), "median": statistics.median(xs), "min": min(xs), "max": max(xs),
+            "p25": percentile(xs, 25), "p75": percentile(xs, 75)}
+
+
+def ratio(a, b) -> float | None:
+    if a is None or b in (None, 0):
+        return None
+    return a / b
+
+
+def paired_ratios(num: list[float], den: list[float]) -> dict:
+    """Ratios of measurements taken in the same round (interleaved), summarised."""
+    return summary([a / b for a, b in zip(num, den) if b])
+
+
+def fmt_ratio(r: float | None) -> str:
+    return "n/a" if r is None else f"{r:.2f}×"
+
+
+def fmt_spread(s: dict, unit: str = "", scale: float = 1.0, digits: int = 2) -> str:
+    if not s or s.get("median") is None:
+        return "n/a"
+    f = f"{{:.{digits}f}}"
+    return f"{f.format(s['median'] * scale)}{unit} [{f.format(s['min'] * scale)}–{f.format(s['max'] * scale)}]"
+
+
+def target(name: str, measured: float | None, limit: float, detail: str = "", below: bool = True) -> dict:
+    """A target from the issue: met when measured <= limit (or >= when below=False)."""
+    if measured is None:
+        met = None
+    else:
+        met = measured <= limit if below else measured >= limit
+    return {"target": name, "measured": measured, "limit": limit, "met": met, "detail": detail,
+            "direction": "<=" if below else ">="}

@@ -1,0 +1,92 @@
+"""Writing a run's results: bench/results/<date>.json, <date>.md (copied to
+latest.md) and <date>-*.png plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _target_row(t: dict) -> str:
+    met = {True: "**met**", False: "**missed**", None: "not measured"}[t["met"]]
+    measured = "n/a" if t["measured"] is None else (f"{t['measured']:.3f}" if t.get("unit") else f"{t['measured']:.2f}×")
+    limit = f"{t['limit']}" if t.get("unit") else f"{t['limit']:.2f}×"
+    unit = t.get("unit", "")
+    return f"| {t['target']} | {t['direction']} {limit}{unit} | {measured}{unit} | {met} | {t.get('detail', '')} |"
+
+
+def write(results: dict, modules: dict, outdir: str, stamp: str) -> dict[str, str]:
+    os.makedirs(outdir, exist_ok=True)
+    prefix = os.path.join(outdir, stamp)
+    plt = None
+    try:
+        plt = _plt()
+    except ImportError:
+        results["meta"]["notes"].append("matplotlib is not installed: no plots (make bench installs it)")
+    pngs: dict[str, list[str]] = {}
+    for name, res in results["sections"].items():
+        mod = modules[name]
+        if plt is not None and res.get("ok") and hasattr(mod, "plots"):
+            try:
+                pngs[name] = [os.path.basename(p) for p in mod.plots(res["result"], plt, prefix)]
+            except Exception as e:  # noqa: BLE001 - a broken plot must not lose the numbers
+                res.setdefault("plot_error", f"{type(e).__name__}: {e}")
+    json_path = f"{prefix}.json"
+    with open(json_path, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    md = markdown(results, modules, pngs)
+    md_path = f"{prefix}.md"
+    with open(md_path, "w") as f:
+        f.write(md)
+    shutil.copyfile(md_path, os.path.join(outdir, "latest.md"))
+    return {"json": json_path, "md": md_path}
+
+
+def markdown(results: dict, modules: dict, pngs: dict) -> str:
+    meta = results["meta"]
+    out = [f"# Sluice benchmarks, {meta['date']}", "",
+           f"`make bench` on {meta['host']}: kernel {meta['kernel']}, {meta['cpus']} CPUs, commit `{meta['commit']}`; "
+           f"ran {meta['elapsed_s']:.0f} s (sections: {', '.join(results['sections'])}).",
+           f"Load average before / after: {meta['loadavg_before']} / {meta['loadavg_after']}.", ""]
+    out += [f"> {n}" for n in meta["notes"]]
+    if meta["notes"]:
+        out.append("")
+    out += ["Benchmarks, not tests: nothing here passes or fails a build. Every number is a median over "
+            "repeated runs with its spread (min–max), and comparisons are ratios measured in the same run. "
+            "A missed target is a finding, reported as such.", "",
+            "## Targets", "", "| target | limit | measured | result | how |", "|---|---|---|---|---|"]
+    for name, sec in results["sections"].items():
+        for t in (sec.get("result") or {}).get("targets", []) if sec.get("ok") else []:
+            out.append(_target_row(t))
+        if not sec.get("ok"):
+            for t in getattr(modules[name], "TARGETS", []):
+                out.append(_target_row({"target": t[0], "limit": t[1], "measured": None, "met": None,
+                                        "direction": "<=", "detail": f"section {name}: {sec.get('status')}",
+                                        **({"unit": t[2]} if len(t) > 2 else {})}))
+    out.append("")
+    for name, sec in results["sections"].items():
+        mod = modules[name]
+        out += [f"## {mod.TITLE}", ""]
+        doc = (mod.__doc__ or "").strip()
+        if doc:
+            out += [" ".join(doc.split("\n\n")[0].split()), ""]
+        if not sec.get("ok"):
+            out += [f"**{sec.get('status')}**: {sec.get('error', '')}", ""]
+            continue
+        out += mod.markdown(sec["result"])
+        out.append("")
+        for png in pngs.get(name, []):
+            out += [f"![{name}]({png})", ""]
+        out.append(f"_Section time: {sec['elapsed_s']:.0f} s._")
+        out.append("")
+    return "\n".join(out)
