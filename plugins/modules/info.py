@@ -36,7 +36,7 @@ options:
     type: path
     default: /etc/sluice/state.json
   timeout:
-    description: Seconds to wait for the agent's answer.
+    description: Seconds to wait for the agent's answer (more than 0).
     type: float
     default: 5.0
 seealso:
@@ -133,6 +133,8 @@ def main():
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     ensure_sluice(module)
     p = module.params
+    if not p["timeout"] > 0:
+        module.fail_json(msg=f"timeout: {p['timeout']} is not a positive number of seconds")
     dp = datapath(module)
     out = {}
     try:
