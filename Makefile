@@ -15,11 +15,11 @@ BPF_CFLAGS := -O2 -g -target bpf -D__TARGET_ARCH_x86 -Wall -Werror -Wno-unused-f
               -I$(BUILD) -Ibpf -Ibpf/lib
 SETUP_STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup bpf artifacts test clean
+.PHONY: help setup bpf artifacts test sanity lint clean
 
 help:
 	@echo "make demo    set up, bring the lab up, converge it with site.yml, run the connectivity suite"
-	@echo "make test    set up and run the whole test suite (what .ci/run calls)"
+	@echo "make test    set up and run the whole test suite, collection checks included (what .ci/run calls)"
 	@echo "make bpf     build the datapath objects under $(BPF_OUT)/"
 	@echo "make setup   install system packages and the pinned Python environment in $(VENV)"
 
@@ -58,8 +58,14 @@ $(BPF_OUT)/%.o: bpf/%.c $(BPF_HDRS) $(VMLINUX_H)
 	@mkdir -p $(@D)
 	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 
+# The whole suite: the kernel tests (tests/bpf, tests/runtime, tests/lab) with pytest, then the collection checks
+# (make sanity: ansible-test sanity, then ansible-test units, which runs tests/unit). pytest leaves tests/unit to
+# ansible-test units rather than running the module tests twice: ansible-test units is the one that must pass for
+# the collection (it imports the modules from the ansible_collections/sluice/network copy, as a controller does),
+# and it runs exactly the same test files. `pytest tests/unit` still works on its own while editing.
 test: setup bpf
-	$(VENV)/bin/pytest -p no:cacheprovider tests
+	$(VENV)/bin/pytest -p no:cacheprovider tests --ignore=tests/unit
+	$(MAKE) --no-print-directory sanity
 
 clean:
 	rm -rf $(BUILD)
