@@ -47,6 +47,7 @@ def main(argv=None) -> int:
                "sections": {}}
     if opts.quick:
         results["meta"]["notes"].append("--quick: fewer rounds and shorter runs than a full `make bench`")
+    opts.results = results["sections"]
     modules = {}
     t_all = time.monotonic()
     try:

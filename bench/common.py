@@ -205,7 +205,9 @@ def paired_ratios(num: list[float], den: list[float]) -> dict:
 
 
 def fmt_ratio(r: float | None) -> str:
-    return "n/a" if r is None else f"{r:.2f}×"
+    if r is None:
+        return "n/a"
+    return f"{r:.2f}×" if r >= 0.1 else f"{r:.2g}×"
 
 
 def fmt_spread(s: dict, unit: str = "", scale: float = 1.0, digits: int = 2) -> str:
