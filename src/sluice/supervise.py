@@ -101,7 +101,7 @@ def start(pidfile: str, log: str, cmd: list[str]) -> int:
 def stop(pidfile: str, timeout: float = 20.0) -> int:
     pid = _read_pid(pidfile)
     if not pid:
-        print("stopped")
+        print("not running")
         return 0
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
@@ -110,7 +110,7 @@ def stop(pidfile: str, timeout: float = 20.0) -> int:
     if _read_pid(pidfile) == pid:
         print(f"sluice-supervise: pid {pid} did not stop within {timeout}s", file=sys.stderr)
         return 1
-    print("stopping")
+    print("stopped")
     return 0
 
 
@@ -119,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=("start", "stop", "status"))
     parser.add_argument("--pidfile", required=True)
     parser.add_argument("--log", default="/var/log/sluice/agent.log")
-    parser.add_argument("cmd", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Split at `--` first: an argparse REMAINDER positional would swallow --pidfile and --log.
+    cmd = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:len(argv) - len(cmd) - 1] if "--" in argv else argv)
     if args.action == "start":
         if not cmd:
             parser.error("start needs a command after --")
