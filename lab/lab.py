@@ -49,7 +49,8 @@ NODE_NIC = "eth0"
 BRIDGE = "br0"
 # Persistent per-node directories, bind-mounted from the node's state dir so they
 # survive an sshd restart. /run (hence /run/sluice) is a per-node tmpfs instead.
-NODE_DIRS = ("/etc/sluice", "/etc/cni/net.d", "/opt/cni/bin", "/opt/sluice", "/var/lib/sluice")
+NODE_DIRS = ("/etc/sluice", "/etc/cni/net.d", "/opt/cni/bin", "/opt/sluice", "/var/lib/sluice",
+             "/etc/sysctl.d", "/etc/iproute2/rt_protos.d")
 MAX_NODES = 80  # node addresses .11 .. .90 stay below the external client's .100
 SSH_OPTIONS = ("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                "-o", "LogLevel=ERROR")
@@ -242,8 +243,29 @@ class Lab:
             mac = "02:00:" + ":".join(f"{b:02x}" for b in ipaddress.ip_address(ip).packed)
             run(*ul, "link", "add", port, "type", "veth", "peer", "name", NODE_NIC, "address", mac, "netns", ns)
         run(*ul, "link", "set", port, "master", BRIDGE, "up")
+        self.make_wire(ns, port)
         in_netns(ns, "ip", "addr", "replace", self.cidr(ip), "dev", NODE_NIC)
         in_netns(ns, "ip", "link", "set", NODE_NIC, "up")
+
+    def make_wire(self, ns: str, port: str) -> None:
+        """Make the veth between `ns` and the bridge behave like a cable into a switch port.
+
+        A veth hands over packets whose L4 checksum is only the pseudo-header sum (the
+        "hardware" would finish it); a real wire carries complete ones, which the nodes'
+        XDP rewrites incrementally and sends on with XDP_TX. And frames sent with XDP_TX
+        reach the switch side only when it runs an XDP program (lab/xdp_pass.c)."""
+        in_netns(ns, "ethtool", "-K", NODE_NIC, "tx", "off")
+        link = json.loads(run("ip", "-n", self.underlay_ns, "-j", "link", "show", "dev", port).stdout)[0]
+        if "xdp" not in link:
+            # `ip -n` loads the object in a private mount namespace: no pins on the host's bpffs.
+            run("ip", "-n", self.underlay_ns, "link", "set", "dev", port, "xdpdrv", "obj", self.xdp_pass_object(),
+                "sec", "xdp")
+
+    def xdp_pass_object(self) -> str:
+        obj = os.path.join(self.state_dir, "xdp_pass.o")
+        if not os.path.exists(obj):
+            run("clang", "-O2", "-target", "bpf", "-c", os.path.join(REPO, "lab", "xdp_pass.c"), "-o", obj)
+        return obj
 
     def ensure_node(self, i: int) -> None:
         self.ensure_port(self.node_ns(i), f"node{i}", self.node_ip(i))

@@ -27,7 +27,10 @@ ROUTING_MODES = ("native", "vxlan")
 PROTOCOLS = ("tcp", "udp")
 DEFAULT_VXLAN_DEVICE = "sluice_vxlan"
 DEFAULT_VXLAN_PORT = 4789
-ROUTE_PROTO = 186  # rtnetlink protocol id marking kernel routes Sluice owns
+# rtnetlink protocol id marking the kernel routes Sluice owns. Unassigned in iproute2's
+# rt_protos (186 would be bgp, whose routes a BGP daemon owns); the node role names it
+# "sluice" in /etc/iproute2/rt_protos.d so `ip route` shows `proto sluice`.
+ROUTE_PROTO = 217
 
 
 class StateError(ValueError):
