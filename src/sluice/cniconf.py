@@ -36,7 +36,8 @@ def conflist(network_name: str = "sluice", cni_version: str = "1.1.0", mtu: int 
         raise CniConfError(f"mtu {mtu!r} is outside 68..65535")
     if not agent_socket or not os.path.isabs(agent_socket):
         raise CniConfError(f"agent_socket {agent_socket!r} is not an absolute path")
-    sluice = {"type": PLUGIN_NAME, "agentSocket": agent_socket}
+    # `ips`: a runtime may ask for a pod's static address (runtimeConfig.ips).
+    sluice = {"type": PLUGIN_NAME, "agentSocket": agent_socket, "capabilities": {"ips": True}}
     if mtu is not None:
         sluice["mtu"] = mtu
     plugins = [sluice]

@@ -200,14 +200,21 @@ class Ipam:
         with self._locked(fcntl.LOCK_SH):
             return self._count_used(self._scan())
 
-    def allocate(self, container_id: str, ifname: str) -> IPAddress:
-        """The attachment's address: the one it already holds in this pool, else the next free one."""
+    def allocate(self, container_id: str, ifname: str, requested: str | None = None) -> IPAddress:
+        """The attachment's address: the one it already holds in this pool, else `requested` (the
+        runtime's static address for it), else the next free one."""
         key = _check_key(container_id, ifname)
+        wanted = None if requested is None else self._check_requested(requested)
         with self._locked(fcntl.LOCK_EX):
             held = self._scan()
             for allocation in held:
                 if allocation.key == key and self._is_current(allocation):
+                    if wanted is not None and allocation.address != wanted:
+                        raise IpamError(f"requested address {wanted} differs from {allocation.address}, "
+                                        f"which {container_id}/{ifname} already holds")
                     return allocation.address
+            if wanted is not None:
+                return self._allocate_requested(wanted, key, held)
             taken = {int(allocation.address) for allocation in held}
             for candidate in self._round_robin():
                 if candidate in taken:
@@ -223,6 +230,24 @@ class Ipam:
             if stale:
                 message += f", {stale} of them by stale allocations that GC can reclaim"
             raise IpamExhausted(message)
+
+    def _check_requested(self, requested: str) -> IPAddress:
+        address = _parse_ipv4(requested, "requested address")
+        if address not in self._network:
+            raise IpamError(f"requested address {address} is outside pod CIDR {self._network}")
+        if address not in self._allocatable:
+            raise IpamError(f"requested address {address} is the network, broadcast, gateway or a reserved "
+                            f"address of pod CIDR {self._network}")
+        return address
+
+    def _allocate_requested(self, address: IPAddress, key: AttachmentKey, held: list[_Allocation]) -> IPAddress:
+        for allocation in held:
+            if allocation.address == address:
+                owner = "/".join(map(str, allocation.key))
+                raise IpamError(f"requested address {address} is already allocated to {owner}")
+        if not self._create_record(address, key):
+            raise IpamError(f"requested address {address} was allocated concurrently by another process")
+        return address
 
     def release(self, container_id: str, ifname: str) -> IPAddress | None:
         """Free every address the attachment holds; the one in the current pool is returned."""

@@ -277,6 +277,23 @@ def test_repeated_add_returns_the_same_attachment(node, pods):
     handle(node, "CHECK", cid, netns, conf=config(prevResult=first))
 
 
+def test_runtime_requested_address_through_the_ips_capability(node, pods):
+    wanted = str(node.ipam.network.ip + 10)
+    cid, netns = pods.pod()
+    result = handle(node, "ADD", cid, netns, conf=config(runtimeConfig={"ips": [f"{wanted}/24"]}))
+    assert pod_address(result) == wanted and wanted in endpoints(node)
+    handle(node, "CHECK", cid, netns, conf=config(prevResult=result))
+
+    other, other_netns = pods.pod()
+    with pytest.raises(CniError) as failure:
+        handle(node, "ADD", other, other_netns, conf=config(runtimeConfig={"ips": [wanted]}))
+    assert failure.value.code == 100 and f"requested address {wanted} is already allocated" in failure.value.msg
+    assert not netlink.exists(podnet.host_ifname(other, "eth0"))
+    with pytest.raises(CniError) as failure:
+        handle(node, "ADD", other, other_netns, conf=config(runtimeConfig={"ips": ["10.1.1.1", "10.1.1.2"]}))
+    assert failure.value.code == 7 and "asks for 2 IPv4 addresses (10.1.1.1, 10.1.1.2)" in failure.value.msg
+
+
 @pytest.mark.parametrize("version", ["0.4.0", "1.0.0"])
 def test_add_result_follows_the_configured_version(node, pods, version):
     cid, netns = pods.pod()

@@ -132,6 +132,38 @@ def test_exhaustion_names_the_cidr_and_usage(tmp_path):
     assert ipam.allocate("ctr-b", "eth0") == IPAddress("10.0.0.2")
 
 
+def test_requested_address_is_handed_out_and_kept(tmp_path):
+    ipam = Ipam(str(tmp_path), "10.0.0.0/24")
+    assert ipam.allocate("ctr-a", "eth0", "10.0.0.10") == IPAddress("10.0.0.10")
+    assert ipam.allocate("ctr-a", "eth0", "10.0.0.10") == IPAddress("10.0.0.10")   # a retried ADD
+    assert ipam.allocate("ctr-a", "eth0") == IPAddress("10.0.0.10")
+    assert ipam.allocate("ctr-b", "eth0") == IPAddress("10.0.0.2")                  # dynamic ones go around it
+    assert held_by(ipam) == {"10.0.0.10": "ctr-a", "10.0.0.2": "ctr-b"}
+
+
+@pytest.mark.parametrize("requested, message", [
+    ("10.0.0.2", r"requested address 10\.0\.0\.2 is already allocated to ctr-b/eth0"),
+    ("10.0.1.5", r"requested address 10\.0\.1\.5 is outside pod CIDR 10\.0\.0\.0/24"),
+    ("10.0.0.1", r"requested address 10\.0\.0\.1 is the network, broadcast, gateway or a reserved"),
+    ("10.0.0.255", r"requested address 10\.0\.0\.255 is the network, broadcast"),
+    ("10.0.0.300", r"requested address '10\.0\.0\.300' is not an IPv4 address"),
+])
+def test_unusable_requested_address_is_refused_naming_it(tmp_path, requested, message):
+    ipam = Ipam(str(tmp_path), "10.0.0.0/24")
+    ipam.allocate("ctr-b", "eth0")
+    with pytest.raises(IpamError, match=message):
+        ipam.allocate("ctr-a", "eth0", requested)
+    assert held_by(ipam) == {"10.0.0.2": "ctr-b"}
+
+
+def test_requested_address_conflicting_with_the_held_one_is_refused(tmp_path):
+    ipam = Ipam(str(tmp_path), "10.0.0.0/24")
+    ipam.allocate("ctr-a", "eth0", "10.0.0.10")
+    with pytest.raises(IpamError, match=r"requested address 10\.0\.0\.11 differs from 10\.0\.0\.10"):
+        ipam.allocate("ctr-a", "eth0", "10.0.0.11")
+    assert held_by(ipam) == {"10.0.0.10": "ctr-a"}
+
+
 def test_allocation_is_round_robin(tmp_path):
     ipam = Ipam(str(tmp_path), "10.0.0.0/29")
     assert str(ipam.allocate("ctr-a", "eth0")) == "10.0.0.2"

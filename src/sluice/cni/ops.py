@@ -96,9 +96,10 @@ def _add(req: Request, node: NodeContext) -> dict:
     gateway = str(node.ipam.gateway)
     undo: list[tuple[str, Callable[[], object]]] = []   # run in reverse when a later step fails
     try:
+        requested = _requested_address(req.conf)
         with _step("allocating an address", IPAM_FAILURE):
             held = node.ipam.lookup(req.container_id, req.ifname)
-            address = str(node.ipam.allocate(req.container_id, req.ifname))
+            address = str(node.ipam.allocate(req.container_id, req.ifname, requested))
         if held is None:
             undo.append((f"releasing {address}", lambda: node.ipam.release(req.container_id, req.ifname)))
         with _step(f"creating veth pair {host} - {req.ifname} in {req.netns}"):
@@ -125,6 +126,20 @@ def _add(req: Request, node: NodeContext) -> dict:
         undo_failures = _run_undo(undo)
         raise CniError(e.code, f"{req.subject}: {e.msg}", "; ".join(filter(None, (e.details, undo_failures))))
     return _result(req, host_end, pod_end, address, gateway)
+
+
+def _requested_address(conf: dict) -> str | None:
+    """The static address a runtime asks for through the `ips` capability, if any."""
+    ips = (conf.get("runtimeConfig") or {}).get("ips")
+    if ips is None:
+        return None
+    if not isinstance(ips, list) or not all(isinstance(ip, str) for ip in ips):
+        raise CniError(INVALID_NETWORK_CONFIG, f"runtimeConfig.ips must be a list of addresses, not {ips!r}")
+    ipv4 = [ip.split("/")[0] for ip in ips if ":" not in ip]
+    if len(ipv4) > 1:
+        raise CniError(INVALID_NETWORK_CONFIG, f"runtimeConfig.ips asks for {len(ipv4)} IPv4 addresses "
+                                               f"({', '.join(ipv4)}); a pod gets one")
+    return ipv4[0] if ipv4 else None
 
 
 def _existing_pair(host: str, req: Request) -> tuple[podnet.Link, podnet.Link] | None:

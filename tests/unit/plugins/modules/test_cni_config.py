@@ -30,7 +30,8 @@ def test_writes_conflist_and_launcher_then_idempotent(dirs):
     with open(result["conflist"]) as f:
         conf = json.load(f)
     assert conf == {"cniVersion": "1.1.0", "name": "sluice",
-                    "plugins": [{"type": "sluice", "agentSocket": "/run/sluice/agent.sock", "mtu": 1450},
+                    "plugins": [{"type": "sluice", "agentSocket": "/run/sluice/agent.sock", "mtu": 1450,
+                                 "capabilities": {"ips": True}},
                                 {"type": "portmap", "capabilities": {"portMappings": True}}]}
     assert result["diff"][0]["before"] == "" and json.loads(result["diff"][0]["after"]) == conf
     assert os.access(result["plugin"], os.X_OK)
