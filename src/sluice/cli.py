@@ -95,7 +95,13 @@ COMMANDS = {"status": cmd_status, "endpoints": cmd_endpoints, "routes": cmd_rout
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sluice", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["connectivity"]:
+        from . import connectivity
+
+        return connectivity.main(argv[1:])
+    parser = argparse.ArgumentParser(prog="sluice", description=__doc__,
+                                     epilog="sluice connectivity --help: test pods and probes (verify.yml)")
     parser.add_argument("--root", default=os.environ.get("SLUICE_PIN_ROOT", DEFAULT_ROOT), help="bpffs pin root")
     parser.add_argument("--obj-dir", default=os.environ.get("SLUICE_OBJ_DIR", DEFAULT_OBJ_DIR))
     parser.add_argument("--socket", default=os.environ.get("SLUICE_AGENT_SOCKET", "/run/sluice/agent.sock"))
