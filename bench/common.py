@@ -36,11 +36,9 @@ _pin_roots: set[str] = set()
 def _sweep() -> None:
     """Kill what this run started (by pid) and delete what it created; idempotent."""
     for pid, proc in list(_processes.items()):
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
+        _signal_group(proc, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
         _processes.pop(pid, None)
     for root in list(_pin_roots):
         _remove_pin_root(root)
@@ -125,24 +123,30 @@ def _argv(ns: str | None, argv, cpu: int | None) -> list[str]:
 
 
 def spawn(ns: str | None, *argv: str, cpu: int | None = None, **kw) -> subprocess.Popen:
-    """A background process, tracked so it is killed (by pid) if the run is interrupted."""
+    """A background process in a process group of its own (trafgen forks workers),
+    tracked so that group is killed, by its id, if the run is interrupted."""
     kw.setdefault("stdout", subprocess.PIPE)
     kw.setdefault("stderr", subprocess.STDOUT)
-    proc = subprocess.Popen(_argv(ns, argv, cpu), text=True, **kw)
+    proc = subprocess.Popen(_argv(ns, argv, cpu), text=True, start_new_session=True, **kw)
     _processes[proc.pid] = proc
     return proc
 
 
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the process group spawn() created for `proc` (its id is proc.pid)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 5) -> str:
-    """Signal one process we started, reap it, return what it printed."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
+    """Signal a process we started and whatever it forked, reap it, return what it printed."""
+    _signal_group(proc, sig)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        _signal_group(proc, signal.SIGKILL)
         out, _ = proc.communicate()
+    _signal_group(proc, signal.SIGKILL)     # workers that ignored `sig`
     _processes.pop(proc.pid, None)
     return out or ""
 
