@@ -8,6 +8,9 @@
  *   source in sl_prefilter               XDP_DROP      SL_DROP_PREFILTER
  *   TCP/UDP flow in sl_lb_nat (either
  *   direction), or new flow to a VIP     rewritten, then
+ *     destination a local pod            XDP_PASS      SL_OUT_LB_LOCAL
+ *       (tc_from_nic delivers it; the pod's reply is translated back by
+ *       tc_from_pod, it never crosses this hook)
  *     FIB: out of the ingress NIC        XDP_TX        SL_OUT_XDP_TX
  *     FIB: out of another device         XDP_REDIRECT  SL_OUT_XDP_REDIRECT
  *     FIB incomplete (no neighbour...)   XDP_PASS      SL_OUT_LB_TO_STACK
@@ -41,6 +44,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct ethhdr *eth, str
 				     __u32 hash, enum sl_outcome *outcome)
 {
 	struct sl_lb_vip_key vk = { .vip = t->daddr, .port = t->dport, .proto = t->proto };
+	struct sl_endpoint_key ek = {};
 	const struct sl_backend *be;
 	struct sl_lb_vip *vip;
 	struct sl_config *cfg;
@@ -75,6 +79,19 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct ethhdr *eth, str
 		}
 	}
 	sl_lb_rewrite(ip, l4, l4sum, t->proto, &new);
+
+	/* A backend that is a pod of this node sits behind a veth, and
+	 * XDP_REDIRECT into a veth only delivers when its peer (the pod's eth0)
+	 * runs XDP itself, which a pod never does. Hand the rewritten packet to
+	 * the stack instead: tc_from_nic on this NIC delivers it with
+	 * bpf_redirect_peer like any packet for a local pod (TTL and MACs are
+	 * done there). The backend's reply leaves through its veth, not this
+	 * NIC, so tc_from_pod translates it back (sl_lb_nat's reverse entry). */
+	ek.ip = new.daddr;
+	if (bpf_map_lookup_elem(&sl_endpoints, &ek)) {
+		*outcome = SL_OUT_LB_LOCAL;
+		return XDP_PASS;
+	}
 	return sl_fib_xdp_send(ctx, eth, ip, outcome);
 }
 

@@ -8,7 +8,9 @@
 #include "csum.h"
 
 /* Forward `ip` (already rewritten) out of the device the FIB picks: XDP_TX when
- * that is the ingress device, a redirect otherwise. Whenever the FIB cannot
+ * that is the ingress device, a redirect otherwise. Not for a local pod's veth
+ * (the caller passes those to tc): a frame redirected into a veth is dropped
+ * unless the veth's peer runs XDP. Whenever the FIB cannot
  * give a complete answer (no neighbour entry yet, no route, forwarding off,
  * MTU, TTL expiring), the packet goes to the stack with XDP_PASS: it forwards
  * the rewritten packet itself, resolving L2 and sending any ICMP error. A

@@ -33,6 +33,9 @@ enum sl_outcome {
 	SL_OUT_SOCKHASH_ADD,        /* sockops: socket added to the sockhash */
 	SL_OUT_MSG_REDIRECT,        /* sk_msg: data redirected to the peer socket */
 	SL_OUT_MSG_PASS,            /* sk_msg: no local peer, normal TCP path */
+	/* Appended, never inserted: counters live in a pinned map that survives
+	 * an upgrade, so an outcome's number must not change. */
+	SL_OUT_LB_LOCAL,            /* xdp: LB rewrote the packet for a local pod; tc delivers it */
 
 	SL_DROP_BASE = 128,
 	SL_DROP_INVALID = SL_DROP_BASE, /* truncated or malformed packet */

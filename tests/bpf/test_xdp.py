@@ -25,8 +25,8 @@ from scapy.layers.l2 import Ether
 from lib import netns, packets
 from sluice.bpf import libbpf as lb
 from sluice.bpf.btf import Btf
-from sluice.maps import (Backend, BackendsMap, ConfigMap, CpuListMap, CpuMap, LbVipsMap, MetricsMap,
-                         NatMap, PrefilterMap, be16, be32, sl_nat, sl_nat_key)
+from sluice.maps import (Backend, BackendsMap, ConfigMap, CpuListMap, CpuMap, Endpoint, EndpointsMap, LbVipsMap,
+                         MetricsMap, NatMap, PrefilterMap, be16, be32, sl_nat, sl_nat_key)
 
 pytestmark = pytest.mark.kernel
 
@@ -42,6 +42,7 @@ BACKENDS = {i: Backend(f"10.0.0.{10 + i}", 8080 + i) for i in range(1, 5)}
 BACKEND_MAC = {f"10.0.0.{10 + i}": f"02:00:00:00:be:{i:02x}" for i in range(1, 5)}
 FAR_BACKEND, FAR_BACKEND_MAC = "10.1.0.10", "02:00:00:00:be:10"   # behind nic1: redirect
 UNRESOLVED_BACKEND = "10.0.0.99"                                      # no neighbour entry
+LOCAL_POD = "10.244.1.5"                                              # a pod of the node: in sl_endpoints
 NAT_PORT_MIN, NAT_PORT_RANGE, NAT_PROBES = 61000, 65535 - 61000 + 1, 8
 MAGLEV_SIZE = 1021
 
@@ -319,6 +320,37 @@ def test_lb_redirect_to_other_device(node):
     assert (pkt[IP].dst, pkt.dst, pkt.src) == (FAR_BACKEND, FAR_BACKEND_MAC, netns.mac(node.ns, "nic1"))
     packets.assert_checksums_valid(out)
     assert node.counters() == {"SL_OUT_XDP_REDIRECT": 1}
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_lb_local_pod_backend_passes_to_tc(node, proto):
+    """A backend that is a pod of this node sits behind a veth, where an
+    XDP_REDIRECT is lost unless the pod runs XDP: the packet goes to the stack
+    already rewritten, and tc_from_nic delivers it (TTL and MACs are its job,
+    so XDP leaves them; no FIB lookup either, the pod has no neighbour entry)."""
+    node.map(EndpointsMap).put(LOCAL_POD, Endpoint(netns.ifindex(node.ns, "nic1"), "02:00:00:01:05:01",
+                                                   "02:00:00:01:05:02"))
+    backends = {1: Backend(LOCAL_POD, 8080, proto)}
+    install_vip(node, backends, proto=proto)
+    make = packets.tcp if proto == "tcp" else packets.udp
+    number = socket.IPPROTO_TCP if proto == "tcp" else socket.IPPROTO_UDP
+    frame = make(CLIENT, VIP, CPORT, VPORT, dmac=node.nic0_mac, payload=b"hello")
+    ret, out = node.run(frame)
+    assert ret == XDP_PASS
+    pkt = packets.parse(out)
+    l4 = pkt[TCP] if proto == "tcp" else pkt[UDP]
+    port = nat_port(flow_hash(CLIENT, VIP, CPORT, VPORT, number))
+    assert (pkt[IP].src, l4.sport, pkt[IP].dst, l4.dport) == (NODE_IP, port, LOCAL_POD, 8080)
+    assert (pkt.src, pkt.dst, pkt[IP].ttl) == (packets.MAC_A, node.nic0_mac, 64)
+    assert bytes(l4.payload) == b"hello"
+    packets.assert_checksums_valid(out)
+    assert sorted(node.map(NatMap).flows()) == sorted([
+        ((CLIENT, CPORT, VIP, VPORT, number), (NODE_IP, port, LOCAL_POD, 8080)),
+        ((LOCAL_POD, 8080, NODE_IP, port, number), (VIP, VPORT, CLIENT, CPORT)),
+    ])
+    # the next packet of the flow takes its NAT entry, to the same place
+    assert node.run(frame) == (ret, out)
+    assert node.counters() == {"SL_OUT_LB_LOCAL": 2}
 
 
 def test_lb_unresolved_neighbour_goes_to_stack(node):
