@@ -15,7 +15,7 @@ BPF_CFLAGS := -O2 -g -target bpf -D__TARGET_ARCH_x86 -Wall -Werror -Wno-unused-f
               -I$(BUILD) -Ibpf -Ibpf/lib
 SETUP_STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup bpf artifacts test sanity lint clean
+.PHONY: help setup bpf artifacts test sanity lint molecule demo clean
 
 help:
 	@echo "make demo    set up, bring the lab up, converge it with site.yml, run the connectivity suite"
@@ -66,6 +66,8 @@ $(BPF_OUT)/%.o: bpf/%.c $(BPF_HDRS) $(VMLINUX_H)
 test: setup bpf
 	$(VENV)/bin/pytest -p no:cacheprovider tests --ignore=tests/unit
 	$(MAKE) --no-print-directory sanity
+	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory molecule
 
 clean:
 	rm -rf $(BUILD)
@@ -75,6 +77,19 @@ clean:
 LAB_NODES ?= 3
 lab-up: setup
 	$(PY) lab/lab.py up --nodes $(LAB_NODES)
+
+# libcni's own cnitool, the CNI client the lab's test pods are made with (verify.yml ships it to nodes).
+CNITOOL := $(BUILD)/cnitool
+$(CNITOOL): lab/build-cnitool.sh | setup
+	lab/build-cnitool.sh $(abspath $@)
+
+# The collection end to end on a lab of its own: create, converge, idempotence, verify, destroy.
+molecule: artifacts $(CNITOOL)
+	PATH=$(abspath $(VENV))/bin:$$PATH molecule test
+
+# The README's first command: lab up, converge, idempotence, connectivity suite, VXLAN, a service removed.
+demo: artifacts $(CNITOOL)
+	$(PY) lab/demo.py
 
 # No `setup` prerequisite: cleaning up must work even when the venv does not (lab.py is stdlib only).
 lab-down:

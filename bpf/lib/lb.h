@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* XDP L4 load balancer: flow hash, Maglev backend selection, full NAT (SNAT to
- * the node so replies come back through it) and the packet rewrite.
+ * the node so replies come back through it) and the packet rewrite, in XDP
+ * and, for the replies of backends that are pods of this node, in tc.
  * A flow is described by a struct sl_nat_key, exactly as its packets carry it. */
 #pragma once
 
@@ -103,7 +104,8 @@ static __always_inline int sl_lb_nat_create(const struct sl_nat_key *fwd, const 
 
 /* Rewrite addresses and ports of a TCP/UDP packet to `to`, updating the IPv4
  * checksum and (through the pseudo header) the L4 checksum `l4sum`
- * incrementally; UDP keeps the "no checksum" zero. */
+ * incrementally; UDP keeps the "no checksum" zero. For XDP: a frame from a
+ * wire carries complete checksums, which is what this arithmetic assumes. */
 static __always_inline void sl_lb_rewrite(struct iphdr *ip, struct sl_l4_ports *l4, __sum16 *l4sum,
 					  __u8 proto, const struct sl_nat *to)
 {
@@ -124,4 +126,56 @@ static __always_inline void sl_lb_rewrite(struct iphdr *ip, struct sl_l4_ports *
 	ip->daddr = to->daddr;
 	l4->sport = to->sport;
 	l4->dport = to->dport;
+}
+
+/* The same rewrite on an skb in tc (`from` is the tuple the packet carries,
+ * its L4 header at `l4_off`). Packets a pod sends through its veth are
+ * usually CHECKSUM_PARTIAL: the L4 checksum field holds only the pseudo-header
+ * sum, and the NIC or the kernel completes it on transmit. sl_lb_rewrite's
+ * arithmetic, right for a complete checksum, would corrupt such a sum. The
+ * kernel's helpers know the skb's checksum state: with BPF_F_PSEUDO_HDR an
+ * address change is folded into a partial sum as into a complete one (and
+ * into skb->csum under CHECKSUM_COMPLETE), while a port change, outside the
+ * pseudo header, leaves a partial sum alone since the completion covers the
+ * new port. BPF_F_MARK_MANGLED_0 keeps UDP's "no checksum" zero and sends a
+ * computed zero as 0xffff. The IPv4 header checksum is always complete.
+ * Returns 0 or a helper's negative error; every packet pointer the caller
+ * held is invalid afterwards. */
+static __always_inline long sl_lb_rewrite_skb(struct __sk_buff *skb, __u32 l4_off, __u8 proto,
+					      const struct sl_nat_key *from, const struct sl_nat *to)
+{
+	const __u32 ip_check = ETH_HLEN + __builtin_offsetof(struct iphdr, check);
+	const __u32 ip_addrs = ETH_HLEN + __builtin_offsetof(struct iphdr, saddr);
+	__u32 l4_check;
+	__u64 l4_flags;
+	long err;
+
+	if (proto == IPPROTO_TCP) {
+		l4_check = l4_off + __builtin_offsetof(struct tcphdr, check);
+		l4_flags = 0;
+	} else {
+		l4_check = l4_off + __builtin_offsetof(struct udphdr, check);
+		l4_flags = BPF_F_MARK_MANGLED_0;
+	}
+
+	err = bpf_l3_csum_replace(skb, ip_check, from->saddr, to->saddr, sizeof(__be32));
+	if (!err)
+		err = bpf_l3_csum_replace(skb, ip_check, from->daddr, to->daddr, sizeof(__be32));
+	if (!err)
+		err = bpf_l4_csum_replace(skb, l4_check, from->saddr, to->saddr,
+					  l4_flags | BPF_F_PSEUDO_HDR | sizeof(__be32));
+	if (!err)
+		err = bpf_l4_csum_replace(skb, l4_check, from->daddr, to->daddr,
+					  l4_flags | BPF_F_PSEUDO_HDR | sizeof(__be32));
+	if (!err)
+		err = bpf_l4_csum_replace(skb, l4_check, from->sport, to->sport, l4_flags | sizeof(__be16));
+	if (!err)
+		err = bpf_l4_csum_replace(skb, l4_check, from->dport, to->dport, l4_flags | sizeof(__be16));
+	/* saddr and daddr are adjacent in struct sl_nat as in the IPv4 header,
+	 * sport and dport as in the TCP and UDP headers: two stores. */
+	if (!err)
+		err = bpf_skb_store_bytes(skb, ip_addrs, &to->saddr, 2 * sizeof(__be32), 0);
+	if (!err)
+		err = bpf_skb_store_bytes(skb, l4_off, &to->sport, 2 * sizeof(__be16), 0);
+	return err;
 }

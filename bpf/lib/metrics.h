@@ -36,6 +36,7 @@ enum sl_outcome {
 	/* Appended, never inserted: counters live in a pinned map that survives
 	 * an upgrade, so an outcome's number must not change. */
 	SL_OUT_LB_LOCAL,            /* xdp: LB rewrote the packet for a local pod; tc delivers it */
+	SL_OUT_LB_REVNAT,           /* tc: local backend's reply translated to VIP -> client, redirect_neigh */
 
 	SL_DROP_BASE = 128,
 	SL_DROP_INVALID = SL_DROP_BASE, /* truncated or malformed packet */
@@ -45,6 +46,7 @@ enum sl_outcome {
 	SL_DROP_FRAGMENT,           /* IPv4 fragment towards a load-balanced VIP */
 	SL_DROP_NAT_EXHAUSTED,      /* xdp LB: no free NAT port for a new flow */
 	SL_DROP_REDIRECT_FAILED,    /* a redirect helper returned an error */
+	SL_DROP_REWRITE_FAILED,     /* tc: a store or checksum helper refused a NAT rewrite */
 	SL_DROP_MAX,
 };
 

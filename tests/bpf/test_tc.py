@@ -14,7 +14,8 @@ from scapy.layers.l2 import Ether
 from lib import netns, packets
 from sluice.bpf import libbpf as lb
 from sluice.bpf.btf import Btf
-from sluice.maps import Endpoint, EndpointsMap, MetricsMap, Route, RoutesMap
+from sluice.maps import (ConfigMap, Endpoint, EndpointsMap, MetricsMap, NatMap, Route, RoutesMap, be16, be32, sl_nat,
+                         sl_nat_key)
 
 pytestmark = pytest.mark.kernel
 
@@ -28,6 +29,8 @@ MAC_POD_B, MAC_HOST_B = "02:00:00:01:0b:01", "02:00:00:01:0b:02"
 REMOTE_NODE = "192.168.50.2"
 NATIVE_CIDR, TUNNEL_CIDR = "10.0.0.0/16", "10.0.3.0/24"  # the /24 is more specific
 VNI = 42
+# An XDP-balanced flow CLIENT:CPORT -> VIP:VPORT whose backend is POD_A:BPORT, NATed by the node to NODE_IP:NAT_PORT
+NODE_IP, VIP, VPORT, CLIENT, CPORT, BPORT, NAT_PORT = "192.168.50.1", "192.0.2.10", 80, "198.51.100.7", 40000, 8080, 61234
 
 PROGRAMS = {
     "tc_pod": ("tc_from_pod", "SL_HOOK_TC_FROM_POD"),
@@ -220,3 +223,84 @@ def test_nic_does_not_route_towards_other_nodes(nic_node):
     frame = packets.tcp("203.0.113.9", "10.0.3.5")
     assert nic_node.run(frame, "nic0") == (TC_PASS, frame)
     nic_node.expect_counted("SL_OUT_PASS", frame)
+
+
+# ---- tc_from_pod: replies of a local backend of the XDP load balancer ----------------------
+
+
+@pytest.fixture
+def lb_node(pod_node):
+    """pod_node with the node's address and NIC configured and the two NAT
+    entries xdp_nic creates for a TCP and a UDP flow balanced to POD_A."""
+    ConfigMap(pod_node.obj.map_fd("sl_config")).set(NODE_IP, pod_node.ifindex["nic0"])
+    nat = NatMap(pod_node.obj.map_fd("sl_lb_nat"))
+    for proto in (6, 17):
+        nat.update(sl_nat_key(be32(CLIENT), be32(VIP), be16(CPORT), be16(VPORT), proto),
+                   sl_nat(be32(NODE_IP), be32(POD_A), be16(NAT_PORT), be16(BPORT)))
+        nat.update(sl_nat_key(be32(POD_A), be32(NODE_IP), be16(BPORT), be16(NAT_PORT), proto),
+                   sl_nat(be32(VIP), be32(CLIENT), be16(VPORT), be16(CPORT)))
+    return pod_node
+
+
+def reply(proto: str, src: str = POD_A, dst: str = NODE_IP, sport: int = BPORT, dport: int = NAT_PORT,
+          ttl: int = 64, chksum: int | None = None) -> bytes:
+    """A frame as the pod sends it towards its gateway (or, translated, as it should leave)."""
+    if proto == "tcp":
+        return packets.tcp(src, dst, sport, dport, smac=MAC_POD_A, dmac=MAC_HOST_A, ttl=ttl, flags="SA",
+                           payload=b"world")
+    return packets.udp(src, dst, sport, dport, smac=MAC_POD_A, dmac=MAC_HOST_A, ttl=ttl, chksum=chksum,
+                       payload=b"answer")
+
+
+@pytest.mark.parametrize("proto, chksum", [("tcp", None), ("udp", None), ("udp", 0)],
+                         ids=["tcp", "udp", "udp-no-checksum"])
+def test_lb_reply_translated_to_vip_and_sent_to_client(lb_node, proto, chksum):
+    """backend -> node:natport becomes VIP -> client, TTL - 1, both checksums
+    updated (UDP's "no checksum" zero kept), and goes to redirect_neigh,
+    which fills in the MACs when it sends."""
+    frame = reply(proto, chksum=chksum)
+    ret, out = lb_node.run(frame)
+    assert ret == TC_ACT_REDIRECT
+    assert out == reply(proto, VIP, CLIENT, VPORT, CPORT, ttl=63, chksum=chksum)
+    packets.assert_checksums_valid(out)
+    lb_node.expect_counted("SL_OUT_LB_REVNAT", frame)
+
+
+def test_lb_reply_with_expiring_ttl_goes_to_the_stack_translated(lb_node):
+    """The stack then answers with ICMP time exceeded, as for any forwarded
+    packet; untranslated, it would take the reply for its own and reset it."""
+    frame = reply("tcp", ttl=1)
+    assert lb_node.run(frame) == (TC_PASS, reply("tcp", VIP, CLIENT, VPORT, CPORT, ttl=1))
+    lb_node.expect_counted("SL_OUT_PASS", frame)
+
+
+@pytest.mark.parametrize("frame", [
+    reply("tcp", sport=BPORT + 1),                        # another source port
+    reply("tcp", dport=NAT_PORT + 1),                     # another NAT port
+    reply("tcp", dst="192.168.50.9"),                     # another destination
+    packets.icmp(POD_A, NODE_IP, smac=MAC_POD_A, dmac=MAC_HOST_A),
+    bytes(Ether(src=MAC_POD_A, dst=MAC_HOST_A) / IP(src=POD_A, dst=NODE_IP, flags="MF") /
+          TCP(sport=BPORT, dport=NAT_PORT) / (b"x" * 64)),  # a first fragment: xdp_nic leaves them alone too
+    bytes(Ether(src=MAC_POD_A, dst=MAC_HOST_A) / IP(src=POD_A, dst=NODE_IP, proto=6) /
+          TCP(sport=BPORT, dport=NAT_PORT))[:14 + 20 + 12],  # TCP header cut short: not rewritable
+], ids=["sport", "natport", "daddr", "icmp", "fragment", "tcp-header-cut"])
+def test_not_a_lb_reply_passes_untouched(lb_node, frame):
+    assert lb_node.run(frame) == (TC_PASS, frame)
+    lb_node.expect_counted("SL_OUT_PASS", frame)
+
+
+def test_lb_reply_from_another_veth_is_spoofed(lb_node):
+    """Anti-spoofing looks at the packet as the pod sent it, before translation."""
+    frame = reply("tcp")
+    assert lb_node.run(frame, "hb") == (TC_ACT_SHOT, frame)
+    lb_node.expect_counted("SL_DROP_SPOOFED", frame)
+
+
+def test_lb_reply_without_node_config_passes(pod_node):
+    """No NIC configured: nowhere to send it, the stack decides."""
+    NatMap(pod_node.obj.map_fd("sl_lb_nat")).update(
+        sl_nat_key(be32(POD_A), be32(NODE_IP), be16(BPORT), be16(NAT_PORT), 6),
+        sl_nat(be32(VIP), be32(CLIENT), be16(VPORT), be16(CPORT)))
+    frame = reply("tcp")
+    assert pod_node.run(frame) == (TC_PASS, frame)
+    pod_node.expect_counted("SL_OUT_PASS", frame)
