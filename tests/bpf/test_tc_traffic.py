@@ -1,6 +1,7 @@
 """tc_from_pod and tc_from_nic on real traffic between namespaces, attached
-through tcx links: pods on one node, and pods on two nodes over a shared
-underlay with native routing and with VXLAN.
+through tcx links: pods on one node, pods on two nodes over a shared underlay
+with native routing and with VXLAN, and a pod as the backend of the XDP load
+balancer (xdp_nic on the node's NIC).
 
 Node namespaces keep IPv4 forwarding off, so pod traffic only gets through when
 the programs redirect it; counters are checked to the packet where the traffic
@@ -22,11 +23,11 @@ from scapy.layers.l2 import Ether
 from scapy.layers.vxlan import VXLAN
 
 from conftest import bpf_object_path
-from lib import netns
+from lib import netns, packets
 from sluice.bpf import libbpf as lb
 from sluice.bpf.btf import Btf
 from sluice.bpf.object import BpfObject
-from sluice.maps import Endpoint, EndpointsMap, MetricsMap, Route, RoutesMap
+from sluice.maps import Backend, BackendsMap, ConfigMap, Endpoint, EndpointsMap, LbVipsMap, MetricsMap, NatMap, Route, RoutesMap
 
 pytestmark = pytest.mark.kernel
 
@@ -40,7 +41,7 @@ ECHOES = 3
 TCP_BYTES = 4 << 20
 MIN_TCP_PACKETS = TCP_BYTES // 65536    # GSO packets carry at most 64 KiB
 ETH_P_ALL = 0x0003
-POD_HOOK, NIC_HOOK = "SL_HOOK_TC_FROM_POD", "SL_HOOK_TC_FROM_NIC"
+POD_HOOK, NIC_HOOK, XDP_HOOK = "SL_HOOK_TC_FROM_POD", "SL_HOOK_TC_FROM_NIC", "SL_HOOK_XDP_NIC"
 
 
 class Datapath:
@@ -49,10 +50,12 @@ class Datapath:
 
     def __init__(self, ns: str, pin_dir: str):
         self.ns = ns
+        self.pin_dir = pin_dir
         self.links: list[int] = []
         os.mkdir(pin_dir)
         self.pod = BpfObject(bpf_object_path("tc_pod"), pin_dir)
         self.nic = BpfObject(bpf_object_path("tc_nic"), pin_dir)
+        self.xdp: BpfObject | None = None
         self.endpoints = EndpointsMap(self.pod.map_fd("sl_endpoints"))
         self.routes = RoutesMap(self.pod.map_fd("sl_routes"))
         self.metrics = MetricsMap(self.pod.map_fd("sl_metrics"))
@@ -72,6 +75,15 @@ class Datapath:
     def attach_nic(self, dev: str) -> None:
         self.attach(dev, self.nic, "tc_from_nic")
 
+    def attach_xdp(self, dev: str, flags: int) -> None:
+        """xdp_nic on `dev` (loaded on first use, with the node's maps) in the
+        mode `flags` names: lb.XDP_FLAGS_SKB_MODE or lb.XDP_FLAGS_DRV_MODE."""
+        if self.xdp is None:
+            self.xdp = BpfObject(bpf_object_path("xdp_nic"), self.pin_dir)
+        index = netns.ifindex(self.ns, dev)
+        with netns.entered(self.ns):
+            self.links.append(lb.link_create(self.xdp.prog_fd("xdp_nic"), index, lb.BPF_XDP, flags))
+
     def packets(self) -> dict[tuple[str, str], int]:
         return {k: packets for k, (packets, _bytes) in self.metrics.read(self.hooks, self.outcomes).items()}
 
@@ -83,6 +95,8 @@ class Datapath:
         for fd in self.links:
             os.close(fd)
         self.links.clear()
+        if self.xdp is not None:
+            self.xdp.close()
         self.nic.close()
         self.pod.close()
 
@@ -329,3 +343,157 @@ def test_pods_on_two_nodes(pin_root, tunnel, outcome):
         # Whatever one node's tc_from_pod sent, the other's tc_from_nic delivered.
         assert sent1[(POD_HOOK, outcome)] == sent2[(NIC_HOOK, "SL_OUT_REDIRECT_PEER")] >= ECHOES + MIN_TCP_PACKETS
         assert sent2[(POD_HOOK, outcome)] == sent1[(NIC_HOOK, "SL_OUT_REDIRECT_PEER")] > ECHOES
+
+
+# ---- (d) a pod as the backend of the XDP load balancer ----------------------------------
+
+NIC_IP, CLIENT_IP = "192.168.60.1", "192.168.60.2"     # the node's NIC and an outside client on its link
+VIP, TCP_VPORT, UDP_VPORT = "192.0.2.10", 80, 53
+TCP_BPORT, UDP_BPORT = 8080, 5353
+NAT_PORTS = range(61000, 65536)
+LB_BYTES = 1 << 20
+
+
+def lb_tcp_exchange(pod: str, client: str, size: int = LB_BYTES) -> tuple[tuple, tuple]:
+    """The client connects to the VIP, sends `size` random bytes, the backend
+    pod checks them and sends `size` others back; returns (the client's view of
+    its peer, the backend's view of its peer)."""
+    up, down = os.urandom(size), os.urandom(size)
+    with netns.entered(pod):
+        server = socket.create_server((POD1, TCP_BPORT))
+    got: dict = {}
+
+    def serve():
+        try:
+            server.settimeout(5)
+            conn, got["peer"] = server.accept()
+            with conn:
+                conn.settimeout(5)
+                data = bytearray()
+                while chunk := conn.recv(1 << 16):
+                    data += chunk
+                got["up"] = hashlib.sha256(data).digest()
+                conn.sendall(down)
+        except OSError as e:
+            got["error"] = e
+
+    backend = threading.Thread(target=serve, daemon=True)
+    with server:
+        backend.start()
+        with netns.entered(client):
+            sock = socket.socket()
+        with sock:
+            sock.settimeout(5)
+            sock.connect((VIP, TCP_VPORT))
+            seen_by_client = sock.getpeername()
+            sock.sendall(up)
+            sock.shutdown(socket.SHUT_WR)
+            data = bytearray()
+            while chunk := sock.recv(1 << 16):
+                data += chunk
+        backend.join(10)
+    assert "error" not in got, got.get("error")
+    assert got["up"] == hashlib.sha256(up).digest()
+    assert hashlib.sha256(data).digest() == hashlib.sha256(down).digest()
+    return seen_by_client, got["peer"]
+
+
+def lb_udp_exchange(pod: str, client: str) -> tuple[tuple, tuple]:
+    """One datagram to the VIP and the backend's answer; returns (where the
+    answer came from for the client, where the query came from for the backend)."""
+    with netns.entered(pod):
+        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with netns.entered(client):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with server, sock:
+        server.bind((POD1, UDP_BPORT))
+        server.settimeout(5)
+        sock.settimeout(5)
+        sock.sendto(b"query", (VIP, UDP_VPORT))
+        query, peer = server.recvfrom(64)
+        assert query == b"query"
+        server.sendto(b"answer", peer)
+        answer, source = sock.recvfrom(64)
+        assert answer == b"answer"
+    return source, peer
+
+
+def received(frames: list[Ether], src: str, dst: str) -> list[Ether]:
+    """The TCP/UDP frames from `src` to `dst` among `frames` that fit the
+    link's MTU, each checked to carry valid checksums. Larger ones are GRO
+    aggregates, whose TCP checksum is not meant to be recomputed."""
+    checked = []
+    for f in frames:
+        if IP in f and (f[IP].src, f[IP].dst) == (src, dst) and f[IP].proto in (6, 17) and f[IP].len <= 1500:
+            packets.assert_checksums_valid(bytes(f))
+            checked.append(f)
+    return checked
+
+
+@pytest.mark.parametrize("xdp_mode", [lb.XDP_FLAGS_SKB_MODE, lb.XDP_FLAGS_DRV_MODE], ids=["generic", "native"])
+def test_xdp_lb_to_local_pod(pin_root, xdp_mode):
+    """client -> VIP -> node NIC (xdp_nic, tc_from_nic) -> backend pod (its veth
+    with tc_from_pod) and back. XDP rewrites client -> VIP into
+    node:natport -> pod and passes it up, tc_from_nic delivers it with
+    redirect_peer; the pod's reply is translated back to VIP -> client by
+    tc_from_pod and sent out of the NIC with redirect_neigh. Forwarding stays
+    off on the node: nothing reaches the other side unless the programs carry
+    it, and the node has no socket for the NAT port (its stack would reset the
+    connection)."""
+    with netns.namespaces("node", "cli", "pod1") as (node, cli, pod1):
+        with datapath(node, pin_root) as dp:
+            node_setup(node)
+            netns.ns_exec(node, "ip", "link", "add", "nic0", "type", "veth", "peer", "name", "eth0", "netns", cli)
+            netns.ns_exec(node, "ip", "addr", "add", f"{NIC_IP}/24", "dev", "nic0")
+            netns.ns_exec(node, "ip", "link", "set", "nic0", "up")
+            netns.ns_exec(cli, "ip", "addr", "add", f"{CLIENT_IP}/24", "dev", "eth0")
+            netns.ns_exec(cli, "ip", "link", "set", "eth0", "up")
+            netns.ns_exec(cli, "ip", "route", "add", f"{VIP}/32", "via", NIC_IP)
+            # Checksums: tx off on both ends of the client's link, so that the receiving stacks
+            # verify what the programs wrote. Without it traffic flows just the same, unchecked:
+            # a veth hands on CHECKSUM_PARTIAL packets (the L4 field holds only the pseudo-header
+            # sum) and the receiver trusts them; the captures below then fail.
+            # - cli eth0: XDP has no skb to tell a partial checksum from a complete one, and its
+            #   incremental update assumes the complete checksum every frame from a wire carries.
+            #   With tx off the client's stack sends complete ones, as a real NIC delivers them.
+            # - nic0: the backend pod keeps its offloads, its replies are CHECKSUM_PARTIAL: the
+            #   case tc_from_pod's rewrite must get right. With tx off the kernel completes the
+            #   checksum when nic0 transmits (what a real NIC does in hardware), so the client's
+            #   stack checks it.
+            netns.ns_exec(cli, "ethtool", "-K", "eth0", "tx", "off")
+            netns.ns_exec(node, "ethtool", "-K", "nic0", "tx", "off")
+            dp.endpoints.put(POD1, add_pod(node, pod1, "h1", POD1))
+            dp.attach_pod("h1")
+            dp.attach_nic("nic0")
+            dp.attach_xdp("nic0", xdp_mode)
+            ConfigMap(dp.pod.map_fd("sl_config")).set(NIC_IP, netns.ifindex(node, "nic0"))
+            backends = {1: Backend(POD1, TCP_BPORT), 2: Backend(POD1, UDP_BPORT, "udp")}
+            BackendsMap(dp.pod.map_fd("sl_backends")).put_many(backends)
+            vips = LbVipsMap(dp.pod.map_fd("sl_lb_vips"))
+            vips.put(VIP, TCP_VPORT, "tcp", {1: backends[1]})
+            vips.put(VIP, UDP_VPORT, "udp", {2: backends[2]})
+
+            with capture(cli, "eth0") as to_client, capture(pod1, "eth0") as to_pod:
+                for _attempt in range(2):
+                    seen_by_client, seen_by_backend = lb_tcp_exchange(pod1, cli)
+                    assert seen_by_client == (VIP, TCP_VPORT)
+                    assert seen_by_backend[0] == NIC_IP and seen_by_backend[1] in NAT_PORTS
+                source, peer = lb_udp_exchange(pod1, cli)
+                assert source == (VIP, UDP_VPORT)
+                assert peer[0] == NIC_IP and peer[1] in NAT_PORTS
+            flows = NatMap(dp.pod.map_fd("sl_lb_nat")).flows()
+            counters = dp.packets()
+
+    assert len(flows) == 2 * 3      # two TCP connections and one UDP flow, each both ways
+    assert not {k: n for k, n in counters.items() if k[1].startswith("SL_DROP_")}
+    # Each direction carried by the programs: XDP handed the client's packets to
+    # tc, which delivered them, and the pod's replies were translated.
+    assert counters[(XDP_HOOK, "SL_OUT_LB_LOCAL")] >= 2 * LB_BYTES // 1500
+    assert 0 < counters[(NIC_HOOK, "SL_OUT_REDIRECT_PEER")] <= counters[(XDP_HOOK, "SL_OUT_LB_LOCAL")]
+    assert counters[(POD_HOOK, "SL_OUT_LB_REVNAT")] >= 2 * LB_BYTES // 65536
+    # What each side received, as it reached it: checksums valid (the capture keeps only
+    # the first frames of each link, its buffer is read at the end), and nothing on the
+    # client's link but VIP <-> client (no reset from the node, no NAT port).
+    assert len(received(to_client, VIP, CLIENT_IP)) >= 3
+    assert len(received(to_pod, NIC_IP, POD1)) >= 3
+    assert {(f[IP].src, f[IP].dst) for f in to_client if IP in f} == {(VIP, CLIENT_IP), (CLIENT_IP, VIP)}
