@@ -77,6 +77,12 @@ def main(argv=None) -> int:
         print("\nbench: interrupted, cleaning up and writing what was measured", file=sys.stderr)
     results["meta"]["elapsed_s"] = time.monotonic() - t_all
     results["meta"]["loadavg_after"] = loadavg()
+    busiest = max(float(results["meta"]["loadavg_before"].split()[0]), float(results["meta"]["loadavg_after"].split()[2]))
+    if busiest > 0.5:
+        results["meta"]["notes"].append(
+            f"The machine was not idle (load average up to {busiest:.1f} on {os.cpu_count()} CPUs; other work ran "
+            "alongside): absolute times are inflated and noisier than on an idle machine; the ratios, taken "
+            "between variants measured in the same rounds, are the figures to read.")
     from . import report
 
     paths = report.write(results, modules, opts.out, opts.stamp)

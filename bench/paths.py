@@ -1,16 +1,15 @@
 """Pod-to-pod datapath: TCP request/response latency (sockperf ping-pong, p50
 and p99 of the half round trip) and one-stream TCP throughput (iperf3), same
-node and across two nodes, for
+node and across two nodes, for:
 
-  sluice   tc_from_pod on the pod's host veth: bpf_redirect_peer into a local
-           pod, bpf_redirect_neigh out of the underlay NIC to another node's
-           pod CIDR; tc_from_nic on the receiving NIC redirects to the pod.
-           Node namespaces keep IPv4 forwarding off: only the programs move packets.
-  bridge   what Kubernetes would otherwise run: pods on a Linux bridge, kernel
-           routing between nodes, br_netfilter and conntrack on, and
-           kube-proxy's iptables rules for 1,000 services (2 endpoints each)
-           loaded in every node.
-  veth     the floor: one veth pair directly between the two pod namespaces.
+- sluice: tc_from_pod on the pod's host veth, bpf_redirect_peer into a local
+  pod, bpf_redirect_neigh out of the underlay NIC to another node's pod CIDR,
+  where tc_from_nic redirects into the pod. Node namespaces keep IPv4
+  forwarding off: only the programs move packets.
+- bridge: what Kubernetes would otherwise run: pods on a Linux bridge, kernel
+  routing between nodes, br_netfilter and conntrack on, and kube-proxy's
+  iptables rules for 1,000 services (2 endpoints each) in every node.
+- veth: the floor, one veth pair directly between the two pod namespaces.
 
 Both ends of a latency run are pinned to one CPU (taskset), iperf3 too, so
 throughput is per CPU. Variants are measured interleaved, round by round, and

@@ -17,12 +17,42 @@ def _plt():
     return plt
 
 
+def _seconds(v: float) -> str:
+    if v >= 1:
+        return f"{v:.2f} s"
+    if v >= 1e-3:
+        return f"{v * 1000:.1f} ms"
+    return f"{v * 1e6:.0f} µs"
+
+
 def _target_row(t: dict) -> str:
     met = {True: "**met**", False: "**missed**", None: "not measured"}[t["met"]]
-    measured = "n/a" if t["measured"] is None else (f"{t['measured']:.3f}" if t.get("unit") else f"{t['measured']:.2f}×")
-    limit = f"{t['limit']}" if t.get("unit") else f"{t['limit']:.2f}×"
-    unit = t.get("unit", "")
-    return f"| {t['target']} | {t['direction']} {limit}{unit} | {measured}{unit} | {met} | {t.get('detail', '')} |"
+    timed = t.get("unit") == " s"
+    if t["measured"] is None:
+        measured = "n/a"
+    else:
+        measured = _seconds(t["measured"]) if timed else f"{t['measured']:.2f}×"
+    limit = _seconds(t["limit"]) if timed else f"{t['limit']:.2f}×"
+    return f"| {t['target']} | {t['direction']} {limit} | {measured} | {met} | {t.get('detail', '')} |"
+
+
+def _doc(text: str) -> list[str]:
+    """A module docstring as markdown: paragraphs re-flowed, "- " lines kept as a list."""
+    out = []
+    for para in text.strip().split("\n\n"):
+        lines = [ln.strip() for ln in para.splitlines()]
+        if any(ln.startswith("- ") for ln in lines):
+            items: list[str] = []
+            for ln in lines:
+                if ln.startswith("- ") or not items:
+                    items.append(ln)
+                else:
+                    items[-1] += " " + ln
+            out += items
+        else:
+            out.append(" ".join(lines))
+        out.append("")
+    return out
 
 
 def write(results: dict, modules: dict, outdir: str, stamp: str) -> dict[str, str]:
@@ -77,9 +107,7 @@ def markdown(results: dict, modules: dict, pngs: dict) -> str:
     for name, sec in results["sections"].items():
         mod = modules[name]
         out += [f"## {mod.TITLE}", ""]
-        doc = (mod.__doc__ or "").strip()
-        if doc:
-            out += [" ".join(doc.split("\n\n")[0].split()), ""]
+        out += _doc(mod.__doc__ or "")
         if not sec.get("ok"):
             out += [f"**{sec.get('status')}**: {sec.get('error', '')}", ""]
             continue
