@@ -24,7 +24,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-from . import netlink
 from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, Datapath, DatapathError
 from .state import DesiredState, Reconciler, StateError
 
@@ -76,9 +75,6 @@ class Agent:
         if not self.dp.is_loaded():
             log.info("no datapath loaded under %s: loading %s", self.dp.root, self.dp.obj_dir)
             self.dp.load()
-        if state.routing_mode == "vxlan":
-            netlink.ensure_vxlan(state.vxlan_device, state.vxlan_port, state.nic)
-            self.dp.attach_tc(state.vxlan_device, "tc_from_nic")
         if not os.path.exists(os.path.join(self.dp.links_dir, state.nic, "tc_from_nic")):
             self.dp.attach_nic(state.nic, self.config.xdp_mode)
         self.dp.attach_cgroup(self.config.cgroup or None)

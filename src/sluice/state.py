@@ -230,15 +230,38 @@ class Reconciler:
                     "svc_ids": {fe: svc.svc_id for fe, svc in svcs.items()}}
 
     def _route_target(self, state: DesiredState) -> tuple[int, bool]:
-        dev = state.vxlan_device if state.routing_mode == "vxlan" else state.nic
+        """(ifindex, tunnel) routes go through; 0 for a VXLAN device the plan still has to add."""
+        tunnel = state.routing_mode == "vxlan"
+        dev = state.vxlan_device if tunnel else state.nic
         try:
-            return socket.if_nametoindex(dev), state.routing_mode == "vxlan"
+            return socket.if_nametoindex(dev), tunnel
         except OSError:
+            if tunnel:
+                return 0, tunnel
             raise StateError(f"node.nic: interface {dev!r} does not exist on this node") from None
+
+    @staticmethod
+    def _plan_tunnel(state: DesiredState, plan: Plan) -> None:
+        """The collect_md VXLAN device exists exactly in VXLAN mode."""
+        exists = netlink.exists(state.vxlan_device)
+        if state.routing_mode == "vxlan" and not exists:
+            plan.add("tunnel", "add", {"device": state.vxlan_device, "port": state.vxlan_port})
+        elif state.routing_mode != "vxlan" and exists:
+            plan.add("tunnel", "remove", {"device": state.vxlan_device})
+
+    def _apply_tunnel(self, state: DesiredState) -> None:
+        if state.routing_mode == "vxlan":
+            netlink.ensure_vxlan(state.vxlan_device, state.vxlan_port, state.nic)
+            # Decapsulated packets for local pods: redirect_peer, as on the NIC.
+            self.dp.attach_tc(state.vxlan_device, "tc_from_nic")
+        elif netlink.exists(state.vxlan_device):
+            self.dp.detach_device(state.vxlan_device)
+            netlink.delete_link(state.vxlan_device)
 
     def plan(self, state: DesiredState) -> Plan:
         cur = self.current()
         plan = Plan()
+        self._plan_tunnel(state, plan)
         ifindex, tunnel = self._route_target(state)
         want_routes = {c: m.Route(nh, ifindex, tunnel, state.vni if tunnel else 0) for c, nh in state.routes.items()}
         for cidr, route in sorted(want_routes.items()):
@@ -282,6 +305,7 @@ class Reconciler:
         if not plan.changed:
             return plan
         cur = self.current()
+        self._apply_tunnel(state)
         ifindex, tunnel = self._route_target(state)
         with self.dp.open_map(m.RoutesMap) as rm:
             for cidr, nh in state.routes.items():

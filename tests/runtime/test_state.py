@@ -2,12 +2,14 @@
 
 import copy
 import json
+import os
 
 import pytest
 
 from conftest import BPF_BUILD
 from lib import netns
 from sluice import maps as m
+from sluice import netlink
 from sluice.datapath import Datapath
 from sluice.state import ROUTE_PROTO, DesiredState, Reconciler, StateError
 
@@ -135,18 +137,33 @@ def test_changes_and_removals_are_planned_exactly_and_applied(node):
         assert len(sm) == 2  # master + one slot: the stale slot was removed
 
 
-def test_vxlan_routes_use_tunnel_device(node):
+def test_switching_to_vxlan_and_back_adds_and_removes_the_tunnel_device(node):
     dp, ns = node
-    from sluice import netlink
+    rec = Reconciler(dp)
+    rec.apply(DesiredState.parse(BASE))
+    vxlan = DesiredState.parse(dict(BASE, routing={"mode": "vxlan", "vxlan_device": "slvx0", "vni": 7}))
+    plan = rec.plan(vxlan).to_dict()
+    assert plan["tunnel"] == {"add": [{"device": "slvx0", "port": 4789}], "change": [], "remove": []}
+    assert not netlink.exists("slvx0")   # planning changes nothing
 
-    netlink.ensure_vxlan("slvx0", 4789, "sleth0")
-    state = DesiredState.parse(dict(BASE, routing={"mode": "vxlan", "vxlan_device": "slvx0", "vni": 7}))
-    Reconciler(dp).apply(state)
+    rec.apply(vxlan)
+    assert not rec.plan(vxlan).changed
     with dp.open_map(m.RoutesMap) as rm:
         route = rm.items()["10.244.2.0/24"]
     assert route.tunnel and route.vni == 7 and route.ifindex == netns.ifindex(ns, "slvx0")
     out = netns.ns_exec(ns, "ip", "route", "show", "proto", str(ROUTE_PROTO)).stdout
     assert "encap ip id 7" in out and "dst 192.168.90.12" in out and "dev slvx0" in out
+    details = json.loads(netns.ns_exec(ns, "ip", "-d", "-j", "link", "show", "slvx0").stdout)[0]
+    assert details["linkinfo"]["info_data"]["external"] is True
+    assert os.path.exists(os.path.join(dp.links_dir, "slvx0", "tc_from_nic"))
+
+    native = DesiredState.parse(dict(BASE, routing={"mode": "native", "vxlan_device": "slvx0"}))
+    assert rec.plan(native).to_dict()["tunnel"]["remove"] == [{"device": "slvx0"}]
+    rec.apply(native)
+    assert not rec.plan(native).changed
+    assert not netlink.exists("slvx0")
+    assert not os.path.exists(os.path.join(dp.links_dir, "slvx0"))
+    assert kernel_routes(ns) == {"10.244.2.0/24": "192.168.90.12"}
 
 
 def test_missing_nic_is_named(node):
