@@ -294,6 +294,18 @@ def test_runtime_requested_address_through_the_ips_capability(node, pods):
     assert failure.value.code == 7 and "asks for 2 IPv4 addresses (10.1.1.1, 10.1.1.2)" in failure.value.msg
 
 
+def test_network_configuration_mtu_wins_over_the_nodes(node, pods):
+    cid, netns = pods.pod()
+    result = handle(node, "ADD", cid, netns, conf=config(mtu=1400))
+    assert result["interfaces"][1]["mtu"] == 1400
+    assert podnet.host_link(podnet.host_ifname(cid, "eth0")).mtu == 1400
+    other, other_netns = pods.pod()
+    assert handle(node, "ADD", other, other_netns)["interfaces"][1]["mtu"] == MTU
+    with pytest.raises(CniError) as failure:
+        handle(node, "ADD", *pods.pod(), conf=config(mtu=40))
+    assert failure.value.code == 7 and "mtu 40 is not an integer in 68..65535" in failure.value.msg
+
+
 @pytest.mark.parametrize("version", ["0.4.0", "1.0.0"])
 def test_add_result_follows_the_configured_version(node, pods, version):
     cid, netns = pods.pod()

@@ -97,6 +97,7 @@ def _add(req: Request, node: NodeContext) -> dict:
     undo: list[tuple[str, Callable[[], object]]] = []   # run in reverse when a later step fails
     try:
         requested = _requested_address(req.conf)
+        mtu = _mtu(req.conf, node.mtu)
         with _step("allocating an address", IPAM_FAILURE):
             held = node.ipam.lookup(req.container_id, req.ifname)
             address = str(node.ipam.allocate(req.container_id, req.ifname, requested))
@@ -108,7 +109,7 @@ def _add(req: Request, node: NodeContext) -> dict:
             if fresh:
                 netlink.delete_link(host)  # left over from an interrupted ADD, without a pod end
                 undo.append((f"deleting {host}", lambda: netlink.delete_link(host)))
-                pair = podnet.create_veth(host, req.netns, req.ifname, node.mtu)
+                pair = podnet.create_veth(host, req.netns, req.ifname, mtu)
         host_end, pod_end = pair
         with _step(f"configuring {req.ifname} in {req.netns}"):
             podnet.configure_pod(req.netns, req.ifname, address, gateway, host_end.mac)
@@ -126,6 +127,14 @@ def _add(req: Request, node: NodeContext) -> dict:
         undo_failures = _run_undo(undo)
         raise CniError(e.code, f"{req.subject}: {e.msg}", "; ".join(filter(None, (e.details, undo_failures))))
     return _result(req, host_end, pod_end, address, gateway)
+
+
+def _mtu(conf: dict, default: int) -> int:
+    """The network configuration's MTU (the conflist is per network), else the node's."""
+    mtu = conf.get("mtu", default)
+    if isinstance(mtu, bool) or not isinstance(mtu, int) or not 68 <= mtu <= 65535:
+        raise CniError(INVALID_NETWORK_CONFIG, f"mtu {mtu!r} is not an integer in 68..65535")
+    return mtu
 
 
 def _requested_address(conf: dict) -> str | None:
