@@ -66,12 +66,15 @@ def connectivity_verdict(check, probe, before, after):
     answer = _answer(probe)
     reasons = []
     want_ok = expect.get("ok", True)
-    if answer.get("ok") != want_ok:
-        reasons.append("answered, but should not have" if answer.get("ok") else f"no answer: {answer.get('error')}")
+    answered = answer.get("answered", 1 if answer.get("ok") else 0)
+    if want_ok and not answer.get("ok"):
+        reasons.append(f"no answer: {answer.get('error')}")
+    if not want_ok and answered:
+        reasons.append(f"answered ({answered}), but should not have")
     if want_ok and answer.get("ok"):
-        reply_ip = (answer.get("reply") or {}).get("ip")
-        if expect.get("reply_ips") and reply_ip not in expect["reply_ips"]:
-            reasons.append(f"answered by {reply_ip}, not one of {', '.join(expect['reply_ips'])}")
+        strangers = sorted(set(answer.get("answered_by") or []) - set(expect.get("reply_ips") or answer.get("answered_by")))
+        if strangers:
+            reasons.append(f"answered by {', '.join(strangers)}, not one of {', '.join(expect['reply_ips'])}")
         for key in ("peer", "from"):
             if expect.get(key) and answer.get(key) != expect[key]:
                 reasons.append(f"the {key} address is {answer.get(key)}, expected {expect[key]}")

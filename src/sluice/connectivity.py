@@ -2,7 +2,7 @@
 
     sluice connectivity pod-add NAME --ip IP [--cnitool PATH]   a test pod through the CNI plugin
     sluice connectivity pod-del NAME [--cnitool PATH]           and gone again
-    sluice connectivity probe {tcp,udp,sockmap} DST PORT [--netns PATH] [--source IP]
+    sluice connectivity probe {tcp,udp,sockmap} DST PORT [--netns PATH] [--source IP] [--count N]
 
 A test pod is a network namespace /run/netns/NAME wired by a real CNI client
 (libcni's cnitool: the installed conflist, CNI_PATH, results cached by libcni),
@@ -236,11 +236,22 @@ def echo_once(address: str, port: int) -> None:
 PROBES = {"tcp": probe_tcp, "udp": probe_udp, "sockmap": probe_sockmap}
 
 
-def probe(kind: str, dst: str, port: int, source: str | None = None) -> dict:
-    try:
-        return PROBES[kind](dst, port, source)
-    except (OSError, ValueError, ConnectivityError) as e:
-        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+def probe(kind: str, dst: str, port: int, source: str | None = None, count: int = 1) -> dict:
+    """One probe, or `count` of them (new connections, so new source ports and flow hashes):
+    ok when all answered, `answered` how many did, `answered_by` every replying address."""
+    results = []
+    for _attempt in range(count):
+        try:
+            results.append(PROBES[kind](dst, port, source))
+        except (OSError, ValueError, ConnectivityError) as e:
+            results.append({"ok": False, "error": f"{type(e).__name__}: {e}"})
+    answered = [r for r in results if r["ok"]]
+    summary = dict(answered[0] if answered else results[0])
+    summary.update(ok=len(answered) == count, answered=len(answered),
+                   answered_by=sorted({r["reply"]["ip"] for r in answered if "reply" in r}))
+    if len(answered) < count:
+        summary["error"] = next(r["error"] for r in results if not r["ok"])
+    return summary
 
 
 # ---- command line ----------------------------------------------------------------------------
@@ -262,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("port", type=int)
     pr.add_argument("--netns", help="run the probe inside this network namespace (path)")
     pr.add_argument("--source", help="source address to bind")
+    pr.add_argument("--count", type=int, default=1, help="how many connections (or datagrams)")
     srv = sub.add_parser("serve")
     srv.add_argument("name")
     srv.add_argument("ip")
@@ -275,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             # nsenter rather than setns here: this module stays standard library only.
             source = ["--source", args.source] if args.source else []
             os.execvp("nsenter", ["nsenter", f"--net={args.netns}", sys.executable, "-m", "sluice.connectivity",
-                                  "probe", args.kind, args.dst, str(args.port), *source])
-        result = probe(args.kind, args.dst, args.port, args.source)
+                                  "probe", args.kind, args.dst, str(args.port), "--count", str(args.count), *source])
+        result = probe(args.kind, args.dst, args.port, args.source, args.count)
         print(json.dumps(result, sort_keys=True))
         return 0
     if args.command == "serve":
