@@ -58,6 +58,9 @@ def parse_config(stdin: str, command: str) -> dict:
     """The network configuration, with a cniVersion this plugin speaks and that knows `command`."""
     try:
         conf = json.loads(stdin)
+    except json.JSONDecodeError as e:
+        near = stdin[max(0, e.pos - 20):e.pos + 20]  # the bad text itself, not only where it is
+        raise CniError(DECODING_FAILURE, f"the network configuration is not valid JSON: {e}, near {near!r}") from None
     except ValueError as e:
         raise CniError(DECODING_FAILURE, f"the network configuration is not valid JSON: {e}") from None
     if not isinstance(conf, dict):
