@@ -96,9 +96,12 @@ class Agent:
             self._state_stamp = stamp
             try:
                 state = DesiredState.from_file(self.config.state_file)
+                Reconciler.check_node(state)  # before ensure_datapath touches the NIC
                 self.ensure_datapath(state)
                 plan = Reconciler(self.dp).apply(state)
-            except (StateError, DatapathError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - whatever failed, the agent keeps running and says why
+                if not isinstance(e, (StateError, DatapathError, OSError)):
+                    log.exception("applying %s failed unexpectedly", self.config.state_file)
                 kept = "keeping the last good state" if self.state else "nothing applied yet"
                 self.health["last_error"] = f"{e} ({kept})"
                 log.error("state %s refused: %s; %s", self.config.state_file, e, kept)

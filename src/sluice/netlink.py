@@ -115,6 +115,23 @@ def delete_link(ifname: str) -> bool:
         return True
 
 
+def on_link(address: str, ifname: str) -> bool:
+    """Whether `address` lies on a network directly connected through `ifname` (a main-table route
+    through it without a gateway): what the kernel asks of a route's gateway on that device."""
+    import ipaddress
+
+    with ipr() as ip:
+        idx = ip.link_lookup(ifname=ifname)
+        if not idx:
+            return False
+        for r in ip.get_routes(family=2, table=254):
+            if r.get_attr("RTA_OIF") == idx[0] and r.get_attr("RTA_GATEWAY") is None and r["type"] == 1:
+                net = ipaddress.IPv4Network(f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}")
+                if ipaddress.IPv4Address(address) in net:
+                    return True
+    return False
+
+
 def owned_routes(proto: int) -> dict[str, dict]:
     """IPv4 routes of the main table carrying rtnetlink protocol `proto`."""
     out = {}

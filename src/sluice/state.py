@@ -92,14 +92,14 @@ class DesiredState:
                 raw = json.load(f)
         except OSError as e:
             raise StateError(f"cannot read state file {path}: {e.strerror}") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise StateError(f"state file {path} is not valid JSON: {e}") from None
         return cls.parse(raw)
 
     @classmethod
     def parse(cls, raw) -> "DesiredState":
         if not isinstance(raw, dict):
-            raise StateError("state: expected a JSON object")
+            raise StateError(f"state: expected a JSON object, not {type(raw).__name__}")
         node = raw.get("node")
         if not isinstance(node, dict):
             raise StateError("state: 'node' section is missing")
@@ -258,7 +258,23 @@ class Reconciler:
             self.dp.detach_device(state.vxlan_device)
             netlink.delete_link(state.vxlan_device)
 
+    @staticmethod
+    def check_node(state: DesiredState) -> None:
+        """What the state asks of this node that parsing cannot check: the NIC exists and, in native
+        routing, every nexthop is on a network of the NIC (else the kernel refuses the route after
+        the maps were already written)."""
+        try:
+            socket.if_nametoindex(state.nic)
+        except OSError:
+            raise StateError(f"node.nic: interface {state.nic!r} does not exist on this node") from None
+        if state.routing_mode == "native":
+            for cidr, nexthop in sorted(state.routes.items()):
+                if not netlink.on_link(nexthop, state.nic):
+                    raise StateError(f"routes ({cidr}): nexthop {nexthop} is not on a network of {state.nic}; "
+                                     "native routing needs the other nodes directly reachable through the NIC")
+
     def plan(self, state: DesiredState) -> Plan:
+        self.check_node(state)
         cur = self.current()
         plan = Plan()
         self._plan_tunnel(state, plan)
