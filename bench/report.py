@@ -55,6 +55,17 @@ def _doc(text: str) -> list[str]:
     return out
 
 
+def _rounded(x):
+    """Floats to 6 significant digits: raw samples stay exact enough, the file stays small."""
+    if isinstance(x, float):
+        return float(f"{x:.6g}")
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_rounded(v) for v in x]
+    return x
+
+
 def write(results: dict, modules: dict, outdir: str, stamp: str) -> dict[str, str]:
     os.makedirs(outdir, exist_ok=True)
     prefix = os.path.join(outdir, stamp)
@@ -73,7 +84,7 @@ def write(results: dict, modules: dict, outdir: str, stamp: str) -> dict[str, st
                 res.setdefault("plot_error", f"{type(e).__name__}: {e}")
     json_path = f"{prefix}.json"
     with open(json_path, "w") as f:
-        json.dump(results, f, indent=1, default=str)
+        json.dump(_rounded(results), f, indent=1, default=str)
     md = markdown(results, modules, pngs)
     md_path = f"{prefix}.md"
     with open(md_path, "w") as f:

@@ -1,5 +1,6 @@
 """XDP: the per-packet cost of xdp_nic measured with BPF_PROG_TEST_RUN
-(repeat=N, the kernel's mean ns per run, as tests/bpf/test_xdp.py calls it):
+(sluice.bpf.libbpf.test_run, as tests/bpf/test_xdp.py calls it, from inside a
+node namespace with the NIC as ingress_ifindex):
 prefilter with 10,000 CIDRs (a listed source dropped, an unlisted one passed)
 and the L4 load balancer (an established flow rewritten and sent with XDP_TX),
 each relative to an unfiltered packet passing an empty prefilter. Then a
