@@ -119,7 +119,7 @@ def refused(address: str, port: int) -> bool:
     (None, ("127.0.0.1", 9962)),             # the default
     (":9963", ("127.0.0.1", 9963)),          # a port alone: still loopback
     ("192.168.96.1:9964", ("192.168.96.1", 9964)),
-])
+], ids=["default", "port-only", "configured"])
 def test_metrics_listen_only_on_the_configured_address(configured, bound):
     assert AgentConfig().metrics_address == "127.0.0.1:9962"
     config = AgentConfig() if configured is None else AgentConfig(metrics_address=configured)
