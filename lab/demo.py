@@ -100,7 +100,8 @@ def inventory_without_service(service: str) -> tuple[str, dict]:
 
 
 def path_taken(check: dict) -> str:
-    steps = [f"{s['node']} {s['hook']}/{'|'.join(s['outcomes'])} +{s['packets']}" for s in check["path"]]
+    steps = [f"{s['node']} {s['hook']}/" + ", ".join(f"{o} +{n}" for o, n in s["by_outcome"].items())
+             if s["by_outcome"] else f"{s['node']} {s['hook']}/{'|'.join(s['outcomes'])} +0" for s in check["path"]]
     return "; ".join(steps) or "(nothing may answer)"
 
 

@@ -45,13 +45,13 @@ EXAMPLES = r"""
 RETURN = r"""
 _value:
   description: C(name), C(passed), C(reasons) (why it failed), C(answer) (the probe's JSON) and C(path) (each step
-    with the C(packets) it counted).
+    with the C(packets) it counted, and C(by_outcome), the outcomes that counted them).
   type: dict
 """
 
 
-def _packets(reading, hook, outcomes):
-    return sum(int(m["packets"]) for m in reading if m["hook"] == hook and m["outcome"] in outcomes)
+def _packets(reading, hook, outcome):
+    return sum(int(m["packets"]) for m in reading if m["hook"] == hook and m["outcome"] == outcome)
 
 
 def _answer(probe):
@@ -72,8 +72,8 @@ def connectivity_verdict(check, probe, before, after):
     if not want_ok and answered:
         reasons.append(f"answered ({answered}), but should not have")
     if want_ok and answer.get("ok"):
-        strangers = sorted(set(answer.get("answered_by") or []) - set(expect.get("reply_ips") or answer.get("answered_by")))
-        if strangers:
+        strangers = sorted(set(answer.get("answered_by") or []) - set(expect.get("reply_ips") or []))
+        if expect.get("reply_ips") and strangers:
             reasons.append(f"answered by {', '.join(strangers)}, not one of {', '.join(expect['reply_ips'])}")
         for key in ("peer", "from"):
             if expect.get(key) and answer.get(key) != expect[key]:
@@ -83,8 +83,10 @@ def connectivity_verdict(check, probe, before, after):
         node, hook, outcomes = step["node"], step["hook"], step["outcomes"]
         if node not in after or node not in before:
             raise AnsibleFilterError(f"connectivity_verdict: {check.get('name')}: no metrics from node {node!r}")
-        packets = _packets(after[node], hook, outcomes) - _packets(before[node], hook, outcomes)
-        path.append({"node": node, "hook": hook, "outcomes": outcomes, "packets": packets})
+        by_outcome = {o: _packets(after[node], hook, o) - _packets(before[node], hook, o) for o in outcomes}
+        packets = sum(by_outcome.values())
+        path.append({"node": node, "hook": hook, "outcomes": outcomes, "packets": packets,
+                     "by_outcome": {o: n for o, n in by_outcome.items() if n}})
         if packets <= 0:
             reasons.append(f"{node}: {hook} counted nothing as {' or '.join(outcomes)}")
     return {"name": check.get("name"), "passed": not reasons, "reasons": reasons, "answer": answer, "path": path}

@@ -25,7 +25,15 @@ def test_pass_when_answered_by_a_backend_and_the_path_counted():
     answer = probe(ok=True, answered=1, answered_by=["10.244.2.10"], reply={"ip": "10.244.2.10"}, peer="10.96.0.10:80")
     verdict = connectivity_verdict(CHECK, answer, BEFORE, AFTER)
     assert verdict["passed"] and verdict["reasons"] == []
-    assert verdict["path"] == [{"node": "node1", "hook": "sock_connect4", "outcomes": ["sock_xlate"], "packets": 2}]
+    assert verdict["path"] == [{"node": "node1", "hook": "sock_connect4", "outcomes": ["sock_xlate"], "packets": 2,
+                                "by_outcome": {"sock_xlate": 2}}]
+
+
+def test_the_path_says_which_of_the_allowed_outcomes_counted():
+    check = {"name": "lb", "expect": {}, "path": [{"node": "n1", "hook": "xdp_nic", "outcomes": ["xdp_tx", "lb_local"]}]}
+    after = {"n1": [{"hook": "xdp_nic", "outcome": "xdp_tx", "packets": 7}, {"hook": "xdp_nic", "outcome": "pass", "packets": 3}]}
+    verdict = connectivity_verdict(check, probe(ok=True), {"n1": []}, after)
+    assert verdict["path"][0]["packets"] == 7 and verdict["path"][0]["by_outcome"] == {"xdp_tx": 7}
 
 
 def test_the_right_answer_without_the_counters_is_a_failure():
