@@ -11,8 +11,12 @@ BPF_SRCS  := $(wildcard bpf/*.c)
 BPF_OBJS  := $(patsubst bpf/%.c,$(BPF_OUT)/%.o,$(BPF_SRCS))
 BPF_HDRS  := $(wildcard bpf/lib/*.h)
 CLANG     ?= clang
+# The datapath version, stamped into every program (bpf/lib/common.h): a new version is new code
+# (new program tags) with the same behaviour. A set of another version goes elsewhere, e.g.
+# `make bpf BPF_OUT=/tmp/v2 SL_DATAPATH_VERSION=2` (build/bpf is not rebuilt when only this changes).
+SL_DATAPATH_VERSION ?= 1
 BPF_CFLAGS := -O2 -g -target bpf -D__TARGET_ARCH_x86 -Wall -Werror -Wno-unused-function \
-              -I$(BUILD) -Ibpf -Ibpf/lib
+              -DSL_DATAPATH_VERSION=$(SL_DATAPATH_VERSION) -I$(BUILD) -Ibpf -Ibpf/lib
 SETUP_STAMP := $(VENV)/.setup-done
 
 .PHONY: help setup bpf artifacts test sanity lint molecule demo clean

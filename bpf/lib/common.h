@@ -31,3 +31,14 @@
 
 #define likely(x)   __builtin_expect(!!(x), 1)
 #define unlikely(x) __builtin_expect(!!(x), 0)
+
+/* The datapath version (`make SL_DATAPATH_VERSION=N`). An upgrade must swap
+ * programs whose tag (the kernel's hash of their instructions) changed, so the
+ * version is stamped into every program's code: sl_count(), which every program
+ * calls, loads it into a register. It is also a read-only global that libbpf
+ * binds to each program: `bpftool prog show` lists it under "metadata". */
+#ifndef SL_DATAPATH_VERSION
+#define SL_DATAPATH_VERSION 1
+#endif
+#define SL_DATAPATH_STAMP() asm volatile("" : : "r"(SL_DATAPATH_VERSION))
+const volatile __u32 bpf_metadata_sluice_datapath_version SEC(".rodata") = SL_DATAPATH_VERSION;

@@ -266,7 +266,10 @@ struct {
 static __always_inline void sl_count(enum sl_hook hook, enum sl_outcome outcome, __u64 bytes)
 {
 	__u32 slot = hook * SL_METRICS_PER_HOOK + outcome;
-	struct sl_metric *m = bpf_map_lookup_elem(&sl_metrics, &slot);
+	struct sl_metric *m;
+
+	SL_DATAPATH_STAMP();
+	m = bpf_map_lookup_elem(&sl_metrics, &slot);
 
 	if (m) {
 		m->packets++;
