@@ -31,7 +31,7 @@ def _target_row(t: dict) -> str:
     if t["measured"] is None:
         measured = "n/a"
     else:
-        measured = _seconds(t["measured"]) if timed else f"{t['measured']:.2f}×"
+        measured = _seconds(t["measured"]) if timed else f"{t['measured']:.3f}×"
     limit = _seconds(t["limit"]) if timed else f"{t['limit']:.2f}×"
     return f"| {t['target']} | {t['direction']} {limit} | {measured} | {met} | {t.get('detail', '')} |"
 
@@ -129,3 +129,35 @@ def markdown(results: dict, modules: dict, pngs: dict) -> str:
         out.append(f"_Section time: {sec['elapsed_s']:.0f} s._")
         out.append("")
     return "\n".join(out)
+
+
+def _int_keys(x):
+    """JSON made int keys (service counts, concurrency) strings: turn them back."""
+    if isinstance(x, dict):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_int_keys(v) for v in x]
+    return x
+
+
+def main(argv=None) -> int:
+    """python -m bench.report RESULTS.json: render the markdown and plots of a run again."""
+    import argparse
+    import importlib
+
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    ap.add_argument("json")
+    opts = ap.parse_args(argv)
+    with open(opts.json) as f:
+        results = _int_keys(json.load(f))
+    modules = {name: importlib.import_module(f"bench.{name}") for name in results["sections"]}
+    stamp = os.path.basename(opts.json).removesuffix(".json")
+    paths = write(results, modules, os.path.dirname(os.path.abspath(opts.json)), stamp)
+    print(f"wrote {paths['md']} (and latest.md) and the plots")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
