@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         ap.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     install_signal_handlers()
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+                            text=True, check=False).stdout.strip()
     results = {"meta": {"date": opts.stamp, "started": datetime.datetime.now().isoformat(timespec="seconds"),
                         "host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(),
                         "commit": commit, "quick": opts.quick, "loadavg_before": loadavg(), "notes": []},

@@ -59,7 +59,7 @@ class Plugin:
 
 def _batch(plugin: Plugin, pods: int, concurrency: int, tag: str) -> dict:
     """ADD `pods` pods, then DEL them, `concurrency` at a time; per-call seconds and batch wall times."""
-    names = [add_namespace(tag) for _ in range(pods)]
+    names = [add_namespace(tag) for _pod in range(pods)]
     cids = [f"{n}-{i}" for i, n in enumerate(names)]
     out = {"add": [], "del": []}
     try:
@@ -125,15 +125,15 @@ def run(opts) -> dict:
         for p in plugins:
             _batch(p, 1, 1, "cnw")
         version = {p.name: [] for p in plugins}
-        for _ in range(20):
+        for _call in range(20):
             for p in plugins:
                 version[p.name].append(p.version())
         for r in range(rounds):
             for c in CONCURRENCY:
                 for p in (plugins if r % 2 == 0 else plugins[::-1]):
                     b = _batch(p, pods[c], c, "cnp")
-                    entry = raw.setdefault(p.name, {}).setdefault(c, {"add": [], "del": [], "add_wall": [],
-                                                                       "del_wall": []})
+                    entry = raw.setdefault(p.name, {}).setdefault(
+                        c, {"add": [], "del": [], "add_wall": [], "del_wall": []})
                     for k in ("add", "del"):
                         entry[k] += b[k]
                         entry[f"{k}_wall"].append(b[f"{k}_wall"])

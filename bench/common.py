@@ -22,6 +22,7 @@ BPFFS = "/sys/fs/bpf"
 PREFIX = netns.PREFIX            # "slbench-"
 CPU = 0                          # both ends of every latency measurement run here (PLATFORM.md)
 
+
 class Skipped(Exception):
     """A section that cannot be measured here (reported as "not measured")."""
 
@@ -43,7 +44,7 @@ def _sweep() -> None:
     for root in list(_pin_roots):
         _remove_pin_root(root)
     for ns in list(_namespaces):
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         _namespaces.discard(ns)
 
 
@@ -142,10 +143,10 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 5) 
     """Signal a process we started and whatever it forked, reap it, return what it printed."""
     _signal_group(proc, sig)
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        out = proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
         _signal_group(proc, signal.SIGKILL)
-        out, _ = proc.communicate()
+        out = proc.communicate()[0]
     _signal_group(proc, signal.SIGKILL)     # workers that ignored `sig`
     _processes.pop(proc.pid, None)
     return out or ""

@@ -24,7 +24,7 @@ INVENTORY = os.path.join(ROOT, "inventory", "lab", "hosts.yml")
 def _play(name: str) -> tuple[float, dict]:
     t0 = time.perf_counter()
     out = subprocess.run([PLAYBOOK, "-i", INVENTORY, os.path.join(ROOT, "playbooks", name)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=1800)
+                         capture_output=True, text=True, timeout=1800, check=False)
     elapsed = time.perf_counter() - t0
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-1000:]}")
@@ -38,7 +38,7 @@ def _lab_up() -> tuple[bool, str]:
         return False, "the lab is not up (no inventory/lab/hosts.yml; `make lab-up` creates it)"
     py = os.path.join(ROOT, ".venv", "bin", "python")
     st = subprocess.run([py, os.path.join(ROOT, "lab", "lab.py"), "status"], capture_output=True, text=True,
-                        timeout=120)
+                        timeout=120, check=False)
     if st.returncode != 0:
         return False, f"`lab/lab.py status` does not report a healthy lab: {(st.stdout + st.stderr).strip()[-300:]}"
     return True, ""
@@ -54,7 +54,7 @@ def run(opts) -> dict:
     reps = 1 if opts.quick else 2
     raw = {"scratch": [], "noop": []}
     recaps = {}
-    for _ in range(reps):
+    for _rep in range(reps):
         _play("uninstall.yml")
         t, recaps["scratch"] = _play("site.yml")
         raw["scratch"].append(t)

@@ -155,17 +155,17 @@ def run(opts) -> dict:
     tput = {v: [] for v in VARIANTS}
     t0 = time.monotonic()
     with topologies() as topo, contextlib.ExitStack() as servers:
-        for v, (_, srv, ip) in topo.items():
+        for _cli, srv, ip in topo.values():
             servers.enter_context(sockperf_server(srv, ip))
             servers.enter_context(iperf_server(srv, ip))
         for r in range(rounds):
             order = list(VARIANTS)[r % len(VARIANTS):] + list(VARIANTS)[:r % len(VARIANTS)]
             for v in order:
-                cli, _, ip = topo[v]
+                cli, ip = topo[v][0], topo[v][2]
                 lat[v].append(sockperf_pingpong(cli, ip, lat_s))
             if r < (2 if opts.quick else 3):
                 for v in order:
-                    cli, _, ip = topo[v]
+                    cli, ip = topo[v][0], topo[v][2]
                     tput[v].append(iperf_stream(cli, ip, tput_s))
     res = {"variants": VARIANTS, "rounds": rounds, "latency_seconds": lat_s, "throughput_seconds": tput_s,
            "latency_raw": lat, "throughput_raw": tput, "elapsed_s": time.monotonic() - t0, "summary": {}}

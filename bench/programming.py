@@ -73,8 +73,8 @@ def run(opts) -> dict:
     changed = DesiredState.parse(workload.state(COUNT, PER, changed=CHANGED))
     kube = workload.kube_services(COUNT, PER)
     rules = kubeproxy.ruleset(kube)
-    rules_changed = kubeproxy.ruleset(kube[:CHANGED] + [(kube[CHANGED][0], kube[CHANGED][1],
-                                                          kube[CHANGED][2][:-1] + [("10.250.0.1", 8080)])]
+    vip, port, eps = kube[CHANGED]
+    rules_changed = kubeproxy.ruleset(kube[:CHANGED] + [(vip, port, eps[:-1] + [("10.250.0.1", 8080)])]
                                       + kube[CHANGED + 1:])
     partial = kubeproxy.changed_chain(kube, CHANGED, ("10.250.0.1", 8080))
     with contextlib.ExitStack() as stack:
@@ -86,7 +86,7 @@ def run(opts) -> dict:
         dp.load()
         rec = Reconciler(dp)
         with netns.entered(node):       # the Reconciler resolves the NIC and kernel routes in the node's netns
-            for _ in range(reps_sluice):
+            for _rep in range(reps_sluice):
                 _clear(dp)
                 t0 = time.perf_counter()
                 rec.apply(base)
@@ -102,7 +102,7 @@ def run(opts) -> dict:
               f"{statistics.median(raw['sluice_change']) * 1000:.0f} ms; maps install "
               f"{statistics.median(raw['maps_install']):.2f} s, change {statistics.median(raw['maps_change']) * 1e6:.0f} µs",
               flush=True)
-        for _ in range(reps_ipt):
+        for _rep in range(reps_ipt):
             iptables_restore(ipt, "*nat\nCOMMIT\n*filter\nCOMMIT\n")    # empty tables
             raw["ipt_install"].append(iptables_restore(ipt, rules))
             raw["ipt_change_full"].append(iptables_restore(ipt, rules_changed))
@@ -160,11 +160,10 @@ def markdown(res: dict) -> list[str]:
 def plots(res: dict, plt, prefix: str) -> list[str]:
     s = res["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, keys, title in ((axes[0], [("Reconciler", "sluice_install"), ("maps", "maps_install"),
-                                        ("iptables-restore", "ipt_install")], "install 10,000 × 5"),
-                            (axes[1], [("Reconciler", "sluice_change"), ("maps", "maps_change"),
-                                       ("iptables full", "ipt_change_full"),
-                                       ("iptables partial", "ipt_change_partial")], "change one service")):
+    install = [("Reconciler", "sluice_install"), ("maps", "maps_install"), ("iptables-restore", "ipt_install")]
+    change = [("Reconciler", "sluice_change"), ("maps", "maps_change"), ("iptables full", "ipt_change_full"),
+              ("iptables partial", "ipt_change_partial")]
+    for ax, keys, title in ((axes[0], install, "install 10,000 × 5"), (axes[1], change, "change one service")):
         labels = [k[0] for k in keys]
         med = [s[k[1]]["median"] * 1000 for k in keys]
         err = [[m - s[k[1]]["min"] * 1000 for k, m in zip(keys, med)],

@@ -21,8 +21,7 @@ from lib.agent import AgentProcess
 from lib.cgroup import cgroup
 
 from . import kubeproxy, workload
-from .common import (BPF_BUILD, fmt_ratio, fmt_spread, iptables_restore, namespaces, pin_root, ratio, sh, summary,
-                     target)
+from .common import BPF_BUILD, fmt_ratio, fmt_spread, iptables_restore, namespaces, pin_root, ratio, sh, summary
 
 NAME = "reconcile"
 TITLE = "Agent reconcile: state file with 10,000 services"

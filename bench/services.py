@@ -76,7 +76,7 @@ def _pair(stack: contextlib.ExitStack, tag: str) -> tuple[str, str]:
     cli, srv = stack.enter_context(namespaces(f"{tag}c", f"{tag}s"))
     sh(cli, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", srv)
     sh(cli, "ip", "addr", "add", f"{CLIENT_IP}/24", "dev", "eth0")
-    for ip, _ in BACKENDS:
+    for ip in (b[0] for b in BACKENDS):
         sh(srv, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
     for ns in (cli, srv):
         sh(ns, "ip", "link", "set", "eth0", "up")
@@ -111,8 +111,8 @@ def run(opts) -> dict:
     counts = COUNTS
     res = {"counts": list(counts), "rounds": rounds, "connections": conns, "raw": {}, "program_s": {}}
     with contextlib.ExitStack() as stack:
-        s_cli, _ = _pair(stack, "lbs")
-        i_cli, _ = _pair(stack, "ipt")
+        s_cli = _pair(stack, "lbs")[0]
+        i_cli = _pair(stack, "ipt")[0]
         dp = Datapath(stack.enter_context(pin_root()), BPF_BUILD)
         dp.load()
         cg = stack.enter_context(cgroup())
@@ -192,7 +192,7 @@ def plots(res: dict, plt, prefix: str) -> list[str]:
             lo = [m - res["summary"][c][v][key]["min"] for c, m in zip(counts, med)]
             hi = [res["summary"][c][v][key]["max"] - m for c, m in zip(counts, med)]
             ax.errorbar(counts, med, yerr=[lo, hi], fmt=style, color=color, capsize=3,
-                        label=f"{label} {key.split('_')[0]}")
+                        label=f"{label} {key.split('_', maxsplit=1)[0]}")
     ax.set_xscale("symlog", linthresh=1)
     ax.set_yscale("log")
     ax.set_xlabel("services defined")

@@ -28,7 +28,7 @@ from sluice.bpf import libbpf as lb
 from sluice.datapath import Datapath
 from sluice.maps import Backend, BackendsMap, ConfigMap, LbVipsMap, MetricsMap, PrefilterMap
 
-from .common import (BPF_BUILD, CPU, fmt_ratio, fmt_spread, namespaces, paired_ratios, pin_root, sh, spawn, stop,
+from .common import (BPF_BUILD, CPU, fmt_spread, namespaces, paired_ratios, pin_root, sh, spawn, stop,
                      summary, sysctl, iptables_restore)
 
 NAME = "xdp"
@@ -64,7 +64,7 @@ def _test_run(prog: int, ns: str, ifindex: int, frame: bytes, repeat: int, expec
     """Mean ns per run over `repeat` runs in one BPF_PROG_TEST_RUN. The runs share
     one buffer, so only for programs that leave the packet unchanged."""
     with netns.entered(ns):
-        ret, _, ns_per_run = lb.test_run(prog, frame, ctx=packets.xdp_ctx_for(frame, ifindex), repeat=repeat)
+        ret, ns_per_run = lb.test_run(prog, frame, ctx=packets.xdp_ctx_for(frame, ifindex), repeat=repeat)[::2]
     if ret != expect:
         raise RuntimeError(f"xdp_nic returned {ret}, expected {expect}")
     return float(ns_per_run)
@@ -76,8 +76,8 @@ def _test_run_single(prog: int, ns: str, ifindex: int, frame: bytes, runs: int, 
     ctx = packets.xdp_ctx_for(frame, ifindex)
     durations = []
     with netns.entered(ns):
-        for _ in range(runs):
-            ret, _, ns_run = lb.test_run(prog, frame, ctx=ctx)
+        for _run in range(runs):
+            ret, ns_run = lb.test_run(prog, frame, ctx=ctx)[::2]
             if ret != expect:
                 raise RuntimeError(f"xdp_nic returned {ret}, expected {expect}")
             durations.append(ns_run)
@@ -89,7 +89,9 @@ def _test_run_single(prog: int, ns: str, ifindex: int, frame: bytes, runs: int, 
 def _trafgen_conf(dst_mac: str, src_mac: str) -> str:
     """64-byte UDP frames to the victim, sources 16.X.Y.1 with X cycling 0..38 and Y random:
     spread over the first 9,984 prefiltered /24s."""
-    mac = lambda m: ", ".join(f"0x{b}" for b in m.split(":"))  # noqa: E731
+    def mac(m: str) -> str:
+        return ", ".join(f"0x{b}" for b in m.split(":"))
+
     return ("{\n"
             f"  {mac(dst_mac)}, {mac(src_mac)}, 0x08, 0x00,\n"
             "  0x45, 0x00, const16(46), const16(0), const16(0), 0x40, 0x11, csumip(14, 33),\n"
@@ -146,7 +148,7 @@ def run(opts) -> dict:
         raw = {k: [] for k in frames}              # mean of repeat=N (packet-preserving cases)
         single = {k: [] for k in frames}           # median of single runs (all cases)
         with dp.open_map(PrefilterMap) as pf:
-            for _ in range(reps):      # empty prefilter first, then 10,000 CIDRs
+            for _rep in range(reps):      # empty prefilter first, then 10,000 CIDRs
                 pf.clear()
                 frame, expect = frames["pass"]
                 raw["pass"].append(_test_run(prog, node, nic0, frame, repeat, expect))
@@ -188,9 +190,9 @@ def run(opts) -> dict:
         iptables_restore(vic3, "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
                          "-A PREROUTING -s 16.0.0.0/10 -j DROP\nCOMMIT\n")
         metrics = stack.enter_context(dp.open_map(MetricsMap))
-        hooks, outcomes = (lambda h, o: ({f"SL_HOOK_{k.upper()}": v for k, v in h.items()},
-                                         {("SL_" if k.startswith("drop") else "SL_OUT_") + k.upper(): v
-                                          for k, v in o.items()}))(*dp.enums())
+        short_hooks, short_outcomes = dp.enums()      # the BTF enums, as MetricsMap.read takes them
+        hooks = {f"SL_HOOK_{k.upper()}": v for k, v in short_hooks.items()}
+        outcomes = {("SL_" if k.startswith("drop") else "SL_OUT_") + k.upper(): v for k, v in short_outcomes.items()}
 
         def xdp_drops() -> int:
             return metrics.read(hooks, outcomes).get(("SL_HOOK_XDP_NIC", "SL_DROP_PREFILTER"), (0, 0))[0]
