@@ -13,6 +13,13 @@ status, upgrade and removal find exactly Sluice's attachments and nothing else.
 A reload loads the new objects (maps are reused, so contents survive), then
 swaps every link to the new program with BPF_LINK_UPDATE: there is no moment
 without a program on any hook.
+
+tc programs go through tcx links where the kernel has tcx (tc mode `auto`,
+probed once) or always (`tcx`); otherwise (`legacy`) through a cls_bpf filter
+on a clsact qdisc (sluice.tc), which no pin can hold: those are found again by
+a netlink dump of the calling netns (Sluice's priority, names prefixed
+`sluice/<program>@<root>`), and an upgrade replaces each with one netlink
+request. Whatever the mode, status, upgrade and removal handle both kinds.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 from . import maps as m
+from . import tc
 from .bpf import libbpf as lb
 from .bpf.btf import Btf
 from .bpf.object import BpfObject
@@ -49,6 +57,7 @@ CGROUP_HOOKS = {
 }
 XDP_MODES = ("native", "generic", "best-effort", "disabled")
 XDP_FLAGS = {"native": lb.XDP_FLAGS_DRV_MODE, "generic": lb.XDP_FLAGS_SKB_MODE}
+TC_MODES = tc.TC_MODES          # auto (tcx if the kernel has it, else legacy), tcx, legacy (clsact + cls_bpf)
 
 
 class DatapathError(Exception):
@@ -91,12 +100,16 @@ def _close(fd: int) -> None:
 
 
 class Datapath:
-    def __init__(self, root: str = DEFAULT_ROOT, obj_dir: str = DEFAULT_OBJ_DIR):
+    def __init__(self, root: str = DEFAULT_ROOT, obj_dir: str = DEFAULT_OBJ_DIR, tc_mode: str = "auto"):
+        if tc_mode not in TC_MODES:
+            raise DatapathError(f"tc mode {tc_mode!r} is not one of {', '.join(TC_MODES)}")
         self.root = root
         self.obj_dir = obj_dir
+        self.tc_mode = tc_mode
         self.maps_dir = os.path.join(root, "maps")
         self.progs_dir = os.path.join(root, "progs")
         self.links_dir = os.path.join(root, "links")
+        self.cls_bpf = tc.ClsBpf(root)
 
     # ---- objects and programs ------------------------------------------------
 
@@ -166,6 +179,8 @@ class Datapath:
                 lb.obj_pin(fd, tmp)
                 os.replace(tmp, os.path.join(self.progs_dir, prog))
                 report.links_updated += self._update_links(prog, fd)
+                if prog in tc.HANDLES:  # cls_bpf filters of this netns, whatever the mode in force
+                    report.links_updated += self._tc_call(self.cls_bpf.replace, prog, fd)
         finally:
             for obj in loaded:
                 obj.close()
@@ -266,15 +281,61 @@ class Datapath:
             os.rmdir(gdir)
         return removed
 
+    # ---- tc: tcx links or cls_bpf filters -------------------------------------------
+
+    def tc_mode_in_force(self) -> str:
+        """tcx or legacy: what attach_tc uses (auto asks the kernel once per process)."""
+        available = self._tc_call(tc.tcx_available)
+        if self.tc_mode == "tcx" and not available:
+            raise DatapathError("tc mode tcx: this kernel has no tcx (BPF_LINK_CREATE refuses BPF_TCX_INGRESS); "
+                                "use tc mode auto or legacy")
+        if self.tc_mode == "auto":
+            return "tcx" if available else "legacy"
+        return self.tc_mode
+
+    @staticmethod
+    def _tc_call(fn, *args):
+        try:
+            return fn(*args)
+        except tc.TcError as e:
+            raise DatapathError(str(e)) from None
+
     def attach_tc(self, ifname: str, prog: str) -> bool:
-        """tc ingress of `ifname` through a tcx link (a process in the device's netns must call this)."""
-        return self._attach(ifname, prog, _ifindex(ifname), lb.BPF_TCX_INGRESS)
+        """`prog` on tc ingress of `ifname` in the tc mode in force; True when that changed anything.
+
+        A process in the device's netns must call this (tcx links resolve the
+        ifindex there, filters live there). An attachment of the other kind for
+        the same program is removed after the new one is in place, so changing
+        the mode never leaves the hook without the program."""
+        ifindex = _ifindex(ifname)
+        if self.tc_mode_in_force() == "tcx":
+            changed = self._attach(ifname, prog, ifindex, lb.BPF_TCX_INGRESS)
+            if changed:
+                self._tc_call(self.cls_bpf.detach, ifname, prog)
+            return changed
+        prog_fd = self.prog_fd(prog)
+        try:
+            changed = self._tc_call(self.cls_bpf.attach, ifname, prog, prog_fd)
+        finally:
+            os.close(prog_fd)
+        if os.path.exists(self._link_path(ifname, prog)):
+            self._detach(ifname, prog)
+            changed = True
+        return changed
+
+    def tc_attached(self, ifname: str, prog: str) -> bool:
+        """Whether `prog` runs on tc ingress of `ifname` (a live tcx link, or a cls_bpf filter in this netns)."""
+        path = self._link_path(ifname, prog)
+        if os.path.exists(path) and self._link_alive(path):
+            return True
+        return any(a.program == prog for a in self._tc_call(self.cls_bpf.attachments, ifname))
 
     def attach_pod(self, host_ifname: str) -> bool:
         return self.attach_tc(host_ifname, "tc_from_pod")
 
     def detach_device(self, ifname: str) -> list[str]:
-        return self._detach(ifname)
+        """Every Sluice attachment of `ifname` (or of the link group `cgroup`, `sockhash`): links and filters."""
+        return self._detach(ifname) + self._tc_call(self.cls_bpf.detach, ifname)
 
     def attach_nic(self, ifname: str, xdp_mode: str = "best-effort") -> dict:
         """tc ingress + XDP on the node NIC. Returns what is in force."""
@@ -365,6 +426,10 @@ class Datapath:
             else:
                 entry.update(kind="sockmap")
             out.append(entry)
+        for a in self._tc_call(self.cls_bpf.attachments):
+            out.append({"target": a.ifname, "program": a.program, "link_id": None, "prog_id": a.prog_id,
+                        "tag": a.tag, "attached": True, "kind": "cls_bpf", "ifindex": a.ifindex,
+                        "priority": tc.PRIORITY, "handle": a.handle})
         return out
 
     def map_fill(self) -> dict[str, dict]:
@@ -379,19 +444,29 @@ class Datapath:
                 fill[cls.name] = {"entries": None, "max_entries": None}
         return fill
 
+    def tc_status(self) -> dict:
+        """The tc mode set, the one in force and whether the kernel has tcx."""
+        try:
+            return {"setting": self.tc_mode, "in_force": self.tc_mode_in_force(), "tcx_available": tc.tcx_available()}
+        except (DatapathError, lb.BpfError) as e:
+            return {"setting": self.tc_mode, "in_force": None, "tcx_available": None, "error": str(e)}
+
     def status(self) -> dict:
         return {
             "root": self.root,
             "loaded": self.is_loaded(),
             "programs": self.pinned_tags(),
             "links": self.links(),
+            "tc_mode": self.tc_status(),
             "maps": self.map_fill() if self.is_loaded() else {},
         }
 
     def remove(self) -> bool:
-        """Detach and unpin everything under the root (uninstall)."""
+        """Detach and unpin everything under the root (uninstall); the root's cls_bpf filters are
+        found in the calling netns."""
+        filters = self._tc_call(self.cls_bpf.detach_all)
         if not os.path.exists(self.root):
-            return False
+            return bool(filters)
         for group in os.listdir(self.links_dir) if os.path.isdir(self.links_dir) else []:
             self._detach(group)
         shutil.rmtree(self.root)
