@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, Datapath, DatapathError
+from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, TC_MODES, Datapath, DatapathError
 from .state import DesiredState, Reconciler, StateError
 
 log = logging.getLogger("sluice.agent")
@@ -42,6 +42,7 @@ class AgentConfig:
     ipam_dir: str = "/var/lib/sluice/ipam"
     mtu: int = 1500
     xdp_mode: str = "best-effort"
+    tc_mode: str = "auto"                       # auto (tcx where the kernel has it), tcx, legacy (cls_bpf)
     cgroup: str = ""                            # empty: the cgroup2 root
     poll_interval: float = 1.0
 
@@ -54,13 +55,15 @@ class AgentConfig:
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"agent config {path}: unknown setting(s) {', '.join(sorted(unknown))}")
+        if raw.get("tc_mode", "auto") not in TC_MODES:
+            raise ValueError(f"agent config {path}: tc_mode {raw['tc_mode']!r} is not one of {', '.join(TC_MODES)}")
         return cls(**raw)
 
 
 class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
-        self.dp = Datapath(config.pin_root, config.obj_dir)
+        self.dp = Datapath(config.pin_root, config.obj_dir, tc_mode=config.tc_mode)
         self.state: DesiredState | None = None
         self.health = {"ready": False, "pid": os.getpid(), "state_file": config.state_file,
                        "last_reconcile": None, "last_error": None, "last_plan": None}
@@ -75,7 +78,8 @@ class Agent:
         if not self.dp.is_loaded():
             log.info("no datapath loaded under %s: loading %s", self.dp.root, self.dp.obj_dir)
             self.dp.load()
-        if not os.path.exists(os.path.join(self.dp.links_dir, state.nic, "tc_from_nic")):
+        self.health["tc_mode"] = self.dp.tc_mode_in_force()
+        if not self.dp.tc_attached(state.nic, "tc_from_nic"):
             self.dp.attach_nic(state.nic, self.config.xdp_mode)
         self.dp.attach_cgroup(self.config.cgroup or None)
         self.dp.attach_sockmap()

@@ -8,7 +8,7 @@ import os
 import sys
 
 from . import maps as m
-from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, Datapath, DatapathError
+from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, TC_MODES, Datapath, DatapathError
 from .state import DesiredState, Reconciler, StateError
 
 
@@ -29,14 +29,23 @@ def _table(rows: list[list], header: list[str]) -> str:
 
 
 def cmd_status(dp: Datapath, args) -> tuple[dict, str]:
+    agent = _agent_health(args.socket)
+    source = "--tc-mode" if getattr(args, "tc_mode", None) else "default"
+    if source == "default" and agent.get("tc_mode") in TC_MODES:
+        dp.tc_mode, source = agent["tc_mode"], "agent"  # the running agent's is the one in force
     status = dp.status()
-    status["agent"] = _agent_health(args.socket)
+    status["tc_mode"]["source"] = source
+    status["agent"] = agent
     nic_modes = {}
     for link in status["links"]:
         if link["kind"] == "xdp":
             nic_modes[link["target"]] = dp.xdp_mode(link["target"])
     status["xdp_modes"] = nic_modes
     out = [f"datapath root {status['root']}: {'loaded' if status['loaded'] else 'NOT loaded'}"]
+    tc_mode = status["tc_mode"]
+    out.append(f"tc mode: {tc_mode['in_force'] or 'unknown'} ({tc_mode['setting']} from {source}; "
+               + (f"kernel has tcx: {'yes' if tc_mode['tcx_available'] else 'no'})" if tc_mode["in_force"]
+                  else f"{tc_mode.get('error')})"))
     out.append(_table([[p, t] for p, t in sorted(status["programs"].items())], ["program", "tag"]))
     out.append("")
     out.append(_table([[l["target"], l["kind"], l["program"], "yes" if l["attached"] else "NO (stale)",
@@ -45,10 +54,10 @@ def cmd_status(dp: Datapath, args) -> tuple[dict, str]:
     out.append("")
     out.append(_table([[n, v["entries"], v["max_entries"]] for n, v in sorted(status["maps"].items())],
                       ["map", "entries", "max"]))
-    agent = status["agent"]
     out.append("")
     out.append(f"agent: {'ready' if agent.get('ready') else 'NOT ready'}"
                + (f" (pid {agent['pid']})" if agent.get("pid") else "")
+               + (f", tc mode {agent['tc_mode']}" if agent.get("tc_mode") else "")
                + (f": {agent.get('last_error') or agent.get('error')}" if agent.get("last_error") or agent.get("error")
                   else ""))
     return status, "\n".join(out)
@@ -105,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=os.environ.get("SLUICE_PIN_ROOT", DEFAULT_ROOT), help="bpffs pin root")
     parser.add_argument("--obj-dir", default=os.environ.get("SLUICE_OBJ_DIR", DEFAULT_OBJ_DIR))
     parser.add_argument("--socket", default=os.environ.get("SLUICE_AGENT_SOCKET", "/run/sluice/agent.sock"))
+    parser.add_argument("--tc-mode", default=os.environ.get("SLUICE_TC_MODE"), choices=TC_MODES,
+                        help="how tc programs are attached: auto (tcx where the kernel has it), tcx, legacy "
+                             "(clsact + cls_bpf); default: the running agent's, else auto")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("status", "endpoints", "routes", "services", "metrics"):
@@ -113,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     apply.add_argument("--plan", action="store_true", help="only show the plan")
     apply.add_argument("file")
     args = parser.parse_args(argv)
-    dp = Datapath(args.root, args.obj_dir)
+    dp = Datapath(args.root, args.obj_dir, tc_mode=args.tc_mode or "auto")
     try:
         data, text = COMMANDS[args.command](dp, args)
     except (DatapathError, StateError, OSError) as e:

@@ -288,7 +288,7 @@ def _check(req: Request, node: NodeContext) -> None:
     held = node.ipam.lookup(req.container_id, req.ifname)
     if str(held) != ip:
         fail(f"IPAM holds {held or 'no address'} for {container}/{req.ifname}, not {ip}")
-    if not os.path.exists(os.path.join(node.datapath.links_dir, host, POD_PROGRAM)):
+    if not node.datapath.tc_attached(host, POD_PROGRAM):
         fail(f"{POD_PROGRAM} is not attached to host interface {host}")
     with node.datapath.open_map(EndpointsMap) as endpoints:
         endpoint = endpoints.get(ip)
