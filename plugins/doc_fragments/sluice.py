@@ -21,6 +21,14 @@ options:
       - Directory holding the compiled datapath objects (C(tc_pod.o), C(tc_nic.o), C(xdp_nic.o), C(sock_lb.o), C(sockmap.o)).
     type: path
     default: /opt/sluice/bpf
+  tc_mode:
+    description:
+      - How tc programs are attached. V(tcx) uses tcx bpf_links (an upgrade swaps them atomically), V(legacy) a
+        clsact qdisc with a cls_bpf filter (replaced atomically), V(auto) tcx where the kernel has it, else legacy.
+      - Use the same mode as the agent (C(agent_tc_mode)); the roles take it from C(sluice_tc_mode).
+    type: str
+    choices: [auto, tcx, legacy]
+    default: auto
 requirements:
   - sluice (the Sluice node package, installed by the sluice.network.node role)
   - Linux with BPF, run as root

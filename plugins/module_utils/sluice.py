@@ -28,10 +28,11 @@ DEFAULT_OBJ_DIR = "/opt/sluice/bpf"
 
 
 def datapath_argument_spec():
-    """pin_root and obj_dir, shared by every module that touches the datapath."""
+    """pin_root, obj_dir and tc_mode, shared by every module that touches the datapath."""
     return dict(
         pin_root=dict(type="path", default=DEFAULT_PIN_ROOT),
         obj_dir=dict(type="path", default=DEFAULT_OBJ_DIR),
+        tc_mode=dict(type="str", default="auto", choices=["auto", "tcx", "legacy"]),
     )
 
 
@@ -43,4 +44,4 @@ def ensure_sluice(module):
 
 def datapath(module):
     """A sluice.datapath.Datapath for the module's pin_root/obj_dir."""
-    return Datapath(module.params["pin_root"], module.params["obj_dir"])
+    return Datapath(module.params["pin_root"], module.params["obj_dir"], tc_mode=module.params["tc_mode"])

@@ -59,6 +59,16 @@ def test_present_attaches_then_is_idempotent(netns, pin_root, bpf_objects, cgrou
     assert again["diff"]["before"] == again["diff"]["after"]
 
 
+def test_legacy_tc_mode_attaches_a_cls_bpf_filter(netns, pin_root, bpf_objects, cgroup):
+    a = {"pin_root": pin_root, "obj_dir": bpf_objects, "cgroup": cgroup, "nic": "sleth0", "tc_mode": "legacy"}
+    assert run_module(datapath, a)["changed"] is True
+    dp = Datapath(pin_root, bpf_objects, tc_mode="legacy")
+    nic = [lk for lk in dp.links() if lk["target"] == "sleth0"]
+    assert [(lk["kind"], lk["program"]) for lk in nic] == [("cls_bpf", "tc_from_nic")]
+    assert nic[0]["tag"] == dp.pinned_tags()["tc_from_nic"]
+    assert run_module(datapath, a)["changed"] is False
+
+
 def test_socket_lb_and_sockmap_false_detach(pin_root, bpf_objects, cgroup):
     a = {"pin_root": pin_root, "obj_dir": bpf_objects, "cgroup": cgroup}
     run_module(datapath, a)
