@@ -50,7 +50,7 @@ BRIDGE = "br0"
 # Persistent per-node directories, bind-mounted from the node's state dir so they
 # survive an sshd restart. /run (hence /run/sluice) is a per-node tmpfs instead.
 NODE_DIRS = ("/etc/sluice", "/etc/cni/net.d", "/opt/cni/bin", "/opt/sluice", "/var/lib/sluice",
-             "/etc/sysctl.d", "/etc/iproute2/rt_protos.d")
+             "/etc/sysctl.d", "/etc/iproute2/rt_protos.d", "/var/log/sluice")
 MAX_NODES = 80  # node addresses .11 .. .90 stay below the external client's .100
 SSH_OPTIONS = ("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                "-o", "LogLevel=ERROR")
