@@ -3,6 +3,8 @@
     sluice connectivity pod-add NAME --ip IP [--cnitool PATH]   a test pod through the CNI plugin
     sluice connectivity pod-del NAME [--cnitool PATH]           and gone again
     sluice connectivity probe {tcp,udp,sockmap} DST PORT [--netns PATH] [--source IP] [--count N]
+    sluice connectivity flow-server [--tcp-port P] [--udp-port P]   echo every byte and datagram back
+    sluice connectivity flow [--tcp DST:PORT]... [--udp DST:PORT]... [--duration S] [--rate N] [--netns PATH]
 
 A test pod is a network namespace /run/netns/NAME wired by a real CNI client
 (libcni's cnitool: the installed conflist, CNI_PATH, results cached by libcni),
@@ -10,6 +12,13 @@ asking for its address through the `ips` capability, with an echo server in it:
 TCP 8080 and UDP 5353 answer with the pod's name and address. A probe prints one
 JSON object: what answered, from which address, or the error. Standard library
 only: probes also run on the controller, inside the lab's external namespace.
+
+A pod made with `--server flow` runs a flow server instead (TCP 8080 and UDP 5353
+echo everything back). `flow` keeps sequence-numbered traffic going to such
+servers, directly or through a service VIP, for a bounded time (or until SIGTERM
+or SIGINT) and prints one JSON report: per flow what was sent and echoed, what
+was lost (and which sequence numbers), resets and errors, the longest stall, and
+who answered. It is what shows that restarts and upgrades lose nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -82,8 +92,8 @@ def _server_pid(name: str) -> int | None:
     return pid if _start_time(pid) == start else None
 
 
-def pod_add(name: str, ip: str, cnitool: str, network: str) -> dict:
-    """Create the pod (idempotent): namespace, CNI ADD with the requested address, echo server."""
+def pod_add(name: str, ip: str, cnitool: str, network: str, server: str = "echo") -> dict:
+    """Create the pod (idempotent): namespace, CNI ADD with the requested address, echo (or flow) server."""
     netns = _netns_path(name)
     changed = False
     if not os.path.exists(netns):
@@ -102,25 +112,28 @@ def pod_add(name: str, ip: str, cnitool: str, network: str) -> dict:
     if _server_pid(name) is None:
         os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
         with open(os.path.join(STATE_DIR, f"{name}.log"), "ab") as log:
+            command = ["serve", name, ip] if server == "echo" else ["flow-server"]
             proc = subprocess.Popen(["nsenter", f"--net={netns}", sys.executable, "-m", "sluice.connectivity",
-                                     "serve", name, ip], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                     *command], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     start_new_session=True)
         with open(os.path.join(STATE_DIR, f"{name}.pid"), "w") as f:
             f.write(f"{proc.pid} {_start_time(proc.pid)}\n")
-        _wait_listening(netns, ip)
+        _wait_listening(netns, ip, server)
         changed = True
     return {"changed": changed, "pod": name, "ip": ip, "netns": netns, "result": result}
 
 
-def _wait_listening(netns: str, ip: str) -> None:
+def _wait_listening(netns: str, ip: str, server: str = "echo") -> None:
+    check = (["probe", "tcp", ip, str(TCP_PORT)] if server == "echo"
+             else ["flow", "--tcp", f"{ip}:{TCP_PORT}", "--duration", "0.1"])
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        probe = subprocess.run(["nsenter", f"--net={netns}", sys.executable, "-m", "sluice.connectivity", "probe",
-                                "tcp", ip, str(TCP_PORT)], capture_output=True, text=True, check=False)
+        probe = subprocess.run(["nsenter", f"--net={netns}", sys.executable, "-m", "sluice.connectivity", *check],
+                               capture_output=True, text=True, check=False)
         if probe.returncode == 0 and json.loads(probe.stdout).get("ok"):
             return
         time.sleep(0.1)
-    raise ConnectivityError(f"the echo server in {netns} does not answer on {ip}:{TCP_PORT}")
+    raise ConnectivityError(f"the {server} server in {netns} does not answer on {ip}:{TCP_PORT}")
 
 
 def _cni_del_quietly(cnitool: str, network: str, netns: str) -> None:
@@ -254,6 +267,239 @@ def probe(kind: str, dst: str, port: int, source: str | None = None, count: int 
     return summary
 
 
+# ---- flows: sequence-numbered traffic that counts every loss ----------------------------------
+
+FLOW_MSG = 64                # bytes per TCP message and UDP datagram: 8-byte sequence number + padding
+FLOW_MAGIC = b"SLFLOW01"
+FLOW_DRAIN = 2.0             # seconds to wait for the last echoes after sending stops
+FLOW_CONNECT_TIMEOUT = 3.0
+
+
+def flow_server(tcp_port: int = TCP_PORT, udp_port: int = UDP_PORT) -> None:
+    """Echo every TCP byte and every UDP datagram back to its sender (runs inside a pod)."""
+    tcp = socket.socket()
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind(("0.0.0.0", tcp_port))
+    tcp.listen(128)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("0.0.0.0", udp_port))
+
+    def echo_udp():
+        while True:
+            data, peer = udp.recvfrom(2048)
+            udp.sendto(data, peer)
+
+    def echo_tcp(conn: socket.socket):
+        with conn:
+            try:
+                while chunk := conn.recv(65536):
+                    conn.sendall(chunk)
+            except OSError:
+                pass
+
+    threading.Thread(target=echo_udp, daemon=True).start()
+    while True:
+        conn, _peer = tcp.accept()
+        threading.Thread(target=echo_tcp, args=(conn,), daemon=True).start()
+
+
+def _flow_message(seq: int) -> bytes:
+    return seq.to_bytes(8, "big") + FLOW_MAGIC + bytes(FLOW_MSG - 8 - len(FLOW_MAGIC))
+
+
+def _ranges(seqs: list[int]) -> list[list[int]]:
+    """[1, 2, 3, 7] -> [[1, 3], [7, 7]]"""
+    out: list[list[int]] = []
+    for seq in sorted(seqs):
+        if out and seq == out[-1][1] + 1:
+            out[-1][1] = seq
+        else:
+            out.append([seq, seq])
+    return out
+
+
+def _wait(next_send: float, drain_until: float | None) -> float:
+    """How long a flow may wait for its socket: until the next send is due, at most 50 ms."""
+    return 0.05 if drain_until is not None else max(0.0, min(next_send - time.monotonic(), 0.05))
+
+
+class _Flow:
+    """One flow: a paced sender and a check of every echo. Subclasses speak TCP or UDP."""
+
+    kind = ""
+
+    def __init__(self, dst: str, port: int, rate: float):
+        self.dst, self.port, self.interval = dst, port, 1.0 / rate
+        self.sent = 0
+        self.echoed: set[int] = set()
+        self.resets = 0
+        self.errors: list[str] = []
+        self.peers: set[str] = set()
+        self.last_progress = time.monotonic()
+        self.max_stall = 0.0
+        self.first_echo = threading.Event()
+
+    def _error(self, what: str, err: Exception) -> None:
+        if len(self.errors) < 20:
+            self.errors.append(f"{time.strftime('%H:%M:%S')} {what}: {type(err).__name__}: {err}")
+
+    def _got(self, seq: int) -> None:
+        now = time.monotonic()
+        self.max_stall = max(self.max_stall, now - self.last_progress)
+        self.last_progress = now
+        self.echoed.add(seq)
+        self.first_echo.set()
+
+    def run(self, deadline: float, stop: threading.Event) -> None:
+        raise NotImplementedError
+
+    def report(self) -> dict:
+        missing = sorted(set(range(self.sent)) - self.echoed)
+        return {"kind": self.kind, "dst": f"{self.dst}:{self.port}", "sent": self.sent, "received": len(self.echoed),
+                "lost": len(missing), "gaps": _ranges(missing)[:50], "resets": self.resets, "errors": self.errors,
+                "max_stall_ms": round(self.max_stall * 1000, 1), "peers": sorted(self.peers)}
+
+
+class _UdpFlow(_Flow):
+    """Datagrams to DST:PORT from one unconnected socket; each echo must come back from DST:PORT
+    (through a service VIP: recvmsg4 translates the backend's address back to the VIP)."""
+
+    kind = "udp"
+
+    def run(self, deadline: float, stop: threading.Event) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            next_send = time.monotonic()
+            drain_until = None
+            while True:
+                now = time.monotonic()
+                if drain_until is None and (now >= deadline or stop.is_set()):
+                    drain_until = now + FLOW_DRAIN
+                if drain_until is not None and (len(self.echoed) >= self.sent or now > drain_until):
+                    return
+                if drain_until is None and now >= next_send:
+                    try:
+                        sock.sendto(_flow_message(self.sent), (self.dst, self.port))
+                    except OSError as e:
+                        self._error("sendto", e)
+                    self.sent += 1  # a datagram the kernel refused is lost all the same
+                    next_send += self.interval
+                self._receive(sock)
+                select.select([sock], [], [], _wait(next_send, drain_until))
+
+    def _receive(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                data, sender = sock.recvfrom(2048)
+            except BlockingIOError:
+                return
+            except OSError as e:  # e.g. ECONNREFUSED from an ICMP error
+                self._error("recvfrom", e)
+                return
+            self.peers.add("%s:%d" % sender)
+            if sender != (self.dst, self.port):
+                self._error("reply", ValueError(f"from {sender[0]}:{sender[1]}, not {self.dst}:{self.port}"))
+            elif len(data) == FLOW_MSG and data[8:8 + len(FLOW_MAGIC)] == FLOW_MAGIC:
+                self._got(int.from_bytes(data[:8], "big"))
+
+
+class _TcpFlow(_Flow):
+    """A paced stream of messages over one connection, each echoed back in order. A reset or error
+    is counted, the connection re-made, and what was in flight on the broken one is lost."""
+
+    kind = "tcp"
+
+    def run(self, deadline: float, stop: threading.Event) -> None:
+        while time.monotonic() < deadline and not stop.is_set():
+            try:
+                sock = socket.create_connection((self.dst, self.port), timeout=FLOW_CONNECT_TIMEOUT)
+            except OSError as e:
+                self._error("connect", e)
+                self.resets += 1
+                time.sleep(0.1)
+                continue
+            with sock:
+                self.peers.add("%s:%d" % sock.getpeername())
+                try:
+                    self._stream(sock, deadline, stop)
+                    return
+                except OSError as e:
+                    self._error("stream", e)
+                    self.resets += 1
+
+    def _stream(self, sock: socket.socket, deadline: float, stop: threading.Event) -> None:
+        sock.setblocking(False)
+        inbuf, outbuf = bytearray(), bytearray()
+        expect = self.sent  # echoes come back in order, starting with this connection's first message
+        next_send = time.monotonic()
+        drain_until = None
+        while True:
+            now = time.monotonic()
+            if drain_until is None and (now >= deadline or stop.is_set()):
+                drain_until = now + FLOW_DRAIN
+            if drain_until is not None and ((expect == self.sent and not outbuf) or now > drain_until):
+                return
+            if drain_until is None and now >= next_send:
+                outbuf += _flow_message(self.sent)
+                self.sent += 1
+                next_send += self.interval
+            if outbuf:
+                try:
+                    del outbuf[:sock.send(outbuf)]
+                except BlockingIOError:
+                    pass
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    raise ConnectionResetError("the server closed the connection")
+                inbuf += chunk
+            while len(inbuf) >= FLOW_MSG:
+                msg = bytes(inbuf[:FLOW_MSG])
+                del inbuf[:FLOW_MSG]
+                seq = int.from_bytes(msg[:8], "big")
+                if msg[8:8 + len(FLOW_MAGIC)] != FLOW_MAGIC or seq != expect:
+                    raise ConnectionError(f"stream corrupted: got sequence {seq}, expected {expect}")
+                self._got(seq)
+                expect += 1
+            select.select([sock], [sock] if outbuf else [], [], _wait(next_send, drain_until))
+
+
+def _endpoint(text: str) -> tuple[str, int]:
+    host, _sep, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not ADDRESS:PORT")
+    return host, int(port)
+
+
+def flow(tcp: list[tuple[str, int]], udp: list[tuple[str, int]], duration: float, rate: float,
+         stop: threading.Event | None = None) -> dict:
+    """Run every flow at once for `duration` seconds (or until `stop` is set), then report them all.
+    ok: every flow had something echoed and nothing lost, reset or refused."""
+    stop = stop or threading.Event()
+    flows: list[_Flow] = [_TcpFlow(d, p, rate) for d, p in tcp] + [_UdpFlow(d, p, rate) for d, p in udp]
+    started = time.monotonic()
+    deadline = started + duration
+    threads = [threading.Thread(target=f.run, args=(deadline, stop), daemon=True) for f in flows]
+    for t in threads:
+        t.start()
+
+    def announce():
+        if all(f.first_echo.wait(max(0.0, deadline - time.monotonic())) for f in flows):
+            print(f"flow: all {len(flows)} flows answered", file=sys.stderr, flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.2)
+    reports = [f.report() for f in flows]
+    ok = bool(reports) and all(r["received"] > 0 and r["lost"] == 0 and r["resets"] == 0 and not r["errors"]
+                               for r in reports)
+    return {"ok": ok, "seconds": round(time.monotonic() - started, 2), "rate": rate, "flows": reports}
+
+
 # ---- command line ----------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--ip", required=True, help="the address the pod asks for")
     delete = sub.add_parser("pod-del", help="delete a test pod")
     delete.add_argument("name")
+    add.add_argument("--server", choices=("echo", "flow"), default="echo",
+                     help="what the pod serves on TCP 8080 and UDP 5353: its identity, or an echo for flows")
     for p in (add, delete):
         p.add_argument("--cnitool", default=DEFAULT_CNITOOL, help="the CNI client")
         p.add_argument("--network", default="sluice", help="CNI network name")
@@ -274,6 +522,15 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--netns", help="run the probe inside this network namespace (path)")
     pr.add_argument("--source", help="source address to bind")
     pr.add_argument("--count", type=int, default=1, help="how many connections (or datagrams)")
+    fsrv = sub.add_parser("flow-server", help="echo every TCP byte and UDP datagram back (inside a pod)")
+    fsrv.add_argument("--tcp-port", type=int, default=TCP_PORT)
+    fsrv.add_argument("--udp-port", type=int, default=UDP_PORT)
+    fl = sub.add_parser("flow", help="sequence-numbered TCP and UDP flows for a bounded time; JSON report")
+    fl.add_argument("--tcp", type=_endpoint, action="append", default=[], metavar="DST:PORT", help="a TCP stream")
+    fl.add_argument("--udp", type=_endpoint, action="append", default=[], metavar="DST:PORT", help="a UDP flow")
+    fl.add_argument("--duration", type=float, default=10.0, help="seconds (SIGTERM or SIGINT stops it earlier)")
+    fl.add_argument("--rate", type=float, default=100.0, help="messages (datagrams) per second and flow")
+    fl.add_argument("--netns", help="run the flows inside this network namespace (path)")
     srv = sub.add_parser("serve")
     srv.add_argument("name")
     srv.add_argument("ip")
@@ -291,6 +548,24 @@ def main(argv: list[str] | None = None) -> int:
         result = probe(args.kind, args.dst, args.port, args.source, args.count)
         print(json.dumps(result, sort_keys=True))
         return 0
+    if args.command == "flow":
+        if args.netns:
+            os.execvp("nsenter", ["nsenter", f"--net={args.netns}", sys.executable, "-m", "sluice.connectivity",
+                                  "flow",
+                                  *[a for d, p in args.tcp for a in ("--tcp", f"{d}:{p}")],
+                                  *[a for d, p in args.udp for a in ("--udp", f"{d}:{p}")],
+                                  "--duration", str(args.duration), "--rate", str(args.rate)])
+        if not args.tcp and not args.udp:
+            parser.error("flow needs at least one --tcp or --udp")
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_args: stop.set())
+        result = flow(args.tcp, args.udp, args.duration, args.rate, stop)
+        print(json.dumps(result, sort_keys=True))
+        return 0
+    if args.command == "flow-server":
+        flow_server(args.tcp_port, args.udp_port)
+        return 0
     if args.command == "serve":
         serve(args.name, args.ip)
         return 0
@@ -299,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.command == "pod-add":
-            result = pod_add(args.name, args.ip, args.cnitool, args.network)
+            result = pod_add(args.name, args.ip, args.cnitool, args.network, args.server)
         else:
             result = pod_del(args.name, args.cnitool, args.network)
     except ConnectivityError as e:
