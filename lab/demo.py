@@ -73,7 +73,7 @@ def converge(name: str, *args: str) -> None:
 
 def verify(name: str, *args: str) -> list[dict]:
     report = os.path.join(OUT, f"{name}.json")
-    _, seconds = playbook(name, "verify.yml", "-e", f"sluice_verify_report={report}", *args)
+    _changed, seconds = playbook(name, "verify.yml", "-e", f"sluice_verify_report={report}", *args)
     with open(report) as f:
         checks = json.load(f)["checks"]
     print(f"   verify.yml: {seconds:.0f} s, {sum(c['passed'] for c in checks)}/{len(checks)} checks passed",
@@ -157,7 +157,7 @@ def main() -> int:
                 if not c["passed"]:
                     print(f"   {phase} {c['name']}: " + "; ".join(c["reasons"]))
 
-    failed = [c for _, c in results if not c["passed"]]
+    failed = [c for _phase, c in results if not c["passed"]]
     print(f"\n{len(results) - len(failed)}/{len(results)} checks passed.")
     print("Inspect a node:  .venv/bin/python lab/lab.py exec node1 -- /opt/sluice/venv/bin/sluice status")
     print("                 (also: sluice endpoints | services | routes | metrics)")

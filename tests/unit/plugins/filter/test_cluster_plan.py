@@ -16,8 +16,8 @@ def hosts(**nodes):
 def test_pod_cidrs_from_index_or_explicit_and_routes_to_every_other_node():
     hv = hosts(a={"sluice_node_index": 1}, b={"sluice_node_index": 2}, c={"sluice_pod_cidr": "10.244.200.0/24"})
     plan = cluster_plan(list(hv), hv, "10.244.0.0/16")
-    assert {n: p["pod_cidr"] for n, p in plan.items()} == {"a": "10.244.1.0/24", "b": "10.244.2.0/24",
-                                                            "c": "10.244.200.0/24"}
+    pod_cidrs = {n: p["pod_cidr"] for n, p in plan.items()}
+    assert pod_cidrs == {"a": "10.244.1.0/24", "b": "10.244.2.0/24", "c": "10.244.200.0/24"}
     assert plan["a"]["routes"] == [{"cidr": "10.244.2.0/24", "nexthop": "192.0.2.12", "node": "b"},
                                    {"cidr": "10.244.200.0/24", "nexthop": "192.0.2.13", "node": "c"}]
     assert plan["a"]["ip"] == "192.0.2.11"
