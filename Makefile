@@ -18,12 +18,15 @@ SL_DATAPATH_VERSION ?= 1
 BPF_CFLAGS := -O2 -g -target bpf -D__TARGET_ARCH_x86 -Wall -Werror -Wno-unused-function \
               -DSL_DATAPATH_VERSION=$(SL_DATAPATH_VERSION) -I$(BUILD) -Ibpf -Ibpf/lib
 SETUP_STAMP := $(VENV)/.setup-done
+# libcni's own cnitool, the CNI client the lab's test pods are made with (verify.yml ships it to nodes).
+CNITOOL   := $(BUILD)/cnitool
 
-.PHONY: help setup bpf artifacts test sanity lint molecule demo clean
+.PHONY: help setup bpf artifacts test soak sanity lint molecule demo clean
 
 help:
 	@echo "make demo    set up, bring the lab up, converge it with site.yml, run the connectivity suite"
 	@echo "make test    set up and run the whole test suite, collection checks included (what .ci/run calls)"
+	@echo "make soak    restarts and datapath upgrades under traffic, SOAK_ROUNDS times (longer than make test)"
 	@echo "make bpf     build the datapath objects under $(BPF_OUT)/"
 	@echo "make setup   install system packages and the pinned Python environment in $(VENV)"
 
@@ -67,11 +70,19 @@ $(BPF_OUT)/%.o: bpf/%.c $(BPF_HDRS) $(VMLINUX_H)
 # ansible-test units rather than running the module tests twice: ansible-test units is the one that must pass for
 # the collection (it imports the modules from the ansible_collections/sluice/network copy, as a controller does),
 # and it runs exactly the same test files. `pytest tests/unit` still works on its own while editing.
-test: setup bpf
+# The lab tests converge labs with the collection, which ships the artifacts and cnitool.
+test: setup artifacts $(CNITOOL)
 	$(VENV)/bin/pytest -p no:cacheprovider tests --ignore=tests/unit
 	$(MAKE) --no-print-directory sanity
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory molecule
+
+# Longer than `make test` allows: tests/lab/test_reliability.py with SOAK_ROUNDS rounds of agent kill -9 on every
+# node, a clean agent restart and a datapath upgrade (versions 3 and 2 in turn) under one flow that must lose
+# nothing, between the upgrade and uninstall tests (a minute or more a round on a 2-vCPU machine).
+SOAK_ROUNDS ?= 10
+soak: setup artifacts $(CNITOOL)
+	SLUICE_SOAK_ROUNDS=$(SOAK_ROUNDS) $(VENV)/bin/pytest -p no:cacheprovider -s tests/lab/test_reliability.py
 
 clean:
 	rm -rf $(BUILD)
@@ -82,8 +93,7 @@ LAB_NODES ?= 3
 lab-up: setup
 	$(PY) lab/lab.py up --nodes $(LAB_NODES)
 
-# libcni's own cnitool, the CNI client the lab's test pods are made with (verify.yml ships it to nodes).
-CNITOOL := $(BUILD)/cnitool
+# libcni's own cnitool (CNITOOL, defined at the top): the CNI client of the lab's test pods.
 $(CNITOOL): lab/build-cnitool.sh | setup
 	lab/build-cnitool.sh $(abspath $@)
 
