@@ -11,6 +11,7 @@ every lost datagram, every reset and every error fails the test. In order:
   2. a clean agent restart (what the agent role's handler does) on each node;
   3. playbooks/upgrade.yml to a set with an object the verifier rejects: node1 fails with the verifier's
      message, node2 is never touched, the running datapath (tags, links) and its files stay as they were;
+     and an upgrade after which node1 is unhealthy: the health gate stops the rollout before node2;
   4. playbooks/upgrade.yml to a new datapath version (SL_DATAPATH_VERSION=2): every program's tag and
      version change, links are swapped in place, map contents and ids stay, counters do not reset;
   5. playbooks/uninstall.yml: nothing of Sluice's is left on any node, the moved CNI config is back;
@@ -285,8 +286,17 @@ class Flows:
 
 def upgrade_play(output: str) -> str:
     """The `Upgrade Sluice nodes` play of an upgrade.yml run, without the recap."""
+    assert "PLAY [Upgrade Sluice nodes]" in output, output
     play = output.split("PLAY [Upgrade Sluice nodes]", 1)[1]
     return play.split("PLAY RECAP", 1)[0]
+
+
+def assert_failed_in(play: str, task: str, host: str) -> None:
+    """`host` failed in `task` (the first task of that name), not in another one."""
+    start = play.find(f"TASK [{task}]")
+    end = play.find("TASK [", start + 1)
+    assert start >= 0 and f"fatal: [{host}]" in play[start:end if end > 0 else None], \
+        f"{host} did not fail in {task!r}:\n{play}"
 
 
 # ---- under traffic, nothing lost -------------------------------------------------------------
@@ -338,8 +348,7 @@ def test_failed_upgrade_stops_at_the_first_node_and_changes_nothing(rlab, flow_t
     assert result.returncode != 0, out
     play = upgrade_play(out)
     # node1 fails in the verification of the new objects, with the verifier's own words
-    preflight = play.index("TASK [Load the staged objects")
-    assert play.index("fatal: [node1]", preflight) < play.index("TASK [", preflight + 1), play
+    assert_failed_in(play, "Load the staged objects into the kernel (check mode, nothing pinned or attached)", "node1")
     assert "the verifier rejected the datapath" in play and VERIFIER_SAYS in play, play
     # the rollout stops there: nothing ran on node2 (the plan play runs once, on node1)
     assert "node2" not in out, out
@@ -348,6 +357,24 @@ def test_failed_upgrade_stops_at_the_first_node_and_changes_nothing(rlab, flow_t
         for key in ("programs", "links", "maps", "objects", "agent"):
             assert after[key] == before[i][key], f"node{i}: {key} changed by a failed upgrade"
         assert not os.path.exists(rlab.host_path(i, OBJ_DIR + ".staged")), "staged objects left behind"
+
+
+def test_unhealthy_node_stops_the_rollout(rlab, flow_targets):
+    """An upgrade after which node1's agent no longer listens where the CNI plugin talks to it: the health
+    gate fails node1 and node2 is never touched. (The next upgrade puts the agent's socket back.)"""
+    before = rlab.snapshot(2)
+    with Flows(rlab, flow_targets) as flows:
+        result = rlab.playbook("upgrade.yml", "-e", "agent_socket=/run/sluice/elsewhere.sock",
+                               "-e", "sluice_upgrade_health_retries=2", expect_ok=False)
+    flows.assert_nothing_lost("upgrade stopped by the health gate")
+    out = result.stdout
+    assert result.returncode != 0, out
+    play = upgrade_play(out)
+    assert_failed_in(play, "Read the node's datapath facts", "node1")
+    assert "node2" not in out, out
+    after = rlab.snapshot(2)
+    for key in ("programs", "links", "maps", "objects", "agent"):
+        assert after[key] == before[key], f"node2: {key} changed by a rollout that stopped at node1"
 
 
 def test_upgrade_to_a_new_datapath_version_keeps_state_and_loses_nothing(rlab, flow_targets, new_version):
