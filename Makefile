@@ -141,10 +141,10 @@ lint: setup
 # ---- Benchmarks (bench/, not tests: no thresholds, not part of `make test`) --------------------
 # Writes bench/results/<date>.{json,md}, latest.md and PNG plots; bench/README.md says what each
 # section measures. BENCH_ONLY=paths,services,... selects sections, BENCH_QUICK=1 shortens runs,
-# BENCH_LAB=1 also times site.yml on the lab (which must already be up: `make lab-up`).
+# BENCH_NO_LAB=1 skips timing site.yml on a lab of its own.
 BENCH_STAMP := $(VENV)/.bench-deps-done
-bench: setup bpf $(BENCH_STAMP)
-	$(PY) -m bench $(if $(BENCH_ONLY),--only $(BENCH_ONLY)) $(if $(BENCH_QUICK),--quick) $(if $(BENCH_LAB),--lab)
+bench: setup artifacts $(CNITOOL) $(BENCH_STAMP)
+	$(PY) -m bench $(if $(BENCH_ONLY),--only $(BENCH_ONLY)) $(if $(BENCH_QUICK),--quick) $(if $(BENCH_NO_LAB),--no-lab)
 
 $(BENCH_STAMP): requirements-bench.txt $(SETUP_STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt

@@ -1,4 +1,4 @@
-"""python -m bench [--only SECTION,...] [--quick] [--lab] [--out DIR]"""
+"""python -m bench [--only SECTION,...] [--quick] [--no-lab] [--out DIR]"""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--only", default="", help=f"comma-separated sections of: {', '.join(SECTIONS)}")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and shorter runs (for development)")
-    ap.add_argument("--lab", action="store_true", help="also time site.yml on the lab (needs `make lab-up`)")
+    ap.add_argument("--no-lab", dest="lab", action="store_false",
+                    help="skip timing site.yml on a lab of the benchmark's own")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--stamp", default=datetime.date.today().isoformat(), help="result file name (default: date)")
     opts = ap.parse_args(argv)

@@ -1,9 +1,8 @@
-"""The Ansible side on the local lab (optional: `make bench BENCH_LAB=1`, or
-`python -m bench --lab`, with the lab already up through `make lab-up`; the
-benchmark never brings it up): playbooks/site.yml converging the nodes from
-scratch (after playbooks/uninstall.yml, not timed) and re-run on a converged
-cluster (no-op, changed=0 expected). Without the flag, or when
-`lab/lab.py status` does not report a healthy lab, the rows say "not measured"."""
+"""The Ansible side on a lab of the benchmark's own (lab/lab.py, name `slbench`, its own
+subnet, so a running `make lab-up` lab is left alone): playbooks/site.yml converging three
+fresh nodes from scratch, then re-run on the converged cluster (a no-op: changed=0 expected);
+further rounds start from playbooks/uninstall.yml (not timed). The lab is taken down at the
+end, also on failure. `python -m bench --no-lab` (make bench BENCH_NO_LAB=1) skips it."""
 
 from __future__ import annotations
 
@@ -18,7 +17,11 @@ from .common import fmt_ratio, fmt_spread, ratio, summary
 NAME = "lab"
 TITLE = "Lab: site.yml converge from scratch and no-op re-run"
 PLAYBOOK = os.path.join(ROOT, ".venv", "bin", "ansible-playbook")
-INVENTORY = os.path.join(ROOT, "inventory", "lab", "hosts.yml")
+PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
+LAB = "slbench"
+SUBNET = "192.168.97.0/24"
+NODES = 3
+INVENTORY = f"/var/lib/sluice-lab/{LAB}/inventory/hosts.yml"
 
 
 def _play(name: str) -> tuple[float, dict]:
@@ -33,34 +36,31 @@ def _play(name: str) -> tuple[float, dict]:
     return elapsed, recap
 
 
-def _lab_up() -> tuple[bool, str]:
-    if not os.path.exists(INVENTORY):
-        return False, "the lab is not up (no inventory/lab/hosts.yml; `make lab-up` creates it)"
-    py = os.path.join(ROOT, ".venv", "bin", "python")
-    st = subprocess.run([py, os.path.join(ROOT, "lab", "lab.py"), "status"], capture_output=True, text=True,
-                        timeout=120, check=False)
-    if st.returncode != 0:
-        return False, f"`lab/lab.py status` does not report a healthy lab: {(st.stdout + st.stderr).strip()[-300:]}"
-    return True, ""
+def _lab(*args: str) -> None:
+    out = subprocess.run([PYTHON, os.path.join(ROOT, "lab", "lab.py"), "--name", LAB, *args], capture_output=True,
+                         text=True, timeout=300, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"lab.py {' '.join(args)} failed: {(out.stdout + out.stderr).strip()[-1000:]}")
 
 
 def run(opts) -> dict:
     if not opts.lab:
-        return {"measured": False, "reason": "not requested (run `make bench BENCH_LAB=1` with the lab up)",
-                "targets": []}
-    up, why = _lab_up()
-    if not up:
-        return {"measured": False, "reason": why, "targets": []}
+        return {"measured": False, "reason": "skipped (--no-lab)", "targets": []}
     reps = 1 if opts.quick else 2
     raw = {"scratch": [], "noop": []}
     recaps = {}
-    for _rep in range(reps):
-        _play("uninstall.yml")
-        t, recaps["scratch"] = _play("site.yml")
-        raw["scratch"].append(t)
-        t, recaps["noop"] = _play("site.yml")
-        raw["noop"].append(t)
-        print(f"  site.yml from scratch {raw['scratch'][-1]:.1f} s, no-op {raw['noop'][-1]:.1f} s", flush=True)
+    try:
+        _lab("up", "--nodes", str(NODES), "--subnet", SUBNET)
+        for rep in range(reps):
+            if rep:
+                _play("uninstall.yml")
+            t, recaps["scratch"] = _play("site.yml")
+            raw["scratch"].append(t)
+            t, recaps["noop"] = _play("site.yml")
+            raw["noop"].append(t)
+            print(f"  site.yml from scratch {raw['scratch'][-1]:.1f} s, no-op {raw['noop'][-1]:.1f} s", flush=True)
+    finally:
+        _lab("down")
     s = {k: summary(v) for k, v in raw.items()}
     return {"measured": True, "raw": raw, "summary": s, "recaps": recaps, "nodes": len(recaps["noop"]),
             "noop_changed": sum(h.get("changed", 0) for h in recaps["noop"].values()),
