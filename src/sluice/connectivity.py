@@ -164,14 +164,20 @@ def pod_del(name: str, cnitool: str, network: str) -> dict:
 
 # ---- echo server (runs inside the pod) -------------------------------------------------------
 
-def serve(name: str, ip: str) -> None:
-    identity = json.dumps({"pod": name, "ip": ip}).encode()
+def _listeners(tcp_port: int, udp_port: int) -> tuple[socket.socket, socket.socket]:
+    """A listening TCP socket and a bound UDP socket on every address of the pod."""
     tcp = socket.socket()
     tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    tcp.bind(("0.0.0.0", TCP_PORT))
+    tcp.bind(("0.0.0.0", tcp_port))
     tcp.listen(128)
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("0.0.0.0", UDP_PORT))
+    udp.bind(("0.0.0.0", udp_port))
+    return tcp, udp
+
+
+def serve(name: str, ip: str) -> None:
+    identity = json.dumps({"pod": name, "ip": ip}).encode()
+    tcp, udp = _listeners(TCP_PORT, UDP_PORT)
 
     def answer_udp():
         while True:
@@ -277,12 +283,7 @@ FLOW_CONNECT_TIMEOUT = 3.0
 
 def flow_server(tcp_port: int = TCP_PORT, udp_port: int = UDP_PORT) -> None:
     """Echo every TCP byte and every UDP datagram back to its sender (runs inside a pod)."""
-    tcp = socket.socket()
-    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    tcp.bind(("0.0.0.0", tcp_port))
-    tcp.listen(128)
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("0.0.0.0", udp_port))
+    tcp, udp = _listeners(tcp_port, udp_port)
 
     def echo_udp():
         while True:
