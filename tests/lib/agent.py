@@ -23,10 +23,13 @@ class AgentProcess:
             json.dump(config, f)
         self.proc = None
 
+    def argv(self) -> list[str]:
+        """The agent's command line."""
+        return [os.path.join(VENV_BIN, "sluice-agent"), "--config", self.config_path]
+
     def start(self, timeout: float = 15.0) -> None:
-        self.log = open(self.log_path, "a")
-        self.proc = ns_popen(self.ns, os.path.join(VENV_BIN, "sluice-agent"), "--config", self.config_path,
-                             stdout=self.log, stderr=subprocess.STDOUT)
+        self.log = open(self.log_path, "a")  # pylint: disable=consider-using-with
+        self.proc = ns_popen(self.ns, *self.argv(), stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -85,24 +85,11 @@ class Agent(AgentProcess):
 
     def argv(self) -> list[str]:
         if not self.failpoint:
-            return [os.path.join(VENV_BIN, "sluice-agent"), "--config", self.config_path]
+            return super().argv()
         shutil.rmtree(self.pause_dir, ignore_errors=True)
         os.makedirs(self.pause_dir)
         module_name, attr = FAILPOINTS[self.failpoint]
         return [PYTHON, "-c", AGENT_WITH_FAILPOINT, self.pause_dir, module_name, attr, "--config", self.config_path]
-
-    def start(self, timeout: float = 15.0) -> None:
-        self.log = open(self.log_path, "a")  # pylint: disable=consider-using-with
-        self.proc = netns.ns_popen(self.ns, *self.argv(), stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sluice-agent exited {self.proc.returncode}: {self.logs()}")
-            with contextlib.suppress(OSError, ValueError):
-                if self.request({"op": "health"})["ok"]:
-                    return
-            time.sleep(0.05)
-        raise TimeoutError(f"sluice-agent not answering on {self.config['socket']}: {self.logs()}")
 
     def wait_paused(self, timeout: float = 60.0) -> None:
         """Until the agent stands at its failpoint (fails if it exits or never gets there)."""
