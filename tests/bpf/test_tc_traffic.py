@@ -130,29 +130,6 @@ def add_pod(node: str, pod: str, host_dev: str, ip: str, mtu: int = 1500) -> End
     return Endpoint(netns.ifindex(node, host_dev), netns.mac(pod, "eth0"), host_mac)
 
 
-def ping(ns: str, dst: str, count: int = ECHOES, timeout: float = 2.0) -> list[int]:
-    """ICMP echoes from `ns` (no ping binary here: a raw socket); the TTL of
-    each reply that came back."""
-    with netns.entered(ns):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-    ident, ttls = os.getpid() & 0xFFFF, []
-    with sock:
-        for seq in range(count):
-            sock.sendto(bytes(ICMP(type=8, id=ident, seq=seq) / b"sluice"), (dst, 0))
-            deadline = time.monotonic() + timeout
-            while (left := deadline - time.monotonic()) > 0:
-                sock.settimeout(left)
-                try:
-                    reply = IP(sock.recv(2048))
-                except socket.timeout:
-                    break
-                if (reply.src == dst and ICMP in reply and reply[ICMP].type == 0
-                        and reply[ICMP].id == ident and reply[ICMP].seq == seq):
-                    ttls.append(reply.ttl)
-                    break
-    return ttls
-
-
 def tcp_transfer(server_ns: str, server_ip: str, client_ns: str, size: int = TCP_BYTES) -> None:
     """Send `size` random bytes over TCP from client_ns to server_ip and check
     they arrive intact."""
@@ -246,7 +223,7 @@ def one_node(pin_root):
 def test_same_node_pods_talk_through_redirect_peer(one_node):
     n = one_node
     with capture(n.pod2, "eth0") as frames:
-        assert ping(n.pod1, POD2) == [63] * ECHOES  # one hop: each direction decremented once
+        assert packets.echo(n.pod1, POD2, ECHOES) == [63] * ECHOES  # one hop: each direction decremented once
     # Delivered as if routed by the gateway: from the host veth's MAC to the pod's.
     requests = [f for f in frames if ICMP in f and f[ICMP].type == 8]
     assert [(f.src, f.dst) for f in requests] == [(netns.mac(n.node, "h2"), netns.mac(n.pod2, "eth0"))] * ECHOES
@@ -316,7 +293,7 @@ def two_nodes(pin_root: str, tunnel: bool):
 def test_pods_on_two_nodes(pin_root, tunnel, outcome):
     with two_nodes(pin_root, tunnel) as c:
         with capture(c.node2, "nic0") as frames:
-            assert ping(c.pod1, POD2) == [62] * ECHOES  # decremented on each node
+            assert packets.echo(c.pod1, POD2, ECHOES) == [62] * ECHOES  # decremented on each node
         # What node1 sent to node2: addressed by MAC on the underlay (redirect_neigh
         # resolved the next hop, or the VXLAN device routed the outer packet).
         macs = (netns.mac(c.node1, "nic0"), netns.mac(c.node2, "nic0"))

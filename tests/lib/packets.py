@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
+import socket
+import time
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 
 from sluice.bpf.btf import Btf
+from sluice.netlink import in_netns
 
 MAC_A = "02:00:00:00:0a:01"
 MAC_B = "02:00:00:00:0b:01"
@@ -93,3 +97,26 @@ def xdp_ctx_for(frame: bytes, ingress_ifindex: int) -> bytes:
     off, width = members["data_end"]
     buf[off:off + width] = len(frame).to_bytes(width, "little")
     return bytes(buf)
+
+
+def echo(ns: str, dst: str, count: int = 3, timeout: float = 2.0) -> list[int]:
+    """ICMP echoes from network namespace `ns` (a name under /run/netns or a path) through a raw
+    socket (there is no ping binary here); the TTL of each reply that came back."""
+    with in_netns(ns if ns.startswith("/") else f"/run/netns/{ns}"):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    ident, ttls = os.getpid() & 0xFFFF, []
+    with sock:
+        for seq in range(count):
+            sock.sendto(bytes(ICMP(type=8, id=ident, seq=seq) / b"sluice"), (dst, 0))
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                try:
+                    reply = IP(sock.recv(2048))
+                except socket.timeout:
+                    break
+                if (reply.src == dst and ICMP in reply and reply[ICMP].type == 0
+                        and reply[ICMP].id == ident and reply[ICMP].seq == seq):
+                    ttls.append(reply.ttl)
+                    break
+    return ttls

@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import uuid
 import pytest
 
 from conftest import BPF_BUILD, ROOT
-from lib import cni_agent
+from lib import cni_agent, packets
 from lib.cni_exec import REFERENCE_PLUGINS, exec_plugin
 from lib.netns import PREFIX, run, unique
 from sluice import netlink
@@ -149,35 +148,6 @@ def ns_run(netns: str, *argv: str, **kw) -> subprocess.CompletedProcess:
     return run("nsenter", f"--net={netns}", *argv, **kw)
 
 
-def _checksum(data: bytes) -> int:
-    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
-    total = (total >> 16) + (total & 0xFFFF)
-    return ~(total + (total >> 16)) & 0xFFFF
-
-
-def ping(netns: str, dst: str, count: int = 3, timeout: float = 2.0) -> int:
-    """ICMP echoes from `netns` over a raw socket (there is no ping binary here); replies received."""
-    with netlink.in_netns(netns):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-    ident, replies = os.getpid() & 0xFFFF, 0
-    with sock:
-        for seq in range(count):
-            header = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"sluice"
-            sock.sendto(header[:2] + struct.pack("!H", _checksum(header)) + header[4:], (dst, 0))
-            deadline = time.monotonic() + timeout
-            while (left := deadline - time.monotonic()) > 0:
-                sock.settimeout(left)
-                try:
-                    packet, (src, _port) = sock.recvfrom(2048)
-                except TimeoutError:
-                    break
-                icmp = packet[(packet[0] & 0xF) * 4:]
-                if src == dst and icmp[0] == 0 and struct.unpack("!HH", icmp[4:8]) == (ident, seq):
-                    replies += 1
-                    break
-    return replies
-
-
 def pod_address(result: dict) -> str:
     return result["ips"][0]["address"].split("/")[0]
 
@@ -222,6 +192,56 @@ def test_version_is_answered_without_agent_or_pyroute2(cni_bin):
         "sluice", "sluice.cni", "sluice.cni.plugin", "sluice.cni.errors", "sluice.cni.spec"}
 
 
+def test_an_add_through_the_plugin_imports_neither_json_nor_socket(node, agent, pods, cni_bin):
+    """json (with re and enum) and socket.py (selectors, enum) cost a `python -IS` process about as much
+    as starting the interpreter: the plugin does without them unless something goes wrong."""
+    probe = ("import io, os, sys; sys.path.insert(0, sys.argv[1]); from sluice.cni import plugin; "
+             "sys.stdin = io.TextIOWrapper(io.BytesIO(sys.argv[2].encode())); "
+             "status, out = plugin.run(dict(os.environ), sys.stdin.buffer); "
+             "imported = sorted(set(sys.modules) & {'json', 're', 'enum', 'socket', 'selectors'}); "
+             "import json; print(json.dumps([status, out, imported]))")
+    cid, netns_path = pods.pod("imp")
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": cid, "CNI_NETNS": netns_path, "CNI_IFNAME": "eth0", "CNI_PATH": cni_bin}
+    for command in ("VERSION", "ADD"):
+        proc = subprocess.run([os.path.join(VENV_BIN, "python"), "-I", "-S", "-c", probe, os.path.join(ROOT, "src"),
+                               json.dumps(config(agent))], capture_output=True, text=True, check=True,
+                              env=dict(env, CNI_COMMAND=command))
+        status, out, imported = json.loads(proc.stdout)
+        assert status == 0 and imported == [], (command, out, imported)
+        assert json.loads(out)["cniVersion"] == ("1.1.0" if command == "VERSION" else config(agent)["cniVersion"])
+
+
+JSON_TEXTS = ['{"cniVersion": "1.0.0", "name": "n", "type": "sluice"}', ' \n{"a": [1, 2.5, -3e2, true, false, null]}\t',
+              '"\\u00e9t\\u00e9 \\ud83d\\ude00"', '[]', '{}', '{"a": NaN, "b": Infinity, "c": -Infinity}',
+              '{"a": 1} x', '{not json', '', '   ', '{"a": "\x01"}', '\ufeff{}', '{"a": 1,}', '[1, 2', '"abc', '01',
+              '{"a": {"b": {"c": [[[]]]}}}', '{"dup": 1, "dup": 2}', '1' * 5000]
+
+
+@pytest.mark.parametrize("text", JSON_TEXTS)
+def test_the_plugins_json_reads_exactly_as_json_loads(text):
+    from sluice.cni import spec
+
+    try:
+        want = ("ok", json.loads(text))
+    except (ValueError, RecursionError) as e:
+        want = ("error", type(e), str(e))
+    try:
+        got = ("ok", spec.loads(text))
+    except (ValueError, RecursionError) as e:
+        got = ("error", type(e), str(e))
+    assert repr(got) == repr(want)
+
+
+@pytest.mark.parametrize("value", [{"cniVersion": "1.1.0", "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]},
+                                   {"op": "cni", "env": {"CNI_ARGS": "K=v;é=\u2603", "CNI_X": ""}, "stdin": '{"a": "\n"}'},
+                                   [1, -2, True, False, None, "x\u0000y", [], {}], {"code": 7, "msg": "m", "details": ""},
+                                   {"f": 1.5, "n": float("nan")}, {1: "int key"}, ("t", 1)])
+def test_the_plugins_json_writes_exactly_as_json_dumps(value):
+    from sluice.cni import spec
+
+    assert spec.dumps(value) == json.dumps(value)
+
+
 # ---- ADD, traffic, CHECK, DEL ------------------------------------------------------------------
 
 def test_two_pods_get_addresses_and_talk_through_redirect_peer(node, agent, pods, cni_bin, tmp_path):
@@ -249,8 +269,8 @@ def test_two_pods_get_addresses_and_talk_through_redirect_peer(node, agent, pods
     assert ip_a != ip_b
     before = node.datapath.metrics().get(REDIRECT_PEER, (0, 0))[0]
 
-    assert ping(ns_a, ip_b) == 3
-    assert ping(ns_b, ip_a) == 3
+    assert len(packets.echo(ns_a, ip_b)) == 3
+    assert len(packets.echo(ns_b, ip_a)) == 3
 
     payload, received = os.urandom(1 << 20), tmp_path / "received"
     server = subprocess.Popen(["nsenter", f"--net={ns_b}", "socat", "-u", f"TCP-LISTEN:5001,bind={ip_b}",
@@ -266,6 +286,38 @@ def test_two_pods_get_addresses_and_talk_through_redirect_peer(node, agent, pods
 
     redirected = node.datapath.metrics().get(REDIRECT_PEER, (0, 0))[0] - before
     assert redirected >= 12 + 20, f"only {redirected} packets went through bpf_redirect_peer"
+
+
+def test_netlink_reads_links_addresses_and_routes_as_iproute2_shows_them(node, pods):
+    """sluice.netlink.Rtnl, which the CNI commands use, against `ip -j` on the node and in a pod after an ADD."""
+    cid, netns = pods.pod("rtnl")
+    handle(node, "ADD", cid, netns)
+    host = podnet.host_ifname(cid, "eth0")
+    with podnet.Sockets(netns) as nl:
+        for where, sock, name in (("node", nl.host, host), ("pod", nl.pod, "eth0"), ("pod", nl.pod, "lo")):
+            shown = json.loads((ns_run(netns, "ip", "-d", "-j", "link", "show", name) if where == "pod"
+                                else run("ip", "-d", "-j", "link", "show", name)).stdout)[0]
+            link = sock.link(name)
+            assert (link.name, link.index, link.mac, link.mtu, bool(link.flags & 1)) == \
+                (shown["ifname"], shown["ifindex"], shown["address"], shown["mtu"], "UP" in shown["flags"]), name
+            assert link.kind == shown.get("linkinfo", {}).get("info_kind"), name
+            if link.kind == "veth":
+                assert link.peer_index == shown["link_index"]
+        assert {link.name for link in nl.pod.links()} == {"lo", "eth0"}
+        assert nl.host.link("sl-no-such-link") is None and nl.pod.delete_link("sl-no-such-link") is False
+        eth0 = nl.pod.link("eth0")
+        shown = json.loads(ns_run(netns, "ip", "-j", "-4", "addr", "show", "eth0").stdout)[0]["addr_info"]
+        assert nl.pod.addrs(eth0.index) == [f"{a['local']}/{a['prefixlen']}" for a in shown]
+        # (on the node, only the routes through this pod's veth: other tests may change the others meanwhile)
+        for sock, argv, dev in ((nl.pod, ("nsenter", f"--net={netns}"), None), (nl.host, (), host)):
+            shown = json.loads(run(*argv, "ip", "-j", "-4", "route", "show", "table", "all").stdout)
+            mine = {(f"{r.dst}/{r.dst_len}", r.gateway, r.table) for r in sock.routes()}
+            assert dev is None or any(route.get("dev") == dev for route in shown)
+            for route in (r for r in shown if dev is None or r.get("dev") == dev):
+                dst = route["dst"] if "/" in route["dst"] else f"{route['dst']}/32"
+                dst = "0.0.0.0/0" if route["dst"] == "default" else dst
+                table = {"main": 254, "local": 255}.get(route.get("table", "main"), route.get("table"))
+                assert (dst, route.get("gateway"), table) in mine, route
 
 
 def test_repeated_add_returns_the_same_attachment(node, pods):

@@ -22,10 +22,9 @@ import uuid
 from types import SimpleNamespace
 
 import pytest
-from scapy.layers.inet import ICMP, IP
 
 from conftest import BPF_BUILD, ROOT
-from lib import netns
+from lib import netns, packets
 from lib.agent import VENV_BIN, AgentProcess
 from lib.cgroup import cgroup
 from sluice import cli, tc
@@ -95,27 +94,6 @@ def two_pods(dp: Datapath):
             with dp.open_map(EndpointsMap) as endpoints:
                 for ip in (POD1, POD2):
                     endpoints.delete(ip)
-
-
-def ping(ns: str, dst: str, count: int = ECHOES, timeout: float = 2.0) -> int:
-    """ICMP echoes from `ns` through a raw socket; how many were answered."""
-    with netns.entered(ns):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-    ident, answered = os.getpid() & 0xFFFF, 0
-    with sock:
-        for seq in range(count):
-            sock.sendto(bytes(ICMP(type=8, id=ident, seq=seq) / b"sluice"), (dst, 0))
-            deadline = time.monotonic() + timeout
-            while (left := deadline - time.monotonic()) > 0:
-                sock.settimeout(left)
-                try:
-                    reply = IP(sock.recv(2048))
-                except socket.timeout:
-                    break
-                if reply.src == dst and ICMP in reply and reply[ICMP].type == 0 and reply[ICMP].id == ident:
-                    answered += 1
-                    break
-    return answered
 
 
 def redirected(dp: Datapath) -> int:
@@ -255,7 +233,7 @@ def test_bad_tc_mode_is_refused(tmp_path):
 def test_legacy_pods_talk_through_cls_bpf(pin_root, capsys):
     with legacy_datapath(pin_root) as dp, two_pods(dp) as n:
         before = redirected(dp)
-        assert ping(n.pod1, POD2) == ECHOES
+        assert len(packets.echo(n.pod1, POD2, ECHOES)) == ECHOES
         assert redirected(dp) - before == 2 * ECHOES           # each echo and each reply, on h1 and h2
 
         filters = sluice_filters(dp, n.node)
@@ -290,7 +268,7 @@ def test_legacy_upgrade_replaces_filters_atomically_under_traffic(pin_root, obj_
         for name in ("tc_pod", "tc_nic"):  # the same sources at -O1: new tags, same names and maps
             subprocess.run([*CLANG, "-c", os.path.join(ROOT, "bpf", f"{name}.c"), "-o", os.path.join(obj_copy, f"{name}.o")],
                            check=True, capture_output=True)
-        assert ping(n.pod1, POD2, count=1) == 1
+        assert len(packets.echo(n.pod1, POD2, 1)) == 1
         counted = redirected(dp)
 
         with UdpFlow(n.pod1, n.pod2) as flow:
@@ -314,7 +292,7 @@ def test_legacy_upgrade_replaces_filters_atomically_under_traffic(pin_root, obj_
         assert flow.sent > 1000
         assert len(flow.received) == flow.sent, f"{flow.sent - len(flow.received)} of {flow.sent} datagrams lost"
         assert redirected(dp) - counted >= flow.sent           # the counters survived and kept counting
-        assert ping(n.pod1, POD2) == ECHOES
+        assert len(packets.echo(n.pod1, POD2, ECHOES)) == ECHOES
 
 
 # ---- legacy: exactly its own ----------------------------------------------------------------------------
