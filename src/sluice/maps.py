@@ -14,8 +14,10 @@ import errno
 import hashlib
 import ipaddress
 import os
+import socket
+import struct
 import sys
-from ctypes import Structure, byref, c_uint8, c_uint16, c_uint32, c_uint64, sizeof
+from ctypes import Structure, _SimpleCData, byref, c_uint8, c_uint16, c_uint32, c_uint64, sizeof
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -27,12 +29,18 @@ PROTO_NAME = {v: k for k, v in IPPROTO.items()}
 
 
 def be32(ip: str) -> int:
-    """An IPv4 address as the integer a __be32 field holds on this host."""
-    return int.from_bytes(ipaddress.IPv4Address(ip).packed, sys.byteorder)
+    """An IPv4 address as the integer a __be32 field holds on this host (inet_pton for the dotted quads
+    it takes, ipaddress for anything else, and for its error)."""
+    try:
+        packed = socket.inet_pton(socket.AF_INET, ip)
+    except (OSError, TypeError, ValueError):
+        packed = ipaddress.IPv4Address(ip).packed
+    return int.from_bytes(packed, sys.byteorder)
 
 
 def ip_str(value: int) -> str:
-    return str(ipaddress.IPv4Address(value.to_bytes(4, sys.byteorder)))
+    """The text of a __be32 address field (inet_ntoa: a map dump decodes tens of thousands)."""
+    return socket.inet_ntoa(value.to_bytes(4, sys.byteorder))
 
 
 def be16(port: int) -> int:
@@ -131,6 +139,16 @@ class bpf_cpumap_val(Structure):
     _fields_ = [("qsize", c_uint32), ("bpf_prog_fd", c_uint32)]
 
 
+# struct formats of the structures the Reconciler reads in bulk (a dump of 10,000 services is decoded
+# with struct.iter_unpack, not element by element through ctypes); tests compare them with the ctypes
+# mirrors, which the BTF layout test compares with the object.
+PACKED = {
+    sl_service_key: struct.Struct("=IHBBHH"),   # vip, port, proto, pad, slot, pad2
+    sl_service: struct.Struct("=IIHH"),         # backend_id, svc_id, count, flags
+    sl_backend: struct.Struct("!4sHBB"),        # ip, port (network order: address bytes, port number), proto, flags
+    c_uint32: struct.Struct("=I"),
+}
+
 # Every struct that maps.h defines, for the layout test.
 LAYOUTS = [sl_config, sl_endpoint_key, sl_endpoint, sl_route_key, sl_route, sl_service_key, sl_service,
            sl_backend, sl_sock_revnat_key, sl_sock_revnat, sl_prefilter_key, sl_lb_vip_key, sl_lb_vip,
@@ -150,6 +168,18 @@ def possible_cpus() -> int:
 
 # ---- generic map -----------------------------------------------------------------
 
+# What BPF_MAP_LOOKUP_BATCH answers for a map type without batch operations (cpumap, sockhash; LPM
+# tries on older kernels; every map before 5.6): 524 is the kernel's ENOTSUPP.
+BATCH_UNSUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, 524)
+
+
+def _elements(ctype, data: bytes, count: int) -> list:
+    """`count` packed `ctype`s as ctypes objects, as key_type()/value_type() instances read one by one are
+    (indexing an array of c_uint32 would give ints)."""
+    arr = (ctype * count).from_buffer_copy(data)
+    return [ctype(v) for v in arr] if issubclass(ctype, _SimpleCData) else list(arr)
+
+
 class Map:
     """A BPF map with fixed ctypes key and value types."""
 
@@ -168,6 +198,7 @@ class Map:
             raise lb.BpfError(errno.EINVAL, f"map {info.name.decode()} has key/value size {info.key_size}/"
                               f"{info.value_size}, {type(self).__name__} expects {sizeof(self.key_type)}/{value_size}")
         self._ncpu = possible_cpus() if self.percpu else 1
+        self.map_type = info.type
 
     @classmethod
     def open(cls, pin_dir: str):
@@ -210,11 +241,35 @@ class Map:
             yield key
             prev, key = key, self.key_type()
 
-    def raw_items(self) -> Iterator:
+    def _iter_items(self) -> Iterator:
         for key in list(self.raw_keys()):
             value = self.lookup(key)
             if value is not None:
                 yield key, value
+
+    def dump(self) -> tuple[bytes, bytes, int]:
+        """Every entry as (keys, values, count), packed back to back as the kernel lays them out: with
+        BPF_MAP_LOOKUP_BATCH (a few calls for the whole map) where the kernel has it for the map type,
+        else key by key (BPF_MAP_GET_NEXT_KEY and a lookup each), which gives the same entries."""
+        if not self.percpu:
+            entry = sizeof(self.key_type) + sizeof(self.value_type)
+            chunk = max(16, min(self.max_entries, (1 << 20) // entry))
+            try:
+                return lb.map_lookup_batch(self.fd, sizeof(self.key_type), sizeof(self.value_type), chunk)
+            except lb.BpfError as e:
+                if e.errno not in BATCH_UNSUPPORTED:
+                    raise
+        pairs = list(self._iter_items())
+        return b"".join(bytes(k) for k, _v in pairs), b"".join(bytes(v) for _k, v in pairs), len(pairs)
+
+    def raw_items(self) -> list:
+        """Every (key, value) as ctypes structures (read with dump())."""
+        if self.percpu:
+            return list(self._iter_items())
+        keys, values, count = self.dump()
+        if not count:
+            return []
+        return list(zip(_elements(self.key_type, keys, count), _elements(self.value_type, values, count)))
 
     def update_batch(self, pairs: list, flags: int = lb.BPF_ANY) -> None:
         """Write many entries in one BPF_MAP_UPDATE_BATCH call."""
@@ -331,18 +386,30 @@ class BackendsMap(Map):
     def _value(b: Backend):
         return sl_backend(be32(b.ip), be16(b.port), IPPROTO[b.proto], 0)
 
-    def put(self, backend_id: int, b: Backend) -> None:
-        self.update(c_uint32(backend_id), self._value(b))
+    def put(self, backend_id: int, b: Backend, flags: int = lb.BPF_ANY) -> None:
+        self.update(c_uint32(backend_id), self._value(b), flags)
 
     def put_many(self, backends: dict[int, Backend]) -> None:
         self.update_batch([(c_uint32(i), self._value(b)) for i, b in backends.items()])
+
+    def get(self, backend_id: int) -> Backend | None:
+        v = self.lookup(c_uint32(backend_id))
+        return Backend(ip_str(v.ip), port_int(v.port), PROTO_NAME.get(v.proto, str(v.proto))) if v is not None else None
 
     def delete(self, backend_id: int) -> bool:
         return self.remove(c_uint32(backend_id))
 
     def items(self) -> dict[int, Backend]:
-        return {k.value: Backend(ip_str(v.ip), port_int(v.port), PROTO_NAME.get(v.proto, str(v.proto)))
-                for k, v in self.raw_items()}
+        return {i: Backend(*b) for i, b in self.tuples().items()}
+
+    def tuples(self) -> dict[int, tuple[str, int, str]]:
+        """{backend id: (ip, port, protocol)}, the whole map in one batch read."""
+        keys, values, count = self.dump()
+        if not count:
+            return {}
+        ntoa, names = socket.inet_ntoa, PROTO_NAME
+        pairs = zip(PACKED[c_uint32].iter_unpack(keys), PACKED[sl_backend].iter_unpack(values))
+        return {i: (ntoa(ip), port, names.get(proto) or str(proto)) for (i,), (ip, port, proto, _flags) in pairs}
 
 
 @dataclass(frozen=True)
@@ -368,10 +435,12 @@ class ServicesMap(Map):
                   for slot, bid in enumerate(svc.backend_ids, start=1)]
         return pairs
 
-    def put(self, vip: str, port: int, proto: str, svc: Service) -> None:
+    def put(self, vip: str, port: int, proto: str, svc: Service, old: Service | None | bool = True) -> None:
         """Write backend slots first and the master last, so a reader never
-        sees a count larger than the slots present; then drop extra slots."""
-        old = self.get(vip, port, proto)
+        sees a count larger than the slots present; then drop extra slots.
+        `old`: what the caller just read with get() (True: read it here)."""
+        if old is True:
+            old = self.get(vip, port, proto)
         pairs = self.entries(vip, port, proto, svc)
         self.update_batch(pairs[1:])
         self.update(*pairs[0])
@@ -398,20 +467,28 @@ class ServicesMap(Map):
         return True
 
     def items(self) -> dict[tuple[str, int, str], Service]:
-        out = {}
-        for k, v in self.raw_items():
-            if k.slot == 0:
-                svc = (ip_str(k.vip), port_int(k.port), PROTO_NAME.get(k.proto, str(k.proto)))
-                out[svc] = self.get(*svc)
-        return out
+        """Every service, what get() returns for each, from one batch read of the map."""
+        keys, values, count = self.dump()
+        if not count:
+            return {}
+        masters, slots = {}, {}
+        for (vip, port, proto, _pad, slot, _pad2), (backend_id, svc_id, n, _flags) in zip(
+                PACKED[sl_service_key].iter_unpack(keys), PACKED[sl_service].iter_unpack(values)):
+            if slot == 0:
+                masters[(vip, port, proto)] = (svc_id, n)
+            else:
+                slots[(vip, port, proto, slot)] = backend_id
+        return {(ip_str(vip), port_int(port), PROTO_NAME.get(proto, str(proto))):
+                Service(svc_id, tuple(slots.get((vip, port, proto, s), 0) for s in range(1, n + 1)))
+                for (vip, port, proto), (svc_id, n) in masters.items()}
 
 
 class PrefilterMap(Map):
     name = "sl_prefilter"
     key_type, value_type = sl_prefilter_key, c_uint32
 
-    def put(self, cidr: str, rule_id: int = 1) -> None:
-        self.update(_lpm_key(sl_prefilter_key, cidr), c_uint32(rule_id))
+    def put(self, cidr: str, rule_id: int = 1, flags: int = lb.BPF_ANY) -> None:
+        self.update(_lpm_key(sl_prefilter_key, cidr), c_uint32(rule_id), flags)
 
     def put_many(self, cidrs: dict[str, int]) -> None:
         self.update_batch([(_lpm_key(sl_prefilter_key, c), c_uint32(r)) for c, r in cidrs.items()])
@@ -421,6 +498,9 @@ class PrefilterMap(Map):
 
     def items(self) -> dict[str, int]:
         return {f"{ip_str(k.ip)}/{k.prefixlen}": v.value for k, v in self.raw_items()}
+
+    def cidrs(self) -> set[str]:
+        return {f"{ip_str(k.ip)}/{k.prefixlen}" for k, _rule in self.raw_items()}
 
 
 def maglev_table(backends: dict[int, Backend], size: int = MAGLEV_SIZE) -> list[int]:
@@ -472,12 +552,22 @@ class LbVipsMap(Map):
         v = self.lookup(self._key(vip, port, proto))
         return list(v.table) if v is not None else None
 
+    def entry(self, vip: str, port: int, proto: str) -> tuple[int, list[int]] | None:
+        """(backend count, Maglev table) of one VIP, or None."""
+        v = self.lookup(self._key(vip, port, proto))
+        return (v.backend_count, list(v.table)) if v is not None else None
+
     def delete(self, vip: str, port: int, proto: str) -> bool:
         return self.remove(self._key(vip, port, proto))
 
     def items(self) -> dict[tuple[str, int, str], int]:
         return {(ip_str(k.vip), port_int(k.port), PROTO_NAME.get(k.proto, str(k.proto))): v.backend_count
                 for k, v in self.raw_items()}
+
+    def tables(self) -> dict[tuple[str, int, str], tuple[int, list[int]]]:
+        """{frontend: (backend count, Maglev table)} from one batch read."""
+        return {(ip_str(k.vip), port_int(k.port), PROTO_NAME.get(k.proto, str(k.proto))):
+                (v.backend_count, list(v.table)) for k, v in self.raw_items()}
 
 
 class ConfigMap(Map):

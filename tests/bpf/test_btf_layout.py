@@ -54,3 +54,24 @@ def test_maglev_size_matches_c():
     with Btf(bpf_object_path("xdp_nic")) as btf:
         size, members = btf.struct_layout("sl_lb_vip")
     assert members["table"][1] == 4 * maps.MAGLEV_SIZE
+
+
+@pytest.mark.parametrize("struct", sorted(maps.PACKED, key=lambda s: s.__name__), ids=lambda s: s.__name__)
+def test_packed_formats_decode_as_the_ctypes_mirrors(struct):
+    """The struct formats bulk reads decode with (maps.PACKED) cover the ctypes mirror byte for byte and
+    give its fields; the backend format reads address and port in network order, as be32/be16 write them."""
+    fmt = maps.PACKED[struct]
+    assert fmt.size == ctypes.sizeof(struct)
+    raw = bytes(range(17, 17 + fmt.size))
+    value = struct.from_buffer_copy(raw)
+    fields = fmt.unpack(raw)
+    if struct is maps.sl_backend:
+        ip, port, proto, flags = fields
+        assert (maps.ip_str(value.ip), maps.port_int(value.port), value.proto, value.flags) == \
+            (".".join(str(b) for b in ip), port, proto, flags)
+        b = maps.BackendsMap._value(maps.Backend("10.1.2.3", 8080, "udp"))  # pylint: disable=protected-access
+        assert fmt.unpack(bytes(b)) == (bytes([10, 1, 2, 3]), 8080, 17, 0)
+    elif struct is ctypes.c_uint32:
+        assert fields == (value.value,)
+    else:
+        assert fields == tuple(getattr(value, name) for name, *_type in struct._fields_)

@@ -233,6 +233,11 @@ bpf_map_update_batch = _declare(
 bpf_map_delete_batch = _declare(
     "bpf_map_delete_batch", c_int, c_int, c_void_p, POINTER(c_uint32), POINTER(BpfMapBatchOpts)
 )
+# (fd, in_batch, out_batch, keys, values, count, opts): in_batch NULL starts from the beginning
+bpf_map_lookup_batch = _declare(
+    "bpf_map_lookup_batch", c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p, POINTER(c_uint32),
+    POINTER(BpfMapBatchOpts)
+)
 bpf_prog_test_run_opts = _declare("bpf_prog_test_run_opts", c_int, c_int, POINTER(BpfTestRunOpts))
 bpf_link_create = _declare("bpf_link_create", c_int, c_int, c_int, c_int, POINTER(BpfLinkCreateOpts))
 bpf_link_update = _declare("bpf_link_update", c_int, c_int, c_int, POINTER(BpfLinkUpdateOpts))
@@ -306,6 +311,38 @@ def prog_query(target_fd: int, attach_type: int, max_progs: int = 64) -> list[in
     opts = BpfProgQueryOpts(sz=sizeof(BpfProgQueryOpts), prog_ids=ids, prog_cnt=max_progs)
     check(bpf_prog_query_opts(target_fd, attach_type, byref(opts)), "query attached programs")
     return list(ids[: opts.prog_cnt])
+
+
+def map_lookup_batch(fd: int, key_size: int, value_size: int, chunk: int) -> tuple[bytes, bytes, int]:
+    """Every entry of a map through BPF_MAP_LOOKUP_BATCH, `chunk` entries per call: (keys, values, count),
+    keys and values packed back to back. Map types without batch operations (LPM tries; kernels before
+    5.6) raise BpfError with EINVAL, EOPNOTSUPP or ENOTSUPP on the first call."""
+    token = max(key_size, 8)    # hash maps page by a u32 bucket index, array-like maps by the last key
+    prev, nxt = ctypes.create_string_buffer(token), ctypes.create_string_buffer(token)
+    keys, values = [], []
+    total, first = 0, True
+    kbuf, vbuf = ctypes.create_string_buffer(chunk * key_size), ctypes.create_string_buffer(chunk * value_size)
+    opts = BpfMapBatchOpts(sz=sizeof(BpfMapBatchOpts))
+    while True:
+        count = c_uint32(chunk)
+        ret = bpf_map_lookup_batch(fd, None if first else prev, nxt, kbuf, vbuf, byref(count), byref(opts))
+        err = 0 if ret >= 0 else (-ret if ret != -1 else ctypes.get_errno() or errno.EINVAL)
+        n = count.value if err in (0, errno.ENOENT) else 0
+        if err == errno.ENOSPC and chunk < 1 << 20:
+            # one hash bucket holds more entries than fit: retry the same position with room for more
+            chunk *= 2
+            kbuf, vbuf = ctypes.create_string_buffer(chunk * key_size), ctypes.create_string_buffer(chunk * value_size)
+            continue
+        if err not in (0, errno.ENOENT):
+            raise BpfError(err, f"batch lookup: {os.strerror(err)}")
+        if n:
+            keys.append(kbuf.raw[:n * key_size])
+            values.append(vbuf.raw[:n * value_size])
+            total += n
+        if err == errno.ENOENT:     # the end of the map (this call may still have returned entries)
+            return b"".join(keys), b"".join(values), total
+        ctypes.memmove(prev, nxt, token)
+        first = False
 
 
 def test_run(prog_fd: int, data: bytes, ctx: bytes | None = None, repeat: int = 1,
