@@ -1,10 +1,22 @@
-"""Netlink operations (pyroute2) the runtime needs: links, veths, addresses, routes, XDP state."""
+"""Netlink operations the runtime needs: links, veths, addresses, routes, XDP state.
+
+What runs per pod (the CNI commands) and per reconcile (routes Sluice owns, which networks a NIC is on)
+goes through `Rtnl`, a plain rtnetlink socket of the netns it was opened in: one request and its
+answer per operation, a few tens of microseconds each. pyroute2 (an asyncio event loop per handle,
+~1 ms to open one and ~0.5 ms per request) is left to what runs rarely: the VXLAN device, link details
+with XDP state, and tc requests (sluice.tc). Errors are pyroute2's NetlinkError either way (`.code` is
+the errno), so callers catch one type.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import os
+import socket
+import struct
+from dataclasses import dataclass
 
 from pyroute2 import IPRoute, NetlinkError
 
@@ -56,16 +68,21 @@ def xdp_attached_mode(ifname: str) -> str:
 
 
 def exists(ifname: str) -> bool:
-    with ipr() as ip:
-        return bool(ip.link_lookup(ifname=ifname))
+    """Whether `ifname` exists in the calling thread's netns (SIOCGIFINDEX: no netlink needed)."""
+    try:
+        socket.if_nametoindex(ifname)
+    except OSError:
+        return False
+    return True
 
 
 CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _setns(fd: int) -> None:
     """os.setns() and os.CLONE_NEWNET arrive in Python 3.12; the venv runs 3.11."""
-    if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -102,69 +119,325 @@ def ensure_vxlan(name: str, dstport: int, underlay: str, mtu: int | None = None)
         return True
 
 
-def delete_link(ifname: str) -> bool:
-    with ipr() as ip:
-        idx = ip.link_lookup(ifname=ifname)
-        if not idx:
-            return False
+def delete_link(ifname: str, rtnl: "Rtnl | None" = None) -> bool:
+    """Delete a device by name (one RTM_DELLINK); False when there was none."""
+    with _rtnl(rtnl) as nl:
+        return nl.delete_link(ifname)
+
+
+def connected_networks(ifname: str, rtnl: "Rtnl | None" = None) -> list[ipaddress.IPv4Network]:
+    """The networks directly connected through `ifname`: main-table unicast routes through it without a
+    gateway (what the kernel asks of a route's gateway on that device)."""
+    with _rtnl(rtnl) as nl:
         try:
-            ip.link("del", index=idx[0])
-        except NetlinkError as e:
-            if e.code != 19:  # ENODEV: gone meanwhile
-                raise
-        return True
+            index = socket.if_nametoindex(ifname)
+        except OSError:
+            return []
+        return [ipaddress.IPv4Network(f"{r.dst}/{r.dst_len}") for r in nl.routes()
+                if r.oif == index and r.gateway is None and r.type == RTN_UNICAST and r.table == RT_TABLE_MAIN]
 
 
 def on_link(address: str, ifname: str) -> bool:
-    """Whether `address` lies on a network directly connected through `ifname` (a main-table route
-    through it without a gateway): what the kernel asks of a route's gateway on that device."""
-    import ipaddress
-
-    with ipr() as ip:
-        idx = ip.link_lookup(ifname=ifname)
-        if not idx:
-            return False
-        for r in ip.get_routes(family=2, table=254):
-            if r.get_attr("RTA_OIF") == idx[0] and r.get_attr("RTA_GATEWAY") is None and r["type"] == 1:
-                net = ipaddress.IPv4Network(f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}")
-                if ipaddress.IPv4Address(address) in net:
-                    return True
-    return False
+    """Whether `address` lies on a network directly connected through `ifname`."""
+    return any(ipaddress.IPv4Address(address) in net for net in connected_networks(ifname))
 
 
-def owned_routes(proto: int) -> dict[str, dict]:
+def owned_routes(proto: int, rtnl: "Rtnl | None" = None) -> dict[str, dict]:
     """IPv4 routes of the main table carrying rtnetlink protocol `proto`."""
-    out = {}
-    with ipr() as ip:
-        for r in ip.get_routes(family=2, proto=proto):
-            cidr = f"{r.get_attr('RTA_DST')}/{r['dst_len']}"
-            out[cidr] = {"gateway": r.get_attr("RTA_GATEWAY"), "oif": r.get_attr("RTA_OIF")}
-    return out
+    with _rtnl(rtnl) as nl:
+        return {f"{r.dst}/{r.dst_len}": {"gateway": r.gateway, "oif": r.oif}
+                for r in nl.routes() if r.protocol == proto and r.table == RT_TABLE_MAIN}
 
 
 def replace_route(cidr: str, proto: int, dev: str, gateway: str | None = None,
                   vxlan_vni: int | None = None, vxlan_dst: str | None = None) -> None:
-    """Add or replace a route Sluice owns. A VXLAN route carries its tunnel
-    key as lwtunnel `encap ip`, which pyroute2 cannot express: iproute2 does it."""
+    """Add or replace a route Sluice owns. A VXLAN route carries its tunnel key as lwtunnel
+    `encap ip`, which is iproute2's to encode: `ip route replace` does it."""
     if vxlan_dst:
         import subprocess
 
         subprocess.run(["ip", "route", "replace", cidr, "encap", "ip", "id", str(vxlan_vni), "dst", vxlan_dst,
                         "dev", dev, "proto", str(proto)], check=True, capture_output=True, text=True)
         return
-    with ipr() as ip:
-        idx = ip.link_lookup(ifname=dev)
-        if not idx:
-            raise LinkNotFound(f"interface {dev!r} does not exist")
-        ip.route("replace", dst=cidr, gateway=gateway, oif=idx[0], proto=proto)
+    try:
+        index = socket.if_nametoindex(dev)
+    except OSError:
+        raise LinkNotFound(f"interface {dev!r} does not exist") from None
+    with _rtnl(None) as nl:
+        nl.replace_route(cidr, index, gateway=gateway, proto=proto)
 
 
 def delete_route(cidr: str, proto: int) -> bool:
-    with ipr() as ip:
+    with _rtnl(None) as nl:
+        return nl.delete_route(cidr, proto)
+
+
+# ---- plain rtnetlink --------------------------------------------------------------------------
+
+# linux/rtnetlink.h, linux/netlink.h, linux/if_link.h, linux/veth.h, linux/neighbour.h
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
+RTM_NEWADDR, RTM_GETADDR = 20, 22
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+RTM_NEWNEIGH = 28
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
+NLM_F_DUMP, NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x300, 0x100, 0x200, 0x400
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 5, 18, 28
+IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+NDA_DST, NDA_LLADDR = 1, 2
+IFF_UP = 0x1
+RT_TABLE_MAIN = 254
+RTPROT_STATIC = 4               # what pyroute2 gave the routes Sluice adds without a protocol of its own
+RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_NOWHERE = 0, 253, 255
+RTN_UNICAST = 1
+NUD_PERMANENT = 0x80
+NLA_F_NESTED = 0x8000
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_NLATTR = struct.Struct("=HH")
+_IFINFOMSG = struct.Struct("=BxHiII")       # family, type, index, flags, change
+_IFADDRMSG = struct.Struct("=BBBBI")        # family, prefixlen, flags, scope, index
+_RTMSG = struct.Struct("=BBBBBBBBI")        # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+_NDMSG = struct.Struct("=BxxxiHBB")         # family, ifindex, state, flags, type
+_U32 = struct.Struct("=I")
+
+
+def _attr(kind: int, data: bytes) -> bytes:
+    size = _NLATTR.size + len(data)
+    return _NLATTR.pack(size, kind) + data + b"\0" * (-size % 4)
+
+
+def _nest(kind: int, *attrs: bytes) -> bytes:
+    return _attr(kind | NLA_F_NESTED, b"".join(attrs))
+
+
+def _str(value: str) -> bytes:
+    return value.encode() + b"\0"
+
+
+def _ip(address: str) -> bytes:
+    return socket.inet_aton(address)
+
+
+def _mac_bytes(mac: str) -> bytes:
+    return bytes(int(p, 16) for p in mac.split(":"))
+
+
+def _attrs(data: bytes, offset: int) -> dict[int, bytes]:
+    out = {}
+    while offset + _NLATTR.size <= len(data):
+        length, kind = _NLATTR.unpack_from(data, offset)
+        if length < _NLATTR.size:
+            break
+        out[kind & 0x3FFF] = data[offset + _NLATTR.size: offset + length]
+        offset += (length + 3) & ~3
+    return out
+
+
+def _cstr(raw: bytes | None) -> str | None:
+    return raw.split(b"\0", 1)[0].decode() if raw is not None else None
+
+
+@dataclass(frozen=True)
+class LinkMsg:
+    """What a caller needs of an RTM_NEWLINK answer."""
+
+    name: str
+    index: int
+    flags: int
+    mac: str | None
+    mtu: int | None
+    kind: str | None       # linkinfo kind (veth, vxlan, ...)
+    peer_index: int        # IFLA_LINK: a veth's peer, as an ifindex of the peer's netns
+
+
+@dataclass(frozen=True)
+class RouteMsg:
+    dst: str
+    dst_len: int
+    table: int
+    protocol: int
+    scope: int
+    type: int
+    oif: int | None
+    gateway: str | None
+
+
+def _link_msg(payload: bytes) -> LinkMsg:
+    _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(payload)
+    attrs = _attrs(payload, _IFINFOMSG.size)
+    info = _attrs(attrs[IFLA_LINKINFO], 0) if IFLA_LINKINFO in attrs else {}
+    mac = attrs.get(IFLA_ADDRESS)
+    return LinkMsg(name=_cstr(attrs.get(IFLA_IFNAME)) or "", index=index, flags=flags,
+                   mac=":".join(f"{b:02x}" for b in mac) if mac is not None else None,
+                   mtu=_U32.unpack(attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else None,
+                   kind=_cstr(info.get(IFLA_INFO_KIND)),
+                   peer_index=_U32.unpack(attrs[IFLA_LINK])[0] if IFLA_LINK in attrs else 0)
+
+
+def _route_msg(payload: bytes) -> RouteMsg:
+    _family, dst_len, _src_len, _tos, table, protocol, scope, rtype, _flags = _RTMSG.unpack_from(payload)
+    attrs = _attrs(payload, _RTMSG.size)
+    return RouteMsg(dst=socket.inet_ntoa(attrs[RTA_DST]) if RTA_DST in attrs else "0.0.0.0", dst_len=dst_len,
+                    table=_U32.unpack(attrs[RTA_TABLE])[0] if RTA_TABLE in attrs else table,
+                    protocol=protocol, scope=scope, type=rtype,
+                    oif=_U32.unpack(attrs[RTA_OIF])[0] if RTA_OIF in attrs else None,
+                    gateway=socket.inet_ntoa(attrs[RTA_GATEWAY]) if RTA_GATEWAY in attrs else None)
+
+
+class Rtnl:
+    """A plain NETLINK_ROUTE socket. It belongs to the netns of the thread that opened it, and keeps
+    talking to that netns whatever thread uses it later (one thread at a time)."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        self.sock.bind((0, 0))
+        self._seq = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "Rtnl":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _send(self, msg_type: int, flags: int, body: bytes) -> int:
+        self._seq += 1
+        self.sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, flags | NLM_F_REQUEST, self._seq, 0)
+                       + body)
+        return self._seq
+
+    def _answers(self, seq: int):
+        """(type, payload) of every message answering `seq`, up to the ACK, error or end of dump."""
+        while True:
+            data = self.sock.recv(1 << 16)
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(data):
+                length, kind, _flags, msg_seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+                payload = data[offset + _NLMSGHDR.size: offset + length]
+                offset += (length + 3) & ~3
+                if msg_seq != seq:
+                    continue            # a late answer to an earlier request
+                if kind == NLMSG_DONE:
+                    return
+                if kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", payload)[0]
+                    if code:
+                        raise NetlinkError(code, os.strerror(code))
+                    return
+                yield kind, payload
+
+    def request(self, msg_type: int, flags: int, body: bytes) -> list[bytes]:
+        """One request, answered by an ACK or an error (raised as NetlinkError); what came before the ACK."""
+        return [payload for _kind, payload in self._answers(self._send(msg_type, flags | NLM_F_ACK, body))]
+
+    def dump(self, msg_type: int, body: bytes) -> list[bytes]:
+        return [payload for _kind, payload in self._answers(self._send(msg_type, NLM_F_DUMP, body))]
+
+    # ---- links
+
+    def link(self, name: str) -> LinkMsg | None:
+        """The device `name` of this netns, or None."""
         try:
-            ip.route("del", dst=cidr, proto=proto)
+            answers = self.request(RTM_GETLINK, 0, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+                                   + _attr(IFLA_IFNAME, _str(name)))
         except NetlinkError as e:
-            if e.code == 3:  # ESRCH: not there
+            if e.code == 19:    # ENODEV
+                return None
+            raise
+        return _link_msg(answers[0]) if answers else None
+
+    def links(self) -> list[LinkMsg]:
+        return [_link_msg(p) for p in self.dump(RTM_GETLINK, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))]
+
+    def set_up(self, name: str | None = None, index: int = 0) -> None:
+        """IFF_UP on a device, by index or by name."""
+        self.request(RTM_NEWLINK, 0, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, IFF_UP, IFF_UP)
+                     + (_attr(IFLA_IFNAME, _str(name)) if name and not index else b""))
+
+    def add_veth(self, name: str, peer: str, peer_netns_fd: int, mtu: int) -> None:
+        """A veth pair: `name` up in this netns, `peer` (down) created directly in the netns of `peer_netns_fd`."""
+        peer_info = (_IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _str(peer))
+                     + _attr(IFLA_NET_NS_FD, _U32.pack(peer_netns_fd)) + _attr(IFLA_MTU, _U32.pack(mtu)))
+        self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
+                     _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, IFF_UP, IFF_UP) + _attr(IFLA_IFNAME, _str(name))
+                     + _attr(IFLA_MTU, _U32.pack(mtu))
+                     + _nest(IFLA_LINKINFO, _attr(IFLA_INFO_KIND, _str("veth")),
+                             _nest(IFLA_INFO_DATA, _attr(VETH_INFO_PEER, peer_info))))
+
+    def delete_link(self, name: str) -> bool:
+        try:
+            self.request(RTM_DELLINK, 0, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _str(name)))
+        except NetlinkError as e:
+            if e.code == 19:    # ENODEV: not there (or gone meanwhile)
                 return False
             raise
-    return True
+        return True
+
+    # ---- addresses, neighbours, routes
+
+    def replace_addr(self, index: int, address: str, prefixlen: int) -> None:
+        self.request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE,
+                     _IFADDRMSG.pack(socket.AF_INET, prefixlen, 0, RT_SCOPE_UNIVERSE, index)
+                     + _attr(IFA_LOCAL, _ip(address)) + _attr(IFA_ADDRESS, _ip(address)))
+
+    def addrs(self, index: int) -> list[str]:
+        """"ip/prefixlen" of every IPv4 address on device `index`."""
+        out = []
+        for payload in self.dump(RTM_GETADDR, _IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0)):
+            _family, prefixlen, _flags, _scope, ifindex = _IFADDRMSG.unpack_from(payload)
+            attrs = _attrs(payload, _IFADDRMSG.size)
+            if ifindex == index and IFA_ADDRESS in attrs:
+                out.append(f"{socket.inet_ntoa(attrs[IFA_ADDRESS])}/{prefixlen}")
+        return out
+
+    def replace_neigh(self, index: int, address: str, mac: str, state: int = NUD_PERMANENT) -> None:
+        self.request(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE,
+                     _NDMSG.pack(socket.AF_INET, index, state, 0, 0)
+                     + _attr(NDA_DST, _ip(address)) + _attr(NDA_LLADDR, _mac_bytes(mac)))
+
+    def replace_route(self, cidr: str, oif: int, gateway: str | None = None, scope: int = RT_SCOPE_UNIVERSE,
+                      proto: int = RTPROT_STATIC) -> None:
+        """A main-table unicast route to `cidr` through device `oif` (and `gateway`), added or replaced."""
+        net = ipaddress.IPv4Network(cidr)
+        self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE,
+                     _RTMSG.pack(socket.AF_INET, net.prefixlen, 0, 0, RT_TABLE_MAIN, proto, scope, RTN_UNICAST, 0)
+                     + _attr(RTA_DST, net.network_address.packed) + _attr(RTA_OIF, _U32.pack(oif))
+                     + (_attr(RTA_GATEWAY, _ip(gateway)) if gateway else b""))
+
+    def delete_route(self, cidr: str, proto: int) -> bool:
+        """Delete the main-table route to `cidr` of protocol `proto`; False when there is none."""
+        net = ipaddress.IPv4Network(cidr)
+        try:
+            self.request(RTM_DELROUTE, 0,
+                         _RTMSG.pack(socket.AF_INET, net.prefixlen, 0, 0, RT_TABLE_MAIN, proto, RT_SCOPE_NOWHERE, 0, 0)
+                         + _attr(RTA_DST, net.network_address.packed))
+        except NetlinkError as e:
+            if e.code == 3:     # ESRCH: not there
+                return False
+            raise
+        return True
+
+    def routes(self) -> list[RouteMsg]:
+        """Every IPv4 route of every table."""
+        return [_route_msg(p) for p in self.dump(RTM_GETROUTE, _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0))]
+
+
+@contextlib.contextmanager
+def _rtnl(rtnl: Rtnl | None):
+    """`rtnl` as it is, or a socket of the calling thread's netns for the duration."""
+    if rtnl is not None:
+        yield rtnl
+        return
+    with Rtnl() as own:
+        yield own
+
+
+def netns_rtnl(path: str) -> Rtnl:
+    """An Rtnl of the netns at `path`; only its creation needs setns."""
+    with in_netns(path):
+        return Rtnl()

@@ -92,6 +92,11 @@ def _require_netns(req: Request) -> None:
 
 def _add(req: Request, node: NodeContext) -> dict:
     _require_netns(req)
+    with podnet.Sockets(req.netns) as nl:
+        return _add_with(req, node, nl)
+
+
+def _add_with(req: Request, node: NodeContext, nl: podnet.Sockets) -> dict:
     host = podnet.host_ifname(req.container_id, req.ifname)
     gateway = str(node.ipam.gateway)
     undo: list[tuple[str, Callable[[], object]]] = []   # run in reverse when a later step fails
@@ -104,17 +109,19 @@ def _add(req: Request, node: NodeContext) -> dict:
         if held is None:
             undo.append((f"releasing {address}", lambda: node.ipam.release(req.container_id, req.ifname)))
         with _step(f"creating veth pair {host} - {req.ifname} in {req.netns}"):
-            pair = _existing_pair(host, req)
+            left = podnet.host_link(host, nl)
+            pair = _existing_pair(left, req, nl)
             fresh = pair is None
             if fresh:
-                netlink.delete_link(host)  # left over from an interrupted ADD, without a pod end
+                if left is not None:
+                    netlink.delete_link(host, nl.host)  # left over from an interrupted ADD, without a pod end
                 undo.append((f"deleting {host}", lambda: netlink.delete_link(host)))
-                pair = podnet.create_veth(host, req.netns, req.ifname, mtu)
+                pair = podnet.create_veth(host, req.netns, req.ifname, mtu, nl=nl)
         host_end, pod_end = pair
         with _step(f"configuring {req.ifname} in {req.netns}"):
-            podnet.configure_pod(req.netns, req.ifname, address, gateway, host_end.mac)
+            podnet.configure_pod(req.netns, req.ifname, address, gateway, host_end.mac, nl=nl, index=pod_end.index)
         with _step(f"adding the node route {address}/32 dev {host}"):
-            podnet.replace_host_route(host_end.index, address)  # deleted with the veth
+            podnet.replace_host_route(host_end.index, address, nl)  # deleted with the veth
         with _step(f"attaching {POD_PROGRAM} to {host}"):
             if fresh:
                 undo.append((f"detaching {host}", lambda: node.datapath.detach_device(host)))
@@ -151,12 +158,12 @@ def _requested_address(conf: dict) -> str | None:
     return ipv4[0] if ipv4 else None
 
 
-def _existing_pair(host: str, req: Request) -> tuple[podnet.Link, podnet.Link] | None:
+def _existing_pair(host_end: podnet.Link | None, req: Request,
+                   nl: podnet.Sockets) -> tuple[podnet.Link, podnet.Link] | None:
     """The veth pair of an earlier ADD of the same attachment, if both ends are in place."""
-    host_end = podnet.host_link(host)
     if host_end is None:
         return None
-    pod_end = podnet.pod_link(req.netns, req.ifname)
+    pod_end = podnet.pod_link(req.netns, req.ifname, nl)
     if pod_end is None or pod_end.peer_index != host_end.index or host_end.peer_index != pod_end.index:
         return None
     return host_end, pod_end
@@ -255,6 +262,11 @@ def _check(req: Request, node: NodeContext) -> None:
     if not isinstance(prev, dict):
         raise CniError(INVALID_NETWORK_CONFIG, "CHECK needs prevResult in the network configuration")
     _require_netns(req)
+    with podnet.Sockets(req.netns) as nl:
+        _check_with(req, node, prev, nl)
+
+
+def _check_with(req: Request, node: NodeContext, prev: dict, nl: podnet.Sockets) -> None:
     address, gateway = _prev_address(prev)
     gateway = gateway or str(node.ipam.gateway)
     ip = address.split("/")[0]
@@ -265,12 +277,12 @@ def _check(req: Request, node: NodeContext) -> None:
     def fail(msg: str):
         raise CniError(CHECK_FAILURE, msg)
 
-    host_end = podnet.host_link(host)
+    host_end = podnet.host_link(host, nl)
     if host_end is None:
         fail(f"host interface {host} for {container} is missing")
     if not host_end.up:
         fail(f"host interface {host} for {container} is down")
-    pod = podnet.inspect_pod(req.netns, req.ifname)
+    pod = podnet.inspect_pod(req.netns, req.ifname, nl)
     if pod.link is None:
         fail(f"interface {where} of {container} is missing")
     if pod.link.peer_index != host_end.index:
@@ -283,7 +295,7 @@ def _check(req: Request, node: NodeContext) -> None:
         fail(f"the on-link route to gateway {gateway} on {where} is missing")
     if ("0.0.0.0/0", gateway) not in pod.routes:
         fail(f"the default route via {gateway} on {where} is missing")
-    if podnet.host_route_oif(ip) != host_end.index:
+    if podnet.host_route_oif(ip, nl) != host_end.index:
         fail(f"the node route {ip}/32 dev {host} is missing")
     held = node.ipam.lookup(req.container_id, req.ifname)
     if str(held) != ip:
