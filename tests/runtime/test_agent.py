@@ -1,5 +1,6 @@
 """sluice-agent as a real process in a node namespace."""
 
+import contextlib
 import copy
 import json
 import os
@@ -32,9 +33,9 @@ def write_state(path, state):
     os.replace(tmp, path)
 
 
-@pytest.fixture
-def node(pin_root, tmp_path):
-    """A node namespace with NIC sleth0, a test cgroup, and a running agent."""
+@contextlib.contextmanager
+def agent_node(pin_root, tmp_path, **settings):
+    """A node namespace with NIC sleth0, a test cgroup, and a running agent (`settings`: agent config)."""
     with netns.namespaces("node") as (ns,), cgroup() as cg:
         netns.ns_exec(ns, "ip", "link", "add", "sleth0", "type", "veth", "peer", "name", "sleth1")
         netns.ns_exec(ns, "ip", "addr", "add", "192.168.91.11/24", "dev", "sleth0")
@@ -46,13 +47,19 @@ def node(pin_root, tmp_path):
         agent = AgentProcess(ns, {"state_file": state_file, "pin_root": pin_root, "obj_dir": BPF_BUILD,
                                   "socket": str(tmp_path / "run" / "agent.sock"),
                                   "metrics_address": f"127.0.0.1:{port}", "ipam_dir": str(tmp_path / "ipam"),
-                                  "cgroup": cg.path, "poll_interval": 0.2}, str(tmp_path))
+                                  "cgroup": cg.path, "poll_interval": 0.2, **settings}, str(tmp_path))
         agent.start()
         try:
             yield agent, ns, Datapath(pin_root, BPF_BUILD), state_file
         finally:
             agent.stop()
             Datapath(pin_root, BPF_BUILD).remove()
+
+
+@pytest.fixture
+def node(pin_root, tmp_path):
+    with agent_node(pin_root, tmp_path) as parts:
+        yield parts
 
 
 def services(dp):
@@ -132,3 +139,76 @@ def test_agent_restart_never_detaches(node, sig):
     agent.start()
     assert agent.health()["last_plan"] == {}
     assert dp.links() == links_before
+
+
+# ---- delta reconciles, drift repair -------------------------------------------------------------
+
+def test_a_changed_state_file_is_applied_as_a_delta(node):
+    agent, _ns, dp, state_file = node
+    assert agent.health()["last_reconcile_kind"] == "full"     # at start: against the maps
+    new = copy.deepcopy(STATE)
+    new["services"][0]["backends"].append({"ip": "10.245.1.6", "port": 80})
+    new["prefilter"] = []
+    write_state(state_file, new)
+    health = agent.wait_for(lambda: (h := agent.health())["last_reconcile_kind"] == "delta" and h,
+                            what="the change applied")
+    assert health["last_reconcile_kind"] == "delta" and health["last_error"] is None
+    assert health["last_plan"] == {
+        "services": {"add": [], "change": [{"frontend": "10.97.0.10:80/tcp", "backends": ["10.245.1.5:80", "10.245.1.6:80"],
+                                            "was": ["10.245.1.5:80"]}], "remove": []},
+        "prefilter": {"add": [], "change": [], "remove": ["203.0.113.0/24"]}}
+    assert services(dp) == {("10.97.0.10", 80, "tcp"): 2}
+    with dp.open_map(m.PrefilterMap) as pm:
+        assert pm.items() == {}
+
+
+def _drift(dp) -> None:
+    """Changes behind the agent's back: a service and a prefilter CIDR deleted, a foreign service added."""
+    with dp.open_map(m.ServicesMap) as sm, dp.open_map(m.PrefilterMap) as pm:
+        sm.delete("10.97.0.10", 80, "tcp")
+        sm.put("10.97.9.9", 9, "udp", m.Service(77, (1,)))
+        pm.delete("203.0.113.0/24")
+
+
+REPAIR = {"services": {"add": [{"frontend": "10.97.0.10:80/tcp", "backends": ["10.245.1.5:80"]}], "change": [],
+                       "remove": [{"frontend": "10.97.9.9:9/udp"}]},
+          "prefilter": {"add": ["203.0.113.0/24"], "change": [], "remove": []}}
+
+
+def test_a_full_reconcile_on_request_repairs_drift(node):
+    agent, _ns, dp, _state_file = node
+    _drift(dp)
+    # A reconcile of the unchanged file is a delta from the state applied last: nothing to do, the maps
+    # are not read back (that is what makes it cheap), so the drift stays.
+    reply = agent.request({"op": "reconcile"})
+    assert reply["ok"] and reply["result"]["last_reconcile_kind"] == "delta" and reply["result"]["last_plan"] == {}
+    assert services(dp) == {("10.97.9.9", 9, "udp"): 1}
+    reply = agent.request({"op": "reconcile", "full": True})
+    assert reply["ok"] and reply["result"]["last_reconcile_kind"] == "full"
+    assert reply["result"]["last_plan"] == REPAIR
+    assert services(dp) == {("10.97.0.10", 80, "tcp"): 1}
+    with dp.open_map(m.PrefilterMap) as pm:
+        assert pm.items() == {"203.0.113.0/24": 1}
+
+
+def test_the_periodic_full_reconcile_repairs_drift_while_the_file_stays_the_same(pin_root, tmp_path):
+    with agent_node(pin_root, tmp_path, full_reconcile_interval=0.5) as (agent, _ns, dp, _state_file):
+        before = agent.health()
+        started = before["last_full_reconcile"]
+        _drift(dp)
+        repaired = agent.wait_for(lambda: (h := agent.health())["last_drift_repair"] and h, what="drift repaired")
+        assert repaired["last_drift_repair"]["plan"] == REPAIR
+        assert repaired["last_full_reconcile"] > started and repaired["last_error"] is None
+        assert services(dp) == {("10.97.0.10", 80, "tcp"): 1}
+        assert repaired["last_plan"] == before["last_plan"], "last_plan stays the plan of the state file applied last"
+        assert "repaired" in agent.logs()
+
+
+@pytest.mark.parametrize("value", [-1, "60", True, float("inf")])
+def test_full_reconcile_interval_must_be_a_number_of_seconds(tmp_path, value):
+    from sluice.agent import AgentConfig
+
+    path = tmp_path / "agent.json"
+    path.write_text(json.dumps({"full_reconcile_interval": value}))
+    with pytest.raises(ValueError, match="full_reconcile_interval"):
+        AgentConfig.load(str(path))

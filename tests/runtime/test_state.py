@@ -1,8 +1,11 @@
 """Desired state: validation errors name the bad value; plans are exact; apply converges."""
 
 import copy
+import ctypes
 import json
 import os
+import random
+import sys
 
 import pytest
 
@@ -10,6 +13,7 @@ from conftest import BPF_BUILD
 from lib import netns
 from sluice import maps as m
 from sluice import netlink
+from sluice.bpf import libbpf as lb
 from sluice.datapath import Datapath
 from sluice.state import ROUTE_PROTO, DesiredState, Reconciler, StateError
 
@@ -170,3 +174,221 @@ def test_missing_nic_is_named(node):
     dp, _ns = node
     with pytest.raises(StateError, match="'sl-missing'"):
         Reconciler(dp).plan(DesiredState.parse(with_change("node.nic", "sl-missing")))
+
+
+# ---- batch reads ------------------------------------------------------------------------------
+
+def _fill_every_map(dp):
+    """Entries in every map the runtime reads back: hash maps, LPM tries, arrays."""
+    with dp.open_map(m.BackendsMap) as bm, dp.open_map(m.ServicesMap) as sm, dp.open_map(m.LbVipsMap) as lm, \
+            dp.open_map(m.RoutesMap) as rm, dp.open_map(m.PrefilterMap) as pm, dp.open_map(m.EndpointsMap) as em, \
+            dp.open_map(m.ConfigMap) as cm:
+        bm.put_many({i: m.Backend(f"10.250.{i // 250}.{i % 250 + 1}", 8000 + i % 7, ("tcp", "udp")[i % 2])
+                     for i in range(1, 3001)})
+        for s in range(500):
+            sm.put(f"10.96.{s // 250}.{s % 250 + 1}", 80 + s % 3, "tcp", m.Service(s + 1, tuple(range(s * 5 + 1, s * 5 + 6))))
+        for v in range(5):
+            lm.put(f"192.168.90.{200 + v}", 443, "tcp", {i: m.Backend(f"10.250.0.{i}", 8443) for i in range(1, v + 2)})
+        for r in range(40):
+            rm.put(f"10.{100 + r}.0.0/16", m.Route(f"192.168.90.{r + 2}", 7, r % 2 == 0, r))
+        pm.put_many({f"198.{18 + r // 256}.{r % 256}.0/24": r + 1 for r in range(700)} | {"0.0.0.0/0": 9, "203.0.113.7/32": 5})
+        for e in range(300):
+            em.put(f"10.244.{e // 250}.{e % 250 + 1}", m.Endpoint(e + 2, "02:00:00:00:00:01", "02:00:00:00:01:02", e % 2))
+        cm.set("192.168.90.11", 3, 2)
+
+
+def _iterated(mp) -> tuple[bytes, ...]:
+    return tuple(sorted(bytes(k) + bytes(v) for k, v in mp._iter_items()))  # pylint: disable=protected-access
+
+
+def _dumped(dump: tuple[bytes, bytes, int], ksize: int, vsize: int) -> tuple[bytes, ...]:
+    keys, values, count = dump
+    assert len(keys) == count * ksize and len(values) == count * vsize
+    return tuple(sorted(keys[i * ksize:(i + 1) * ksize] + values[i * vsize:(i + 1) * vsize] for i in range(count)))
+
+
+@pytest.mark.parametrize("cls", [m.BackendsMap, m.ServicesMap, m.LbVipsMap, m.RoutesMap, m.PrefilterMap, m.EndpointsMap,
+                                 m.ConfigMap, m.CpuMap, m.SockHash], ids=lambda c: c.name)
+def test_batch_reads_return_exactly_what_iteration_returns(node, monkeypatch, cls):
+    """dump() (BPF_MAP_LOOKUP_BATCH where the kernel has it for the map type) holds the entries that
+    BPF_MAP_GET_NEXT_KEY + lookup find, in any chunk size; a kernel answering ENOTSUPP gets iteration."""
+    dp, _ns = node
+    _fill_every_map(dp)
+    with dp.open_map(cls) as mp:
+        ksize, vsize = ctypes.sizeof(mp.key_type), ctypes.sizeof(mp.value_type)
+        expected = _iterated(mp)
+        assert _dumped(mp.dump(), ksize, vsize) == expected
+        assert tuple(sorted(bytes(k) + bytes(v) for k, v in mp.raw_items())) == expected
+        try:
+            # a tiny chunk: many calls, and hash buckets holding more than fit (ENOSPC, retried larger)
+            assert _dumped(lb.map_lookup_batch(mp.fd, ksize, vsize, 1), ksize, vsize) == expected
+        except lb.BpfError as e:
+            assert e.errno in m.BATCH_UNSUPPORTED and cls in (m.CpuMap, m.SockHash), e
+        typed = mp.items() if hasattr(mp, "items") else None
+
+        def unsupported(*args):
+            raise lb.BpfError(524, "batch lookup: Unknown error 524")
+
+        monkeypatch.setattr(lb, "map_lookup_batch", unsupported)
+        assert _dumped(mp.dump(), ksize, vsize) == expected
+        if typed is not None:
+            assert mp.items() == typed
+    if cls is m.ServicesMap:
+        assert len(typed) == 500 and typed[("10.96.0.2", 81, "tcp")] == m.Service(2, (6, 7, 8, 9, 10))
+    if cls is m.PrefilterMap:
+        assert len(typed) == 702 and typed["0.0.0.0/0"] == 9
+
+
+def test_current_reads_every_map_once_and_decodes_like_the_typed_getters(node):
+    dp, _ns = node
+    rec = Reconciler(dp)
+    rec.apply(DesiredState.parse(BASE))
+    cur = rec.current()
+    with dp.open_map(m.BackendsMap) as bm, dp.open_map(m.ServicesMap) as sm, dp.open_map(m.LbVipsMap) as lm:
+        backends = {i: (b.ip, b.port, b.proto) for i, b in bm.items().items()}
+        assert cur["backends"] == backends
+        for fe, svc in sm.items().items():
+            assert sm.get(*fe) == svc
+            assert cur["services"][fe] == tuple(backends[i] for i in svc.backend_ids)
+        for fe, (count, table) in lm.tables().items():
+            assert (count, table) == (lm.items()[fe], lm.table(*fe))
+
+
+# ---- the agent's path: update() applies the delta from the state applied last ------------------------
+
+def _random_state(rnd: random.Random, pool: list[dict]) -> dict:
+    """BASE with a random subset of services and LB VIPs (backends drawn from a small shared pool, so that
+    backends come and go and are shared between frontends) and a random prefilter."""
+    state = copy.deepcopy(BASE)
+    state["services"] = [{"vip": f"10.96.1.{i}", "port": 80 + i % 2, "protocol": ("tcp", "udp")[i % 3 == 0],
+                          "backends": rnd.sample(pool, rnd.randint(0, 4))}
+                         for i in range(1, 40) if rnd.random() < 0.7]
+    state["lb_vips"] = [{"vip": f"192.168.90.{200 + i}", "port": 443, "protocol": "tcp",
+                         "backends": rnd.sample(pool, rnd.randint(1, 3))} for i in range(6) if rnd.random() < 0.6]
+    state["prefilter"] = [f"198.51.{i}.0/24" for i in range(12) if rnd.random() < 0.5]
+    for s in state["services"]:
+        if s["protocol"] == "udp":
+            s["backends"] = [dict(b, port=53) for b in s["backends"]]
+    return state
+
+
+def test_update_plans_and_writes_exactly_what_a_full_apply_would(node):
+    """A run of random state changes applied as deltas: each plan equals the plan a fresh Reconciler
+    computes against the live maps beforehand, and afterwards the maps are in sync (empty full plan)."""
+    dp, _ns = node
+    rnd = random.Random(1473)
+    pool = [{"ip": f"10.244.{k}.{j}", "port": 8080} for k in (1, 2) for j in range(2, 9)]
+    rec = Reconciler(dp)
+    rec.apply(DesiredState.parse(BASE))
+    kinds = set()
+    for _step in range(25):
+        state = DesiredState.parse(_random_state(rnd, pool))
+        expected = Reconciler(dp).plan(state).to_dict()
+        assert rec.update(state).to_dict() == expected
+        assert rec.last_kind == "delta"
+        kinds.update(expected)
+        assert not Reconciler(dp).plan(state).changed
+        cur = rec.current()
+        assert set(cur["backends"].values()) == {b for bs in (*state.services.values(), *state.lb_vips.values())
+                                                 for b in bs}, "exactly the backends in use"
+    assert kinds == {"services", "lb_vips", "prefilter"}
+    assert rec.update(state).to_dict() == {}   # the same state again: nothing to do
+
+
+def test_update_with_other_sections_changed_is_a_full_apply(node):
+    dp, ns = node
+    rec = Reconciler(dp)
+    rec.apply(DesiredState.parse(BASE))
+    assert rec.update(DesiredState.parse(with_change("routes", []))).to_dict()["routes"]["remove"] == \
+        [{"cidr": "10.244.2.0/24"}]
+    assert rec.last_kind == "full" and kernel_routes(ns) == {}
+    assert Reconciler(dp).update(DesiredState.parse(BASE)).changed  # no earlier apply: full
+    assert rec.last_kind == "full"
+
+
+@pytest.mark.parametrize("drift", ["service-changed", "service-deleted", "backend-id-taken", "lb-vip-deleted",
+                                   "prefilter-added", "prefilter-deleted"])
+def test_update_finding_an_entry_changed_behind_its_back_reconciles_in_full(node, drift):
+    """Before changing an entry, update() checks that it holds what the last apply left there; if not
+    (someone wrote the maps: another tool, `sluice apply`, the Ansible module), it applies in full, so
+    the drift is repaired, this entry and every other one."""
+    dp, _ns = node
+    rec = Reconciler(dp)
+    rec.apply(DesiredState.parse(BASE))
+    new = copy.deepcopy(BASE)
+    new["services"][0]["backends"].append({"ip": "10.244.2.9", "port": 8080})
+    new["services"].append({"vip": "10.96.0.11", "port": 53, "protocol": "udp", "backends": []})
+    new["lb_vips"][0]["backends"] = [{"ip": "10.244.2.7", "port": 8080}]
+    new["prefilter"] = ["198.51.100.0/24"]
+    with dp.open_map(m.ServicesMap) as sm, dp.open_map(m.BackendsMap) as bm, dp.open_map(m.LbVipsMap) as lm, \
+            dp.open_map(m.PrefilterMap) as pm:
+        if drift == "service-changed":
+            sm.put("10.96.0.10", 80, "tcp", m.Service(1, (2,)))
+        elif drift == "service-deleted":
+            sm.delete("10.96.0.10", 80, "tcp")
+        elif drift == "backend-id-taken":
+            bm.put(rec.applied.next_backend, m.Backend("10.9.9.9", 1))
+        elif drift == "lb-vip-deleted":
+            lm.delete("192.168.90.200", 80, "tcp")
+        elif drift == "prefilter-added":
+            pm.put("198.51.100.0/24", 7)
+        else:
+            pm.delete("203.0.113.0/24")
+        # and drift elsewhere, in an entry the delta does not touch: a full apply repairs it too
+        sm.put("10.96.9.9", 9, "tcp", m.Service(99, (1,)))
+    state = DesiredState.parse(new)
+    expected = Reconciler(dp).plan(state).to_dict()
+    assert rec.update(state).to_dict() == expected
+    assert rec.last_kind == "full"
+    assert {"frontend": "10.96.9.9:9/tcp"} in expected["services"]["remove"]
+    assert not Reconciler(dp).plan(state).changed
+    # and the next change is a delta again
+    new["prefilter"] = []
+    assert rec.update(DesiredState.parse(new)).to_dict() == {"prefilter": {"add": [], "change": [],
+                                                                           "remove": ["198.51.100.0/24"]}}
+    assert rec.last_kind == "delta"
+
+
+def test_a_failed_update_leaves_the_next_one_to_a_full_apply(node, monkeypatch):
+    dp, _ns = node
+    rec = Reconciler(dp)
+    rec.apply(DesiredState.parse(BASE))
+    new = with_change("services.0.backends", [{"ip": "10.244.2.8", "port": 8080}])
+
+    def broken(*args, **kwargs):
+        raise lb.BpfError(7, "update sl_services: Argument list too long")
+
+    monkeypatch.setattr(m.ServicesMap, "put", broken)
+    with pytest.raises(lb.BpfError):
+        rec.update(DesiredState.parse(new))
+    monkeypatch.undo()
+    assert rec.applied is None
+    rec.update(DesiredState.parse(new))
+    assert rec.last_kind == "full" and not Reconciler(dp).plan(DesiredState.parse(new)).changed
+
+
+# ---- parsing ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["10.0.0.1", "0.0.0.0", "255.255.255.255", "1.2.3.04", "01.2.3.4", "1.2.3",
+                                   "1.2.3.4 ", " 1.2.3.4", "1.2.3.4\n", "1.2.3.256", "1.2.3.4.5", "1..2.3",
+                                   "١.2.3.4", "1.2.3.4\x00", "", "0x1.2.3.4", 167772161, None, 1.5, True])
+def test_addresses_parse_as_ipaddress_says(value):
+    """The parser's inet_pton fast path accepts exactly what ipaddress does, and writes it the same way."""
+    import ipaddress
+
+    state = with_change("services.0.backends.0.ip", value)
+    try:
+        want = str(ipaddress.IPv4Address(value))
+    except (ipaddress.AddressValueError, ValueError, TypeError):
+        with pytest.raises(StateError, match=r"services\[0\] \(web\)\.backends\[0\]: .* is not an IPv4 address"):
+            DesiredState.parse(state)
+        return
+    parsed = DesiredState.parse(state).services[("10.96.0.10", 80, "tcp")]
+    assert parsed[0] == (want, 8080, "tcp") and type(parsed[0][0]) is str  # pylint: disable=unidiomatic-typecheck
+    assert m.be32(want) == int.from_bytes(ipaddress.IPv4Address(want).packed, sys.byteorder)
+
+
+@pytest.mark.parametrize("port", [0, 65536, -1, True, "80", 80.0, None])
+def test_bad_backend_ports_are_named(port):
+    with pytest.raises(StateError, match=r"services\[0\] \(web\)\.backends\[1\]: port .* is not an integer"):
+        DesiredState.parse(with_change("services.0.backends.1.port", port))
