@@ -26,6 +26,7 @@ change them under the test. The lab goes down at the end, also when a test fails
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import ipaddress
 import json
@@ -142,6 +143,11 @@ class Lab:
             assert time.monotonic() < deadline, f"node{i}: agent not ready (again) after {timeout}s: {agent}"
             time.sleep(0.5)
 
+    def snapshots(self) -> dict[int, dict]:
+        """snapshot() of every node, taken side by side."""
+        with concurrent.futures.ThreadPoolExecutor(len(NODES)) as pool:
+            return dict(zip(NODES, pool.map(self.snapshot, NODES)))
+
     def snapshot(self, i: int) -> dict:
         """The datapath of node i as the tests compare it."""
         status = self.sluice(i, "status")
@@ -255,14 +261,14 @@ class Flows:
         if "flows answered" not in line:
             self._kill()
             pytest.fail(f"the flows did not start: {line!r}")
-        time.sleep(1)
+        time.sleep(0.5)  # traffic before the disruption ...
         return self
 
     def __exit__(self, *exc) -> None:
         if exc[0] is not None:
             self._kill()
             return
-        time.sleep(1)
+        time.sleep(0.5)  # ... and after it
         self.proc.send_signal(signal.SIGTERM)
         out, err = self.proc.communicate(timeout=60)
         assert self.proc.returncode == 0, err
@@ -305,8 +311,9 @@ def assert_failed_in(play: str, task: str, host: str) -> None:
 def test_agent_killed_and_restarted_by_its_supervisor_loses_nothing(rlab, flow_targets):
     before = {i: rlab.agent_pids(i) for i in NODES}
     with Flows(rlab, flow_targets) as flows:
-        for i in NODES:
+        for i in NODES:  # both at once
             os.kill(before[i][1], signal.SIGKILL)
+        for i in NODES:
             rlab.wait_agent_ready(i, not_pid=before[i][1])
     flows.assert_nothing_lost("agent kill -9")
     for i in NODES:
@@ -339,7 +346,7 @@ def new_version(rlab):
 
 
 def test_failed_upgrade_stops_at_the_first_node_and_changes_nothing(rlab, flow_targets, new_version):
-    before = {i: rlab.snapshot(i) for i in NODES}
+    before = rlab.snapshots()
     with Flows(rlab, flow_targets) as flows:
         result = rlab.playbook("upgrade.yml", "-e", f"datapath_objects_src={new_version[1]}", expect_ok=False)
     flows.assert_nothing_lost("failed upgrade")
@@ -352,8 +359,7 @@ def test_failed_upgrade_stops_at_the_first_node_and_changes_nothing(rlab, flow_t
     assert "the verifier rejected the datapath" in play and VERIFIER_SAYS in play, play
     # the rollout stops there: nothing ran on node2 (the plan play runs once, on node1)
     assert "node2" not in out, out
-    for i in NODES:
-        after = rlab.snapshot(i)
+    for i, after in rlab.snapshots().items():
         for key in ("programs", "links", "maps", "objects", "agent"):
             assert after[key] == before[i][key], f"node{i}: {key} changed by a failed upgrade"
         assert not os.path.exists(rlab.host_path(i, OBJ_DIR + ".staged")), "staged objects left behind"
@@ -378,7 +384,7 @@ def test_unhealthy_node_stops_the_rollout(rlab, flow_targets):
 
 
 def test_upgrade_to_a_new_datapath_version_keeps_state_and_loses_nothing(rlab, flow_targets, new_version):
-    before = {i: rlab.snapshot(i) for i in NODES}
+    before = rlab.snapshots()
     with Flows(rlab, flow_targets) as flows:
         result = rlab.playbook("upgrade.yml", "-e", f"datapath_objects_src={new_version[0]}")
     flows.assert_nothing_lost("upgrade to datapath version 2")
@@ -386,7 +392,7 @@ def test_upgrade_to_a_new_datapath_version_keeps_state_and_loses_nothing(rlab, f
     # rolling: node1 is done, health gate included, before node2 starts
     play = upgrade_play(result.stdout)
     assert play.rindex("[node1]") < play.index("[node2]"), play
-    after = {i: rlab.snapshot(i) for i in NODES}
+    after = rlab.snapshots()
     for i in NODES:
         old, new = before[i], after[i]
         assert {p["version"] for p in old["programs"].values()} == {1}
@@ -416,7 +422,7 @@ def test_soak_restarts_and_upgrades_under_one_long_flow(rlab, flow_targets, new_
     (datapath version 3, then 2, then 3, ...), all under one flow that must lose nothing."""
     sets = {2: new_version[0], 3: str(tmp_path / "v3")}
     build_objects(sets[3], 3)
-    start = {i: rlab.snapshot(i) for i in NODES}
+    start = rlab.snapshots()
     with Flows(rlab, flow_targets, duration=24 * 3600) as flows:
         for rnd in range(SOAK_ROUNDS):
             version = 3 if rnd % 2 == 0 else 2
@@ -429,8 +435,7 @@ def test_soak_restarts_and_upgrades_under_one_long_flow(rlab, flow_targets, new_
             assert rlab.sh(2, *AGENT_START).strip() == "started"
             rlab.wait_agent_ready(2)
             rlab.playbook("upgrade.yml", "-e", f"datapath_objects_src={sets[version]}")
-            for i in NODES:
-                now = rlab.snapshot(i)
+            for i, now in rlab.snapshots().items():
                 assert {p["version"] for p in now["programs"].values()} == {version}, f"round {rnd}: node{i}"
                 assert {k: v[0] for k, v in now["links"].items()} == {k: v[0] for k, v in start[i]["links"].items()}
                 assert now["maps"] == start[i]["maps"], f"round {rnd}: node{i} maps changed"
