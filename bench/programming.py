@@ -2,11 +2,15 @@
 distinct backends) into empty tables, and then changing one of them (one
 backend replaced), Sluice against kube-proxy's iptables mode.
 
-Sluice is measured twice: through sluice.state.Reconciler.apply (what the agent
-runs: it reads the live maps back, computes the plan, then writes backends with
-one batch update and each service's slots with batch updates), and as the bare
-map writes of sluice.maps (BackendsMap.put_many and ServicesMap batch
-updates), the floor a cached incremental reconciler could reach. iptables is
+Sluice is measured three ways: through sluice.state.Reconciler.apply (a full
+reconcile, what the agent runs at start and periodically, `sluice apply` and
+the Ansible module: it reads every map back with batch lookups, computes the
+plan from that one snapshot, then writes backends with one batch update and
+each service's slots with batch updates), through Reconciler.update (what the
+agent runs when the state file changes: the delta from the state it applied
+last, each changed entry checked before it is written), and as the bare map
+writes of sluice.maps (BackendsMap.put_many and ServicesMap batch updates), the
+floor. iptables is
 one iptables-restore of the whole ruleset without --noflush (kube-proxy's full
 sync), and for the change also a partial --noflush restore of the changed
 chains (kube-proxy's minimal sync)."""
@@ -67,7 +71,7 @@ def _direct_change(dp: Datapath) -> float:
 def run(opts) -> dict:
     reps_sluice = 2 if opts.quick else 3
     reps_ipt = 1 if opts.quick else 2
-    raw = {k: [] for k in ("sluice_install", "sluice_change", "maps_install", "maps_change",
+    raw = {k: [] for k in ("sluice_install", "sluice_change", "sluice_update", "maps_install", "maps_change",
                            "ipt_install", "ipt_change_full", "ipt_change_partial")}
     base = DesiredState.parse(workload.state(COUNT, PER))
     changed = DesiredState.parse(workload.state(COUNT, PER, changed=CHANGED))
@@ -95,11 +99,17 @@ def run(opts) -> dict:
                 plan = rec.apply(changed)
                 raw["sluice_change"].append(time.perf_counter() - t0)
                 assert plan.to_dict()["services"]["change"], plan.to_dict()
+                for target_state in (base, changed):    # the same backend changed back, and again
+                    t0 = time.perf_counter()
+                    plan = rec.update(target_state)
+                    raw["sluice_update"].append(time.perf_counter() - t0)
+                    assert rec.last_kind == "delta" and len(plan.to_dict()["services"]["change"]) == 1, plan.to_dict()
                 _clear(dp)
                 raw["maps_install"].append(_direct_install(dp))
                 raw["maps_change"].append(_direct_change(dp))
         print(f"  sluice: Reconciler install {statistics.median(raw['sluice_install']):.2f} s, change "
-              f"{statistics.median(raw['sluice_change']) * 1000:.0f} ms; maps install "
+              f"{statistics.median(raw['sluice_change']) * 1000:.0f} ms (apply), "
+              f"{statistics.median(raw['sluice_update']) * 1000:.1f} ms (update); maps install "
               f"{statistics.median(raw['maps_install']):.2f} s, change {statistics.median(raw['maps_change']) * 1e6:.0f} µs",
               flush=True)
         for _rep in range(reps_ipt):
@@ -120,6 +130,8 @@ def run(opts) -> dict:
                                                                    s["ipt_change_full"]["median"]),
                "change: Reconciler / iptables partial --noflush": ratio(s["sluice_change"]["median"],
                                                                         s["ipt_change_partial"]["median"]),
+               "change: Reconciler.update / iptables partial --noflush": ratio(s["sluice_update"]["median"],
+                                                                               s["ipt_change_partial"]["median"]),
                "change: maps / iptables partial --noflush": ratio(s["maps_change"]["median"],
                                                                   s["ipt_change_partial"]["median"]),
            }}
@@ -127,7 +139,10 @@ def run(opts) -> dict:
         {**target("10,000 services programmed (Reconciler.apply)", s["sluice_install"]["median"], 1.0,
                   f"{fmt_ratio(res['ratios']['install: Reconciler / iptables-restore'])} of iptables-restore"),
          "unit": " s"},
-        {**target("one change applied (Reconciler.apply)", s["sluice_change"]["median"], 0.010,
+        {**target("one change applied (Reconciler.update, the agent's path)", s["sluice_update"]["median"], 0.010,
+                  f"{fmt_ratio(res['ratios']['change: Reconciler.update / iptables partial --noflush'])} of a "
+                  "partial iptables-restore --noflush"), "unit": " s"},
+        {**target("one change applied (Reconciler.apply, full reconcile)", s["sluice_change"]["median"], 0.010,
                   f"{fmt_ratio(res['ratios']['change: Reconciler / iptables partial --noflush'])} of a partial "
                   "iptables-restore --noflush"), "unit": " s"},
         {**target("one change applied (sluice.maps writes alone)", s["maps_change"]["median"], 0.010,
@@ -139,10 +154,11 @@ def run(opts) -> dict:
 
 def markdown(res: dict) -> list[str]:
     s = res["summary"]
-    rows = [("install, Sluice Reconciler.apply (agent path)", "sluice_install"),
+    rows = [("install, Sluice Reconciler.apply (full reconcile)", "sluice_install"),
             ("install, Sluice map writes alone (sluice.maps batch)", "maps_install"),
             ("install, iptables-restore (kube-proxy full sync)", "ipt_install"),
-            ("one change, Sluice Reconciler.apply", "sluice_change"),
+            ("one change, Sluice Reconciler.apply (full reconcile: every map read back)", "sluice_change"),
+            ("one change, Sluice Reconciler.update (agent: delta from the last applied state)", "sluice_update"),
             ("one change, Sluice map writes alone", "maps_change"),
             ("one change, iptables-restore of the whole ruleset (full sync)", "ipt_change_full"),
             ("one change, iptables-restore --noflush of the changed chains (partial sync)", "ipt_change_partial")]
@@ -161,7 +177,8 @@ def plots(res: dict, plt, prefix: str) -> list[str]:
     s = res["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     install = [("Reconciler", "sluice_install"), ("maps", "maps_install"), ("iptables-restore", "ipt_install")]
-    change = [("Reconciler", "sluice_change"), ("maps", "maps_change"), ("iptables full", "ipt_change_full"),
+    change = [("Reconciler", "sluice_change"), ("update", "sluice_update"), ("maps", "maps_change"),
+              ("iptables full", "ipt_change_full"),
               ("iptables partial", "ipt_change_partial")]
     for ax, keys, title in ((axes[0], install, "install 10,000 × 5"), (axes[1], change, "change one service")):
         labels = [k[0] for k in keys]
@@ -169,7 +186,7 @@ def plots(res: dict, plt, prefix: str) -> list[str]:
         err = [[m - s[k[1]]["min"] * 1000 for k, m in zip(keys, med)],
                [s[k[1]]["max"] * 1000 - m for k, m in zip(keys, med)]]
         ax.bar(labels, med, yerr=err, capsize=4,
-               color=["tab:green" if lb in ("Reconciler", "maps") else "tab:orange" for lb in labels])
+               color=["tab:green" if lb in ("Reconciler", "update", "maps") else "tab:orange" for lb in labels])
         ax.set_yscale("log")
         ax.set_ylabel("ms (log)")
         ax.set_title(title)
