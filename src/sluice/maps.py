@@ -251,16 +251,24 @@ class Map:
         """Every entry as (keys, values, count), packed back to back as the kernel lays them out: with
         BPF_MAP_LOOKUP_BATCH (a few calls for the whole map) where the kernel has it for the map type,
         else key by key (BPF_MAP_GET_NEXT_KEY and a lookup each), which gives the same entries."""
-        if not self.percpu:
-            entry = sizeof(self.key_type) + sizeof(self.value_type)
-            chunk = max(16, min(self.max_entries, (1 << 20) // entry))
-            try:
-                return lb.map_lookup_batch(self.fd, sizeof(self.key_type), sizeof(self.value_type), chunk)
-            except lb.BpfError as e:
-                if e.errno not in BATCH_UNSUPPORTED:
-                    raise
+        batch = self._batch_dump()
+        if batch is not None:
+            return batch
         pairs = list(self._iter_items())
         return b"".join(bytes(k) for k, _v in pairs), b"".join(bytes(v) for _k, v in pairs), len(pairs)
+
+    def _batch_dump(self) -> tuple[bytes, bytes, int] | None:
+        """dump() by BPF_MAP_LOOKUP_BATCH; None where the kernel has no batch lookup for the map."""
+        if self.percpu:
+            return None
+        entry = sizeof(self.key_type) + sizeof(self.value_type)
+        chunk = max(16, min(self.max_entries, (1 << 20) // entry))
+        try:
+            return lb.map_lookup_batch(self.fd, sizeof(self.key_type), sizeof(self.value_type), chunk)
+        except lb.BpfError as e:
+            if e.errno not in BATCH_UNSUPPORTED:
+                raise
+        return None
 
     def raw_items(self) -> list:
         """Every (key, value) as ctypes structures (read with dump())."""
@@ -292,7 +300,8 @@ class Map:
                  f"batch delete from {self.name} ({count.value}/{len(keys)} deleted)")
 
     def __len__(self) -> int:
-        return sum(1 for _key in self.raw_keys())
+        batch = self._batch_dump()    # a few calls rather than one per key (metrics, status)
+        return batch[2] if batch is not None else sum(1 for _key in self.raw_keys())
 
     def clear(self) -> None:
         self.delete_batch(list(self.raw_keys()))
