@@ -218,7 +218,7 @@ def test_batch_reads_return_exactly_what_iteration_returns(node, monkeypatch, cl
         ksize, vsize = ctypes.sizeof(mp.key_type), ctypes.sizeof(mp.value_type)
         expected = _iterated(mp)
         assert _dumped(mp.dump(), ksize, vsize) == expected
-        assert len(mp) == len(expected) == sum(1 for _key in mp.raw_keys())
+        assert len(mp) == sum(1 for _key in mp.raw_keys())  # (a cpumap has a key for every CPU, set or not)
         assert tuple(sorted(bytes(k) + bytes(v) for k, v in mp.raw_items())) == expected
         try:
             # a tiny chunk: many calls, and hash buckets holding more than fit (ENOSPC, retried larger)
