@@ -112,8 +112,10 @@ class Agent:
             return None
 
     def _full_due(self) -> bool:
+        """Whether the periodic full reconcile is due (never with full_reconcile_interval 0, where every
+        reconcile of a changed file is a full one anyway)."""
         interval = self.config.full_reconcile_interval
-        return self._last_full is None or interval <= 0 or time.monotonic() - self._last_full >= interval
+        return interval > 0 and (self._last_full is None or time.monotonic() - self._last_full >= interval)
 
     def reconcile(self, force: bool = False, full: bool = False) -> bool:
         """Re-read the state file if it changed (or when forced) and apply it: as a delta from the state
@@ -121,9 +123,9 @@ class Agent:
         unchanged, a due full reconcile re-applies the last good state (drift repair). False when refused."""
         with self._lock:
             stamp = self._stamp()
-            full = full or self._full_due()
             if not force and stamp == self._state_stamp:
-                return self._repair() if full and self.state is not None else True
+                return self._repair() if self.state is not None and self._full_due() else True
+            full = full or self._full_due() or self.config.full_reconcile_interval <= 0
             self._state_stamp = stamp
             try:
                 state = DesiredState.from_file(self.config.state_file)
@@ -153,6 +155,7 @@ class Agent:
         except Exception as e:  # noqa: BLE001 - as in reconcile()
             self._refused(e)
             self._repair_failed = True
+            self._last_full = time.monotonic()     # the next attempt one interval later, not at every poll
             return False
         self._reconciled()
         if self._repair_failed:

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import stat
+import time
 import urllib.request
 
 import pytest
@@ -202,6 +203,21 @@ def test_the_periodic_full_reconcile_repairs_drift_while_the_file_stays_the_same
         assert services(dp) == {("10.97.0.10", 80, "tcp"): 1}
         assert repaired["last_plan"] == before["last_plan"], "last_plan stays the plan of the state file applied last"
         assert "repaired" in agent.logs()
+
+
+def test_full_reconcile_interval_0_makes_every_reconcile_full_and_repairs_nothing_by_itself(pin_root, tmp_path):
+    with agent_node(pin_root, tmp_path, full_reconcile_interval=0) as (agent, _ns, dp, state_file):
+        _drift(dp)
+        new = copy.deepcopy(STATE)
+        new["prefilter"] = []
+        time.sleep(0.6)     # polls: the file is unchanged, nothing is due
+        assert services(dp) == {("10.97.9.9", 9, "udp"): 1} and agent.health()["last_drift_repair"] is None
+        before = agent.health()["last_reconcile"]
+        write_state(state_file, new)
+        health = agent.wait_for(lambda: (h := agent.health())["last_reconcile"] != before and h, what="a reconcile")
+        # a full reconcile: the drift is repaired with the change (the prefilter CIDR was gone already)
+        assert health["last_reconcile_kind"] == "full" and health["last_plan"] == {"services": REPAIR["services"]}
+        assert services(dp) == {("10.97.0.10", 80, "tcp"): 1}
 
 
 @pytest.mark.parametrize("value", [-1, "60", True, float("inf")])
