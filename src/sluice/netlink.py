@@ -204,13 +204,14 @@ _NDMSG = struct.Struct("=BxxxiHBB")         # family, ifindex, state, flags, typ
 _U32 = struct.Struct("=I")
 
 
-def _attr(kind: int, data: bytes) -> bytes:
+def attr(kind: int, data: bytes) -> bytes:
+    """One netlink attribute (struct nlattr + payload, padded to 4 bytes)."""
     size = _NLATTR.size + len(data)
     return _NLATTR.pack(size, kind) + data + b"\0" * (-size % 4)
 
 
 def _nest(kind: int, *attrs: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(attrs))
+    return attr(kind | NLA_F_NESTED, b"".join(attrs))
 
 
 def _str(value: str) -> bytes:
@@ -225,7 +226,8 @@ def _mac_bytes(mac: str) -> bytes:
     return bytes(int(p, 16) for p in mac.split(":"))
 
 
-def _attrs(data: bytes, offset: int) -> dict[int, bytes]:
+def parse_attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
+    """The netlink attributes in `data` from `offset` on, by type (nested/byte-order flags stripped)."""
     out = {}
     while offset + _NLATTR.size <= len(data):
         length, kind = _NLATTR.unpack_from(data, offset)
@@ -267,8 +269,8 @@ class RouteMsg:
 
 def _link_msg(payload: bytes) -> LinkMsg:
     _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(payload)
-    attrs = _attrs(payload, _IFINFOMSG.size)
-    info = _attrs(attrs[IFLA_LINKINFO], 0) if IFLA_LINKINFO in attrs else {}
+    attrs = parse_attrs(payload, _IFINFOMSG.size)
+    info = parse_attrs(attrs[IFLA_LINKINFO], 0) if IFLA_LINKINFO in attrs else {}
     mac = attrs.get(IFLA_ADDRESS)
     return LinkMsg(name=_cstr(attrs.get(IFLA_IFNAME)) or "", index=index, flags=flags,
                    mac=":".join(f"{b:02x}" for b in mac) if mac is not None else None,
@@ -279,7 +281,7 @@ def _link_msg(payload: bytes) -> LinkMsg:
 
 def _route_msg(payload: bytes) -> RouteMsg:
     _family, dst_len, _src_len, _tos, table, protocol, scope, rtype, _flags = _RTMSG.unpack_from(payload)
-    attrs = _attrs(payload, _RTMSG.size)
+    attrs = parse_attrs(payload, _RTMSG.size)
     return RouteMsg(dst=socket.inet_ntoa(attrs[RTA_DST]) if RTA_DST in attrs else "0.0.0.0", dst_len=dst_len,
                     table=_U32.unpack(attrs[RTA_TABLE])[0] if RTA_TABLE in attrs else table,
                     protocol=protocol, scope=scope, type=rtype,
@@ -344,7 +346,7 @@ class Rtnl:
         """The device `name` of this netns, or None."""
         try:
             answers = self.request(RTM_GETLINK, 0, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-                                   + _attr(IFLA_IFNAME, _str(name)))
+                                   + attr(IFLA_IFNAME, _str(name)))
         except NetlinkError as e:
             if e.code == 19:    # ENODEV
                 return None
@@ -357,21 +359,21 @@ class Rtnl:
     def set_up(self, name: str | None = None, index: int = 0) -> None:
         """IFF_UP on a device, by index or by name."""
         self.request(RTM_NEWLINK, 0, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, IFF_UP, IFF_UP)
-                     + (_attr(IFLA_IFNAME, _str(name)) if name and not index else b""))
+                     + (attr(IFLA_IFNAME, _str(name)) if name and not index else b""))
 
     def add_veth(self, name: str, peer: str, peer_netns_fd: int, mtu: int) -> None:
         """A veth pair: `name` up in this netns, `peer` (down) created directly in the netns of `peer_netns_fd`."""
-        peer_info = (_IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _str(peer))
-                     + _attr(IFLA_NET_NS_FD, _U32.pack(peer_netns_fd)) + _attr(IFLA_MTU, _U32.pack(mtu)))
+        peer_info = (_IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr(IFLA_IFNAME, _str(peer))
+                     + attr(IFLA_NET_NS_FD, _U32.pack(peer_netns_fd)) + attr(IFLA_MTU, _U32.pack(mtu)))
         self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
-                     _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, IFF_UP, IFF_UP) + _attr(IFLA_IFNAME, _str(name))
-                     + _attr(IFLA_MTU, _U32.pack(mtu))
-                     + _nest(IFLA_LINKINFO, _attr(IFLA_INFO_KIND, _str("veth")),
-                             _nest(IFLA_INFO_DATA, _attr(VETH_INFO_PEER, peer_info))))
+                     _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, IFF_UP, IFF_UP) + attr(IFLA_IFNAME, _str(name))
+                     + attr(IFLA_MTU, _U32.pack(mtu))
+                     + _nest(IFLA_LINKINFO, attr(IFLA_INFO_KIND, _str("veth")),
+                             _nest(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer_info))))
 
     def delete_link(self, name: str) -> bool:
         try:
-            self.request(RTM_DELLINK, 0, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _str(name)))
+            self.request(RTM_DELLINK, 0, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr(IFLA_IFNAME, _str(name)))
         except NetlinkError as e:
             if e.code == 19:    # ENODEV: not there (or gone meanwhile)
                 return False
@@ -383,14 +385,14 @@ class Rtnl:
     def replace_addr(self, index: int, address: str, prefixlen: int) -> None:
         self.request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE,
                      _IFADDRMSG.pack(socket.AF_INET, prefixlen, 0, RT_SCOPE_UNIVERSE, index)
-                     + _attr(IFA_LOCAL, _ip(address)) + _attr(IFA_ADDRESS, _ip(address)))
+                     + attr(IFA_LOCAL, _ip(address)) + attr(IFA_ADDRESS, _ip(address)))
 
     def addrs(self, index: int) -> list[str]:
         """"ip/prefixlen" of every IPv4 address on device `index`."""
         out = []
         for payload in self.dump(RTM_GETADDR, _IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0)):
             _family, prefixlen, _flags, _scope, ifindex = _IFADDRMSG.unpack_from(payload)
-            attrs = _attrs(payload, _IFADDRMSG.size)
+            attrs = parse_attrs(payload, _IFADDRMSG.size)
             if ifindex == index and IFA_ADDRESS in attrs:
                 out.append(f"{socket.inet_ntoa(attrs[IFA_ADDRESS])}/{prefixlen}")
         return out
@@ -398,7 +400,7 @@ class Rtnl:
     def replace_neigh(self, index: int, address: str, mac: str, state: int = NUD_PERMANENT) -> None:
         self.request(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE,
                      _NDMSG.pack(socket.AF_INET, index, state, 0, 0)
-                     + _attr(NDA_DST, _ip(address)) + _attr(NDA_LLADDR, _mac_bytes(mac)))
+                     + attr(NDA_DST, _ip(address)) + attr(NDA_LLADDR, _mac_bytes(mac)))
 
     def replace_route(self, cidr: str, oif: int, gateway: str | None = None, scope: int = RT_SCOPE_UNIVERSE,
                       proto: int = RTPROT_STATIC) -> None:
@@ -406,8 +408,8 @@ class Rtnl:
         net = ipaddress.IPv4Network(cidr)
         self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE,
                      _RTMSG.pack(socket.AF_INET, net.prefixlen, 0, 0, RT_TABLE_MAIN, proto, scope, RTN_UNICAST, 0)
-                     + _attr(RTA_DST, net.network_address.packed) + _attr(RTA_OIF, _U32.pack(oif))
-                     + (_attr(RTA_GATEWAY, _ip(gateway)) if gateway else b""))
+                     + attr(RTA_DST, net.network_address.packed) + attr(RTA_OIF, _U32.pack(oif))
+                     + (attr(RTA_GATEWAY, _ip(gateway)) if gateway else b""))
 
     def delete_route(self, cidr: str, proto: int) -> bool:
         """Delete the main-table route to `cidr` of protocol `proto`; False when there is none."""
@@ -415,7 +417,7 @@ class Rtnl:
         try:
             self.request(RTM_DELROUTE, 0,
                          _RTMSG.pack(socket.AF_INET, net.prefixlen, 0, 0, RT_TABLE_MAIN, proto, RT_SCOPE_NOWHERE, 0, 0)
-                         + _attr(RTA_DST, net.network_address.packed))
+                         + attr(RTA_DST, net.network_address.packed))
         except NetlinkError as e:
             if e.code == 3:     # ESRCH: not there
                 return False

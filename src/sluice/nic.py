@@ -66,8 +66,9 @@ def _int_or_none(value: str):
     return int(value) if value.isdigit() else None
 
 
-def parse_channels(text: str) -> dict:
-    """`ethtool -l` -> {"max": {...}, "current": {...}} with None for n/a."""
+def _parse_sections(text: str, keys, aliases: dict | None = None) -> dict:
+    """The "Pre-set maximums" and "Current hardware settings" sections of `ethtool -l`/`-g`:
+    {"max": {...}, "current": {...}} of `keys`, with None for n/a."""
     out = {"max": {}, "current": {}}
     section = None
     for line in text.splitlines():
@@ -78,26 +79,20 @@ def parse_channels(text: str) -> dict:
         elif section and ":" in line:
             key, value = line.split(":", 1)
             key = key.strip().lower()
-            if key in CHANNEL_KEYS:
+            key = (aliases or {}).get(key, key)
+            if key in keys:
                 out[section][key] = _int_or_none(value)
     return out
+
+
+def parse_channels(text: str) -> dict:
+    """`ethtool -l` -> {"max": {...}, "current": {...}} with None for n/a."""
+    return _parse_sections(text, CHANNEL_KEYS)
 
 
 def parse_rings(text: str) -> dict:
     """`ethtool -g` -> {"max": {...}, "current": {...}}."""
-    out = {"max": {}, "current": {}}
-    section = None
-    for line in text.splitlines():
-        if line.startswith("Pre-set maximums"):
-            section = "max"
-        elif line.startswith("Current hardware settings"):
-            section = "current"
-        elif section and ":" in line:
-            key, value = line.split(":", 1)
-            key = {"rx mini": "rx-mini", "rx jumbo": "rx-jumbo"}.get(key.strip().lower(), key.strip().lower())
-            if key in RING_KEYS:
-                out[section][key] = _int_or_none(value)
-    return out
+    return _parse_sections(text, RING_KEYS, {"rx mini": "rx-mini", "rx jumbo": "rx-jumbo"})
 
 
 def parse_features(text: str) -> dict:
@@ -276,22 +271,6 @@ NLM_F_REQUEST = 1
 NLMSG_ERROR = 2
 
 
-def _nla(attr_type: int, payload: bytes) -> bytes:
-    data = struct.pack("HH", 4 + len(payload), attr_type) + payload
-    return data + b"\0" * (-len(data) % 4)
-
-
-def _parse_attrs(data: bytes) -> dict:
-    attrs = {}
-    while len(data) >= 4:
-        length, attr_type = struct.unpack_from("HH", data)
-        if length < 4:
-            break
-        attrs[attr_type & 0x3FFF] = data[4:length]
-        data = data[(length + 3) & ~3:]
-    return attrs
-
-
 def _genl_request(sock, family: int, cmd: int, attrs: bytes, seq: int) -> dict | None:
     body = struct.pack("BBH", cmd, 1, 0) + attrs
     sock.send(struct.pack("IHHII", 16 + len(body), family, NLM_F_REQUEST, seq, 0) + body)
@@ -299,7 +278,7 @@ def _genl_request(sock, family: int, cmd: int, attrs: bytes, seq: int) -> dict |
     length, msg_type = struct.unpack_from("IH", data)
     if msg_type == NLMSG_ERROR:
         return None
-    return _parse_attrs(data[20:length])
+    return netlink.parse_attrs(data[20:length])
 
 
 def xdp_features(ifindex: int) -> int | None:
@@ -307,12 +286,12 @@ def xdp_features(ifindex: int) -> int | None:
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC) as sock:
             sock.settimeout(2)
             fam = _genl_request(sock, GENL_ID_CTRL, CTRL_CMD_GETFAMILY,
-                                _nla(CTRL_ATTR_FAMILY_NAME, b"netdev\0"), 1)
+                                netlink.attr(CTRL_ATTR_FAMILY_NAME, b"netdev\0"), 1)
             if not fam or CTRL_ATTR_FAMILY_ID not in fam:
                 return None
             family = struct.unpack("H", fam[CTRL_ATTR_FAMILY_ID][:2])[0]
             dev = _genl_request(sock, family, NETDEV_CMD_DEV_GET,
-                                _nla(NETDEV_A_DEV_IFINDEX, struct.pack("I", ifindex)), 2)
+                                netlink.attr(NETDEV_A_DEV_IFINDEX, struct.pack("I", ifindex)), 2)
     except OSError:
         return None
     if not dev or NETDEV_A_DEV_XDP_FEATURES not in dev:

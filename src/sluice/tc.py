@@ -30,6 +30,7 @@ import struct
 from dataclasses import dataclass
 
 from .bpf import libbpf as lb
+from .netlink import parse_attrs
 
 TC_MODES = ("auto", "tcx", "legacy")
 
@@ -55,7 +56,6 @@ TCA_BPF_TAG = 10
 TCA_BPF_ID = 11
 _NLMSGHDR = struct.Struct("=IHHII")
 _TCMSG = struct.Struct("=BxxxiIII")
-_RTATTR = struct.Struct("=HH")
 
 BPF_PROG_TYPE_SCHED_CLS = 3
 
@@ -123,17 +123,6 @@ _bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctype
 
 # ---- netlink dumps ----------------------------------------------------------------------------
 
-def _attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
-    out = {}
-    while offset + _RTATTR.size <= len(data):
-        length, kind = _RTATTR.unpack_from(data, offset)
-        if length < _RTATTR.size:
-            break
-        out[kind & 0x3FFF] = data[offset + _RTATTR.size: offset + length]
-        offset += (length + 3) & ~3
-    return out
-
-
 def _cstr(raw: bytes | None) -> str:
     return (raw or b"").split(b"\0", 1)[0].decode(errors="replace")
 
@@ -159,8 +148,8 @@ def _dump(msg_type: int, ifindex: int = 0, parent: int = 0) -> list[Filter]:
                     raise TcError(f"netlink dump of tc objects on ifindex {ifindex}: {os.strerror(code)}")
                 msg = data[offset + _NLMSGHDR.size: offset + length]
                 _family, index, handle, msg_parent, info = _TCMSG.unpack_from(msg)
-                attrs = _attrs(msg, _TCMSG.size)
-                opts = _attrs(attrs.get(TCA_OPTIONS, b""))
+                attrs = parse_attrs(msg, _TCMSG.size)
+                opts = parse_attrs(attrs.get(TCA_OPTIONS, b""))
                 out.append(Filter(ifindex=index, parent=msg_parent, priority=info >> 16, handle=handle,
                                   kind=_cstr(attrs.get(TCA_KIND)), name=_cstr(opts.get(TCA_BPF_NAME)),
                                   prog_id=struct.unpack("=I", opts[TCA_BPF_ID])[0] if TCA_BPF_ID in opts else 0,
