@@ -24,14 +24,14 @@ from scapy.layers.vxlan import VXLAN
 
 from conftest import bpf_object_path
 from lib import netns, packets
+from lib.pods import add_pod
 from sluice.bpf import libbpf as lb
 from sluice.bpf.btf import Btf
 from sluice.bpf.object import BpfObject
-from sluice.maps import Backend, BackendsMap, ConfigMap, Endpoint, EndpointsMap, LbVipsMap, MetricsMap, NatMap, Route, RoutesMap
+from sluice.maps import Backend, BackendsMap, ConfigMap, EndpointsMap, LbVipsMap, MetricsMap, NatMap, Route, RoutesMap
 
 pytestmark = pytest.mark.kernel
 
-GATEWAY = "169.254.1.1"     # every pod's default gateway, answered by its host veth's MAC
 UNDERLAY = ("192.168.50.1", "192.168.50.2")
 POD_CIDRS = ("10.1.1.0/24", "10.1.2.0/24")
 POD1, POD2 = "10.1.1.11", "10.1.2.22"
@@ -112,22 +112,6 @@ def datapath(ns: str, pin_root: str):
 
 def node_setup(ns: str) -> None:
     netns.ns_exec(ns, "sysctl", "-qw", "net.ipv4.ip_forward=0")
-
-
-def add_pod(node: str, pod: str, host_dev: str, ip: str, mtu: int = 1500) -> Endpoint:
-    """A pod as a CNI plugin would wire it: eth0 with a /32, default route via a
-    link-local gateway whose MAC (the host veth's) is a permanent neighbour."""
-    netns.ns_exec(node, "ip", "link", "add", host_dev, "mtu", str(mtu), "type", "veth",
-                  "peer", "name", "eth0", "mtu", str(mtu), "netns", pod)
-    netns.ns_exec(node, "ip", "link", "set", host_dev, "up")
-    host_mac = netns.mac(node, host_dev)
-    for argv in (("addr", "add", f"{ip}/32", "dev", "eth0"),
-                 ("link", "set", "eth0", "up"),
-                 ("route", "add", GATEWAY, "dev", "eth0", "scope", "link"),
-                 ("route", "add", "default", "via", GATEWAY, "dev", "eth0"),
-                 ("neigh", "replace", GATEWAY, "lladdr", host_mac, "dev", "eth0", "nud", "permanent")):
-        netns.ns_exec(pod, "ip", *argv)
-    return Endpoint(netns.ifindex(node, host_dev), netns.mac(pod, "eth0"), host_mac)
 
 
 def tcp_transfer(server_ns: str, server_ip: str, client_ns: str, size: int = TCP_BYTES) -> None:

@@ -25,18 +25,18 @@ import pytest
 
 from conftest import BPF_BUILD, ROOT
 from lib import netns, packets
+from lib.pods import add_pod
 from lib.agent import VENV_BIN, AgentProcess
 from lib.cgroup import cgroup
 from sluice import cli, tc
 from sluice.agent import AgentConfig
 from sluice.bpf import libbpf as lb
 from sluice.datapath import Datapath, DatapathError
-from sluice.maps import Endpoint, EndpointsMap
+from sluice.maps import EndpointsMap
 from sluice.netlink import ipr
 
 pytestmark = pytest.mark.kernel
 
-GATEWAY = "169.254.1.1"
 POD1, POD2 = "10.1.7.11", "10.1.7.22"
 ECHOES = 3
 REDIRECT_PEER = ("tc_from_pod", "redirect_peer")
@@ -61,21 +61,6 @@ def legacy_datapath(pin_root: str, obj_dir: str = BPF_BUILD):
         yield dp
     finally:
         dp.remove()
-
-
-def add_pod(node: str, pod: str, host_dev: str, ip: str) -> Endpoint:
-    """A pod wired as the CNI plugin does: eth0 with a /32, default route via a link-local gateway
-    whose MAC (the host veth's) is a permanent neighbour."""
-    netns.ns_exec(node, "ip", "link", "add", host_dev, "type", "veth", "peer", "name", "eth0", "netns", pod)
-    netns.ns_exec(node, "ip", "link", "set", host_dev, "up")
-    host_mac = netns.mac(node, host_dev)
-    for argv in (("addr", "add", f"{ip}/32", "dev", "eth0"),
-                 ("link", "set", "eth0", "up"),
-                 ("route", "add", GATEWAY, "dev", "eth0", "scope", "link"),
-                 ("route", "add", "default", "via", GATEWAY, "dev", "eth0"),
-                 ("neigh", "replace", GATEWAY, "lladdr", host_mac, "dev", "eth0", "nud", "permanent")):
-        netns.ns_exec(pod, "ip", *argv)
-    return Endpoint(netns.ifindex(node, host_dev), netns.mac(pod, "eth0"), host_mac)
 
 
 @contextlib.contextmanager
