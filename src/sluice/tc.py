@@ -30,7 +30,7 @@ import struct
 from dataclasses import dataclass
 
 from .bpf import libbpf as lb
-from .netlink import parse_attrs
+from .netlink import NetlinkError, Rtnl, parse_attrs
 
 TC_MODES = ("auto", "tcx", "legacy")
 
@@ -45,16 +45,11 @@ ETH_P_ALL = 0x0003
 # rtnetlink (linux/rtnetlink.h, linux/pkt_cls.h)
 RTM_GETQDISC = 38
 RTM_GETTFILTER = 46
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP = 0x300
 TCA_KIND = 1
 TCA_OPTIONS = 2
 TCA_BPF_NAME = 7
 TCA_BPF_TAG = 10
 TCA_BPF_ID = 11
-_NLMSGHDR = struct.Struct("=IHHII")
 _TCMSG = struct.Struct("=BxxxiIII")
 
 BPF_PROG_TYPE_SCHED_CLS = 3
@@ -129,32 +124,23 @@ def _cstr(raw: bytes | None) -> str:
 
 def _dump(msg_type: int, ifindex: int = 0, parent: int = 0) -> list[Filter]:
     """An RTM_GETQDISC or RTM_GETTFILTER dump of the calling thread's netns."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-        sock.bind((0, 0))
-        body = _TCMSG.pack(socket.AF_UNSPEC, ifindex, 0, parent, 0)
-        sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
-        out = []
-        while True:
-            data = sock.recv(1 << 16)
-            offset = 0
-            while offset + _NLMSGHDR.size <= len(data):
-                length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-                if kind == NLMSG_DONE:
-                    return out
-                if kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", data, offset + _NLMSGHDR.size)[0]
-                    if code in (0, errno.ENODEV, errno.ENOENT, errno.EINVAL):  # no device or no qdisc: nothing
-                        return out
-                    raise TcError(f"netlink dump of tc objects on ifindex {ifindex}: {os.strerror(code)}")
-                msg = data[offset + _NLMSGHDR.size: offset + length]
-                _family, index, handle, msg_parent, info = _TCMSG.unpack_from(msg)
-                attrs = parse_attrs(msg, _TCMSG.size)
-                opts = parse_attrs(attrs.get(TCA_OPTIONS, b""))
-                out.append(Filter(ifindex=index, parent=msg_parent, priority=info >> 16, handle=handle,
-                                  kind=_cstr(attrs.get(TCA_KIND)), name=_cstr(opts.get(TCA_BPF_NAME)),
-                                  prog_id=struct.unpack("=I", opts[TCA_BPF_ID])[0] if TCA_BPF_ID in opts else 0,
-                                  tag=opts.get(TCA_BPF_TAG, b"").hex()))
-                offset += (length + 3) & ~3
+    try:
+        with Rtnl() as rtnl:
+            messages = rtnl.dump(msg_type, _TCMSG.pack(socket.AF_UNSPEC, ifindex, 0, parent, 0))
+    except NetlinkError as e:
+        if e.code in (errno.ENODEV, errno.ENOENT, errno.EINVAL):  # no device or no qdisc: nothing
+            return []
+        raise TcError(f"netlink dump of tc objects on ifindex {ifindex}: {os.strerror(e.code)}") from None
+    out = []
+    for msg in messages:
+        _family, index, handle, msg_parent, info = _TCMSG.unpack_from(msg)
+        attrs = parse_attrs(msg, _TCMSG.size)
+        opts = parse_attrs(attrs.get(TCA_OPTIONS, b""))
+        out.append(Filter(ifindex=index, parent=msg_parent, priority=info >> 16, handle=handle,
+                          kind=_cstr(attrs.get(TCA_KIND)), name=_cstr(opts.get(TCA_BPF_NAME)),
+                          prog_id=struct.unpack("=I", opts[TCA_BPF_ID])[0] if TCA_BPF_ID in opts else 0,
+                          tag=opts.get(TCA_BPF_TAG, b"").hex()))
+    return out
 
 
 def qdiscs(ifindex: int | None = None) -> list[Filter]:
