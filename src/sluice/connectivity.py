@@ -66,6 +66,12 @@ def _run(argv: list[str], env: dict | None = None) -> subprocess.CompletedProces
     return result
 
 
+def _self_in(netns: str, *args: str) -> list[str]:
+    """This module's command line, run inside network namespace `netns` (nsenter rather than setns:
+    the module stays standard library only)."""
+    return ["nsenter", f"--net={netns}", sys.executable, "-m", "sluice.connectivity", *args]
+
+
 def _cni(cnitool: str, command: str, network: str, netns: str, ip: str | None = None) -> str:
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **CNI_ENV}
     if ip:
@@ -113,8 +119,7 @@ def pod_add(name: str, ip: str, cnitool: str, network: str, server: str = "echo"
         os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
         with open(os.path.join(STATE_DIR, f"{name}.log"), "ab") as log:
             command = ["serve", name, ip] if server == "echo" else ["flow-server"]
-            proc = subprocess.Popen(["nsenter", f"--net={netns}", sys.executable, "-m", "sluice.connectivity",
-                                     *command], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            proc = subprocess.Popen(_self_in(netns, *command), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     start_new_session=True)
         with open(os.path.join(STATE_DIR, f"{name}.pid"), "w") as f:
             f.write(f"{proc.pid} {_start_time(proc.pid)}\n")
@@ -128,8 +133,7 @@ def _wait_listening(netns: str, ip: str, server: str = "echo") -> None:
              else ["flow", "--tcp", f"{ip}:{TCP_PORT}", "--duration", "0.1"])
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        probe = subprocess.run(["nsenter", f"--net={netns}", sys.executable, "-m", "sluice.connectivity", *check],
-                               capture_output=True, text=True, check=False)
+        probe = subprocess.run(_self_in(netns, *check), capture_output=True, text=True, check=False)
         if probe.returncode == 0 and json.loads(probe.stdout).get("ok"):
             return
         time.sleep(0.1)
@@ -542,20 +546,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "probe":
         if args.netns:
-            # nsenter rather than setns here: this module stays standard library only.
             source = ["--source", args.source] if args.source else []
-            os.execvp("nsenter", ["nsenter", f"--net={args.netns}", sys.executable, "-m", "sluice.connectivity",
-                                  "probe", args.kind, args.dst, str(args.port), "--count", str(args.count), *source])
+            os.execvp("nsenter", _self_in(args.netns, "probe", args.kind, args.dst, str(args.port),
+                                          "--count", str(args.count), *source))
         result = probe(args.kind, args.dst, args.port, args.source, args.count)
         print(json.dumps(result, sort_keys=True))
         return 0
     if args.command == "flow":
         if args.netns:
-            os.execvp("nsenter", ["nsenter", f"--net={args.netns}", sys.executable, "-m", "sluice.connectivity",
-                                  "flow",
-                                  *[a for d, p in args.tcp for a in ("--tcp", f"{d}:{p}")],
-                                  *[a for d, p in args.udp for a in ("--udp", f"{d}:{p}")],
-                                  "--duration", str(args.duration), "--rate", str(args.rate)])
+            os.execvp("nsenter", _self_in(args.netns, "flow",
+                                          *[a for d, p in args.tcp for a in ("--tcp", f"{d}:{p}")],
+                                          *[a for d, p in args.udp for a in ("--udp", f"{d}:{p}")],
+                                          "--duration", str(args.duration), "--rate", str(args.rate)))
         if not args.tcp and not args.udp:
             parser.error("flow needs at least one --tcp or --udp")
         stop = threading.Event()
