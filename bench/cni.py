@@ -179,7 +179,7 @@ def markdown(res: dict) -> list[str]:
     return lines
 
 
-def plots(res: dict, plt, prefix: str) -> list[str]:
+def plot(res: dict, plt):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, c in zip(axes, sorted(res["summary"]["sluice"], key=int)):
         labels, vals, colors = [], [], []
@@ -194,8 +194,4 @@ def plots(res: dict, plt, prefix: str) -> list[str]:
         ax.set_title(f"concurrency {c}")
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle("CNI plugin latency: Sluice vs bridge + host-local")
-    fig.tight_layout()
-    path = f"{prefix}-cni.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return fig

@@ -211,7 +211,7 @@ def markdown(res: dict) -> list[str]:
     return lines
 
 
-def plots(res: dict, plt, prefix: str) -> list[str]:
+def plot(res: dict, plt):
     labels = list(res["variants"])
     s = res["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -224,8 +224,4 @@ def plots(res: dict, plt, prefix: str) -> list[str]:
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle("Pod↔pod: Sluice vs bridge+iptables vs bare veth (median, min–max over rounds)")
-    fig.tight_layout()
-    path = f"{prefix}-paths.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return fig

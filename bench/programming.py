@@ -173,7 +173,7 @@ def markdown(res: dict) -> list[str]:
     return lines
 
 
-def plots(res: dict, plt, prefix: str) -> list[str]:
+def plot(res: dict, plt):
     s = res["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     install = [("Reconciler", "sluice_install"), ("maps", "maps_install"), ("iptables-restore", "ipt_install")]
@@ -191,8 +191,4 @@ def plots(res: dict, plt, prefix: str) -> list[str]:
         ax.set_ylabel("ms (log)")
         ax.set_title(title)
     fig.suptitle("Programming cost: Sluice vs kube-proxy iptables")
-    fig.tight_layout()
-    path = f"{prefix}-programming.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return fig

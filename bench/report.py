@@ -77,9 +77,14 @@ def write(results: dict, modules: dict, outdir: str, stamp: str) -> dict[str, st
     pngs: dict[str, list[str]] = {}
     for name, res in results["sections"].items():
         mod = modules[name]
-        if plt is not None and res.get("ok") and hasattr(mod, "plots"):
+        if plt is not None and res.get("ok") and hasattr(mod, "plot"):
             try:
-                pngs[name] = [os.path.basename(p) for p in mod.plots(res["result"], plt, prefix)]
+                fig = mod.plot(res["result"], plt)
+                path = f"{prefix}-{name}.png"
+                fig.tight_layout()
+                fig.savefig(path, dpi=110)
+                plt.close(fig)
+                pngs[name] = [os.path.basename(path)]
             except Exception as e:  # noqa: BLE001 - a broken plot must not lose the numbers
                 res.setdefault("plot_error", f"{type(e).__name__}: {e}")
     json_path = f"{prefix}.json"

@@ -183,7 +183,7 @@ def markdown(res: dict) -> list[str]:
     return lines
 
 
-def plots(res: dict, plt, prefix: str) -> list[str]:
+def plot(res: dict, plt):
     counts = res["counts"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for v, color, label in (("sluice", "tab:green", "Sluice socket LB"), ("iptables", "tab:orange", "kube-proxy iptables")):
@@ -200,8 +200,4 @@ def plots(res: dict, plt, prefix: str) -> list[str]:
     ax.set_title("Service VIP connect latency vs number of services")
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path = f"{prefix}-services.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return fig

@@ -257,7 +257,7 @@ def markdown(res: dict) -> list[str]:
     return lines
 
 
-def plots(res: dict, plt, prefix: str) -> list[str]:
+def plot(res: dict, plt):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     p = res["per_packet_single_ns"]
     keys = ["pass", "prefilter_drop", "prefilter_pass", "lb_tx"]
@@ -277,8 +277,4 @@ def plots(res: dict, plt, prefix: str) -> list[str]:
     axes[1].set_yscale("log")
     axes[1].set_ylabel("Mpps dropped (log)")
     axes[1].set_title("flood from 10,000 CIDRs (one CPU)")
-    fig.tight_layout()
-    path = f"{prefix}-xdp.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return fig
