@@ -39,7 +39,7 @@
 static __always_inline bool lb_reply(struct __sk_buff *skb, struct iphdr *ip, enum sl_hook hook, int *verdict)
 {
 	void *data_end = (void *)(long)skb->data_end;
-	struct sl_nat_key t = {};
+	struct sl_flow_tuple t = {};
 	struct sl_l4_ports *l4;
 	struct sl_config *cfg;
 	struct sl_nat *nat, to;

@@ -40,7 +40,7 @@ static __always_inline int verdict(struct xdp_md *ctx, int action, enum sl_outco
 /* Full-NAT load balancing of a TCP/UDP packet whose 5-tuple is `t`. Returns an
  * XDP action, or -1 when the packet is not load-balanced traffic. */
 static __always_inline int lb_handle(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *ip,
-				     struct sl_l4_ports *l4, __sum16 *l4sum, const struct sl_nat_key *t,
+				     struct sl_l4_ports *l4, __sum16 *l4sum, const struct sl_flow_tuple *t,
 				     __u32 hash, enum sl_outcome *outcome)
 {
 	struct sl_lb_vip_key vk = { .vip = t->daddr, .port = t->dport, .proto = t->proto };
@@ -96,7 +96,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct ethhdr *eth, str
 }
 
 /* A first fragment towards a VIP: its followers could not be translated. */
-static __always_inline bool fragment_to_vip(const struct sl_nat_key *t)
+static __always_inline bool fragment_to_vip(const struct sl_flow_tuple *t)
 {
 	struct sl_lb_vip_key vk = { .vip = t->daddr, .port = t->dport, .proto = t->proto };
 
@@ -109,7 +109,7 @@ int xdp_nic(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct sl_prefilter_key pk = { .prefixlen = 32 };
-	struct sl_nat_key t = {};
+	struct sl_flow_tuple t = {};
 	struct sl_l4_ports *l4 = NULL;
 	__sum16 *l4sum = NULL;
 	enum sl_outcome outcome;

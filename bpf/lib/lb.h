@@ -2,7 +2,7 @@
 /* XDP L4 load balancer: flow hash, Maglev backend selection, full NAT (SNAT to
  * the node so replies come back through it) and the packet rewrite, in XDP
  * and, for the replies of backends that are pods of this node, in tc.
- * A flow is described by a struct sl_nat_key, exactly as its packets carry it. */
+ * A flow is described by a struct sl_flow_tuple, exactly as its packets carry it. */
 #pragma once
 
 #include "maps.h"
@@ -41,7 +41,7 @@ static __always_inline __u32 sl_jhash_3words(__u32 a, __u32 b, __u32 c, __u32 in
 /* Per-flow hash over the 5-tuple as it lies in the packet (network byte order
  * words, as loaded by this little-endian host). Ports are 0 for protocols
  * without them, which makes it an address-pair hash. */
-static __always_inline __u32 sl_flow_hash(const struct sl_nat_key *t)
+static __always_inline __u32 sl_flow_hash(const struct sl_flow_tuple *t)
 {
 	return sl_jhash_3words(t->saddr, t->daddr, ((__u32)t->sport << 16) | t->dport, t->proto);
 }
@@ -66,10 +66,10 @@ sl_lb_select_backend(const struct sl_lb_vip *vip, __u32 hash)
  *   reverse: backend:bport -> node:natport becomes VIP:vport -> client:cport
  * The NAT port comes from the flow hash; a port is claimed by inserting the
  * reverse entry with BPF_NOEXIST, which is atomic against other CPUs. */
-static __always_inline int sl_lb_nat_create(const struct sl_nat_key *fwd, const struct sl_backend *be,
+static __always_inline int sl_lb_nat_create(const struct sl_flow_tuple *fwd, const struct sl_backend *be,
 					    __be32 node_ip, __u32 hash, struct sl_nat *out)
 {
-	struct sl_nat_key rev = {
+	struct sl_flow_tuple rev = {
 		.saddr = be->ip,
 		.daddr = node_ip,
 		.sport = be->port,
@@ -142,7 +142,7 @@ static __always_inline void sl_lb_rewrite(struct iphdr *ip, struct sl_l4_ports *
  * Returns 0 or a helper's negative error; every packet pointer the caller
  * held is invalid afterwards. */
 static __always_inline long sl_lb_rewrite_skb(struct __sk_buff *skb, __u32 l4_off, __u8 proto,
-					      const struct sl_nat_key *from, const struct sl_nat *to)
+					      const struct sl_flow_tuple *from, const struct sl_nat *to)
 {
 	const __u32 ip_check = ETH_HLEN + __builtin_offsetof(struct iphdr, check);
 	const __u32 ip_addrs = ETH_HLEN + __builtin_offsetof(struct iphdr, saddr);

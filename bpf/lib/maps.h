@@ -3,7 +3,10 @@
  * This is the only definition: the Python runtime checks its ctypes mirrors
  * against these structs in the object's BTF. All maps are pinned by name
  * (LIBBPF_PIN_BY_NAME) so every program object shares one instance per node.
- * Addresses and ports are in network byte order unless a field says otherwise. */
+ * Addresses and ports are in network byte order unless a field says otherwise.
+ * The enums' numbers are ABI, as the counters' are (metrics.h): flags sit in
+ * pinned maps that outlive a program upgrade, and user space writes them.
+ * Never renumber, only append. */
 #pragma once
 
 #include "common.h"
@@ -192,10 +195,9 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sl_lb_vips SEC(".maps");
 
-/* LB NAT: a flow key (as the packet carries it) and the 4-tuple to rewrite it
- * to. A new flow adds two entries: client->VIP becomes node->backend, and
- * backend->node becomes VIP->client. */
-struct sl_nat_key {
+/* A flow's 5-tuple as its packets carry it: the LB NAT key and what the flow
+ * hash is computed over. */
+struct sl_flow_tuple {
 	__be32 saddr;
 	__be32 daddr;
 	__be16 sport;
@@ -204,6 +206,9 @@ struct sl_nat_key {
 	__u8 pad[3];
 };
 
+/* LB NAT: a flow and the 4-tuple to rewrite it to. A new flow adds two
+ * entries: client->VIP becomes node->backend, and backend->node becomes
+ * VIP->client. */
 struct sl_nat {
 	__be32 saddr;
 	__be32 daddr;
@@ -214,7 +219,7 @@ struct sl_nat {
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, SL_MAX_NAT);
-	__type(key, struct sl_nat_key);
+	__type(key, struct sl_flow_tuple);
 	__type(value, struct sl_nat);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sl_lb_nat SEC(".maps");
@@ -262,6 +267,19 @@ struct {
 	__type(value, struct sl_metric);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sl_metrics SEC(".maps");
+
+/* ---- for user space only ----
+ * Never read by a program: this puts every enum that user space reads, or that
+ * tests compare with Python's constants, into each object's BTF (clang emits
+ * only the types something uses). libbpf skips the section. */
+struct sl_btf_enums {
+	enum sl_hook hook;
+	enum sl_outcome outcome;
+	enum sl_metrics_layout metrics_layout;
+	enum sl_config_flags config_flags;
+	enum sl_route_flags route_flags;
+};
+const struct sl_btf_enums sl_btf_enums SEC(".sl_btf");
 
 static __always_inline void sl_count(enum sl_hook hook, enum sl_outcome outcome, __u64 bytes)
 {

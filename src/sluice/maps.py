@@ -23,7 +23,10 @@ from typing import Iterator
 
 from .bpf import libbpf as lb
 
-MAGLEV_SIZE = 1021
+# Constants of bpf/lib that Python needs before it has an object at hand (a ctypes array size, flags it
+# writes into maps, the counters' slot layout): tests/bpf/test_btf_layout.py compares each with the
+# object's BTF. Hook and outcome numbers are read from the BTF at run time (sluice.datapath.enums).
+MAGLEV_SIZE = 1021          # SL_MAGLEV_SIZE, the length of sl_lb_vip.table
 IPPROTO = {"tcp": 6, "udp": 17}
 PROTO_NAME = {v: k for k, v in IPPROTO.items()}
 
@@ -117,7 +120,7 @@ class sl_lb_vip(Structure):
     _fields_ = [("backend_count", c_uint32), ("flags", c_uint32), ("table", c_uint32 * MAGLEV_SIZE)]
 
 
-class sl_nat_key(Structure):
+class sl_flow_tuple(Structure):
     _fields_ = [("saddr", c_uint32), ("daddr", c_uint32), ("sport", c_uint16), ("dport", c_uint16),
                 ("proto", c_uint8), ("pad", c_uint8 * 3)]
 
@@ -152,7 +155,7 @@ PACKED = {
 # Every struct that maps.h defines, for the layout test.
 LAYOUTS = [sl_config, sl_endpoint_key, sl_endpoint, sl_route_key, sl_route, sl_service_key, sl_service,
            sl_backend, sl_sock_revnat_key, sl_sock_revnat, sl_prefilter_key, sl_lb_vip_key, sl_lb_vip,
-           sl_nat_key, sl_nat, sl_sock_key, sl_metric]
+           sl_flow_tuple, sl_nat, sl_sock_key, sl_metric]
 
 
 def possible_cpus() -> int:
@@ -364,7 +367,7 @@ class Route:
 class RoutesMap(Map):
     name = "sl_routes"
     key_type, value_type = sl_route_key, sl_route
-    TUNNEL = 1
+    TUNNEL = 1                  # SL_ROUTE_TUNNEL of enum sl_route_flags
 
     def put(self, cidr: str, route: Route) -> None:
         self.update(_lpm_key(sl_route_key, cidr),
@@ -582,7 +585,7 @@ class LbVipsMap(Map):
 class ConfigMap(Map):
     name = "sl_config"
     key_type, value_type = c_uint32, sl_config
-    CPUMAP = 1
+    CPUMAP = 1                  # SL_CFG_CPUMAP of enum sl_config_flags
 
     def set(self, node_ip: str, nic_ifindex: int, cpus: int = 0) -> None:
         self.update(c_uint32(0), sl_config(be32(node_ip), nic_ifindex, self.CPUMAP if cpus else 0, cpus))
@@ -635,7 +638,7 @@ class SockRevNatMap(Map):
 
 class NatMap(Map):
     name = "sl_lb_nat"
-    key_type, value_type = sl_nat_key, sl_nat
+    key_type, value_type = sl_flow_tuple, sl_nat
 
     def flows(self) -> list[tuple[tuple, tuple]]:
         return [((ip_str(k.saddr), port_int(k.sport), ip_str(k.daddr), port_int(k.dport), k.proto),
@@ -649,7 +652,7 @@ class MetricsMap(Map):
     name = "sl_metrics"
     key_type, value_type = c_uint32, sl_metric
     percpu = True
-    PER_HOOK = 256
+    PER_HOOK = 256              # SL_METRICS_PER_HOOK: (hook, outcome) counts in slot hook * PER_HOOK + outcome
 
     def read(self, hooks: dict[str, int], outcomes: dict[str, int]) -> dict[tuple[str, str], tuple[int, int]]:
         """{(hook name, outcome name): (packets, bytes)} for every non-zero counter.

@@ -14,8 +14,8 @@ from scapy.layers.l2 import Ether
 from lib import netns, packets
 from sluice.bpf import libbpf as lb
 from sluice.bpf.btf import Btf
-from sluice.maps import (ConfigMap, Endpoint, EndpointsMap, MetricsMap, NatMap, Route, RoutesMap, be16, be32, sl_nat,
-                         sl_nat_key)
+from sluice.maps import (ConfigMap, Endpoint, EndpointsMap, MetricsMap, NatMap, Route, RoutesMap, be16, be32,
+                         sl_flow_tuple, sl_nat)
 
 pytestmark = pytest.mark.kernel
 
@@ -235,9 +235,9 @@ def lb_node(pod_node):
     ConfigMap(pod_node.obj.map_fd("sl_config")).set(NODE_IP, pod_node.ifindex["nic0"])
     nat = NatMap(pod_node.obj.map_fd("sl_lb_nat"))
     for proto in (6, 17):
-        nat.update(sl_nat_key(be32(CLIENT), be32(VIP), be16(CPORT), be16(VPORT), proto),
+        nat.update(sl_flow_tuple(be32(CLIENT), be32(VIP), be16(CPORT), be16(VPORT), proto),
                    sl_nat(be32(NODE_IP), be32(POD_A), be16(NAT_PORT), be16(BPORT)))
-        nat.update(sl_nat_key(be32(POD_A), be32(NODE_IP), be16(BPORT), be16(NAT_PORT), proto),
+        nat.update(sl_flow_tuple(be32(POD_A), be32(NODE_IP), be16(BPORT), be16(NAT_PORT), proto),
                    sl_nat(be32(VIP), be32(CLIENT), be16(VPORT), be16(CPORT)))
     return pod_node
 
@@ -299,7 +299,7 @@ def test_lb_reply_from_another_veth_is_spoofed(lb_node):
 def test_lb_reply_without_node_config_passes(pod_node):
     """No NIC configured: nowhere to send it, the stack decides."""
     NatMap(pod_node.obj.map_fd("sl_lb_nat")).update(
-        sl_nat_key(be32(POD_A), be32(NODE_IP), be16(BPORT), be16(NAT_PORT), 6),
+        sl_flow_tuple(be32(POD_A), be32(NODE_IP), be16(BPORT), be16(NAT_PORT), 6),
         sl_nat(be32(VIP), be32(CLIENT), be16(VPORT), be16(CPORT)))
     frame = reply("tcp")
     assert pod_node.run(frame) == (TC_PASS, frame)

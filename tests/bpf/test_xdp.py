@@ -25,8 +25,8 @@ from scapy.layers.l2 import Ether
 from lib import netns, packets
 from sluice.bpf import libbpf as lb
 from sluice.bpf.btf import Btf
-from sluice.maps import (Backend, BackendsMap, ConfigMap, CpuListMap, CpuMap, Endpoint, EndpointsMap, LbVipsMap,
-                         MetricsMap, NatMap, PrefilterMap, be16, be32, sl_nat, sl_nat_key)
+from sluice.maps import (MAGLEV_SIZE, Backend, BackendsMap, ConfigMap, CpuListMap, CpuMap, Endpoint, EndpointsMap,
+                         LbVipsMap, MetricsMap, NatMap, PrefilterMap, be16, be32, sl_flow_tuple, sl_nat)
 
 pytestmark = pytest.mark.kernel
 
@@ -44,7 +44,6 @@ FAR_BACKEND, FAR_BACKEND_MAC = "10.1.0.10", "02:00:00:00:be:10"   # behind nic1:
 UNRESOLVED_BACKEND = "10.0.0.99"                                      # no neighbour entry
 LOCAL_POD = "10.244.1.5"                                              # a pod of the node: in sl_endpoints
 NAT_PORT_MIN, NAT_PORT_RANGE, NAT_PROBES = 61000, 65535 - 61000 + 1, 8
-MAGLEV_SIZE = 1021
 
 
 def ETH(**kw) -> Ether:  # noqa: N802
@@ -395,13 +394,13 @@ def test_lb_nat_ports_exhausted(node):
     nat = node.map(NatMap)
     # every port the flow may probe is taken by another flow's reverse entry
     for probe in range(NAT_PROBES):
-        key = sl_nat_key(be32(backend.ip), be32(NODE_IP), be16(backend.port), be16(nat_port(h, probe)), 6)
+        key = sl_flow_tuple(be32(backend.ip), be32(NODE_IP), be16(backend.port), be16(nat_port(h, probe)), 6)
         nat.update(key, sl_nat(be32(VIP), be32("198.51.100.99"), be16(VPORT), be16(1000 + probe)))
     assert node.run(packets.tcp(CLIENT, VIP, CPORT, VPORT))[0] == XDP_DROP
     assert len(nat) == NAT_PROBES
     assert node.counters() == {"SL_DROP_NAT_EXHAUSTED": 1}
     # one port free again: the flow gets exactly that one
-    nat.remove(sl_nat_key(be32(backend.ip), be32(NODE_IP), be16(backend.port), be16(nat_port(h, 5)), 6))
+    nat.remove(sl_flow_tuple(be32(backend.ip), be32(NODE_IP), be16(backend.port), be16(nat_port(h, 5)), 6))
     ret, out = node.run(packets.tcp(CLIENT, VIP, CPORT, VPORT))
     assert ret == XDP_TX and packets.parse(out)[TCP].sport == nat_port(h, 5)
 

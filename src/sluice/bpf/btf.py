@@ -2,7 +2,9 @@
 
 The datapath's C headers are the only definition of map layouts and of the
 hook/outcome enums; Python reads enums from here at run time and tests compare
-its ctypes mirrors with the structs found here."""
+its ctypes mirrors and the few constants it keeps (sluice.maps) with the
+structs and enums found here. bpf/lib/maps.h puts every such enum into each
+object's BTF."""
 
 from __future__ import annotations
 
