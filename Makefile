@@ -21,12 +21,14 @@ SETUP_STAMP := $(VENV)/.setup-done
 # libcni's own cnitool, the CNI client the lab's test pods are made with (verify.yml ships it to nodes).
 CNITOOL   := $(BUILD)/cnitool
 
-.PHONY: help setup bpf artifacts test soak sanity lint molecule demo clean
+.PHONY: help setup bpf artifacts test soak sanity lint molecule demo clean kubernetes conformance
 
 help:
 	@echo "make demo    set up, bring the lab up, converge it with site.yml, run the connectivity suite"
 	@echo "make test    set up and run the whole test suite, collection checks included (what .ci/run calls)"
 	@echo "make soak    restarts and datapath upgrades under traffic, SOAK_ROUNDS times (longer than make test)"
+	@echo "make kubernetes   build the upstream Kubernetes programs the lab runs into a cache (lab/k8s/build.sh)"
+	@echo "make conformance  run the upstream sig-network and NetworkPolicy e2e suites against the demo's lab"
 	@echo "make bpf     build the datapath objects under $(BPF_OUT)/"
 	@echo "make setup   install system packages and the pinned Python environment in $(VENV)"
 
@@ -71,7 +73,7 @@ $(BPF_OUT)/%.o: bpf/%.c $(BPF_HDRS) $(VMLINUX_H)
 # the collection (it imports the modules from the ansible_collections/sluice/network copy, as a controller does),
 # and it runs exactly the same test files. `pytest tests/unit` still works on its own while editing.
 # The lab tests converge labs with the collection, which ships the artifacts and cnitool.
-test: setup artifacts $(CNITOOL)
+test: setup artifacts $(CNITOOL) kubernetes
 	$(VENV)/bin/pytest -p no:cacheprovider tests --ignore=tests/unit
 	$(MAKE) --no-print-directory sanity
 	$(MAKE) --no-print-directory lint
@@ -102,8 +104,20 @@ molecule: artifacts $(CNITOOL)
 	PATH=$(abspath $(VENV))/bin:$$PATH molecule test
 
 # The README's first command: lab up, converge, idempotence, connectivity suite, VXLAN, a service removed.
-demo: artifacts $(CNITOOL)
+demo: artifacts $(CNITOOL) kubernetes
 	$(PY) lab/demo.py
+
+# Upstream Kubernetes v1.34.x built from source through the Go module proxy into a cache outside the checkout
+# ($$SLUICE_K8S_CACHE, default ~/.cache/sluice/k8s), reused by every later run on this machine: the control plane,
+# kubelet, kubectl, e2e.test with ginkgo, crictl, CoreDNS, agnhost and pause. Each program is rebuilt only when
+# lab/k8s/*/go.{mod,sum} change.
+kubernetes:
+	lab/k8s/build.sh
+
+# The upstream sig-network [Conformance] and NetworkPolicy e2e suites against the lab `make demo` left up;
+# the report goes to conformance/results/ (latest.md indexes it).
+conformance: setup kubernetes
+	$(PY) lab/conformance.py
 
 # No `setup` prerequisite: cleaning up must work even when the venv does not (lab.py is stdlib only).
 lab-down:

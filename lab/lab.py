@@ -37,11 +37,15 @@ import sys
 import time
 import uuid
 
+import kube
+
 LAB_PY = os.path.abspath(__file__)
 REPO = os.path.dirname(os.path.dirname(LAB_PY))
 LAB_ROOT = "/var/lib/sluice-lab"
 # Mountpoints the lab had to create on the host filesystem; the last lab down removes them.
 CREATED_MOUNTPOINTS = os.path.join(LAB_ROOT, "created-mountpoints.json")
+# The host's values of the sysctls kubelet sets, put back when the last lab goes.
+HOST_SYSCTLS = os.path.join(LAB_ROOT, "host-sysctls.json")
 CGROUP2 = "/sys/fs/cgroup/unified"
 DEFAULT_NAME = "sllab"
 DEFAULT_SUBNET = "192.168.77.0/24"
@@ -50,7 +54,10 @@ BRIDGE = "br0"
 # Persistent per-node directories, bind-mounted from the node's state dir so they
 # survive an sshd restart. /run (hence /run/sluice) is a per-node tmpfs instead.
 NODE_DIRS = ("/etc/sluice", "/etc/cni/net.d", "/opt/cni/bin", "/opt/sluice", "/var/lib/sluice",
-             "/etc/sysctl.d", "/etc/iproute2/rt_protos.d", "/var/log/sluice")
+             "/etc/sysctl.d", "/etc/iproute2/rt_protos.d", "/var/log/sluice",
+             # what a Kubernetes node's containerd and kubelet keep (lab/kube.py)
+             "/etc/containerd", "/var/lib/containerd", "/etc/kubernetes", "/var/lib/kubelet",
+             "/var/log/pods", "/var/log/containers")
 MAX_NODES = 80  # node addresses .11 .. .90 stay below the external client's .100
 SSH_OPTIONS = ("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                "-o", "LogLevel=ERROR")
@@ -115,6 +122,7 @@ class Lab:
             raise SystemExit("lab: --subnet must be a /24 or larger")
         self.underlay_ns = f"{name}-underlay"
         self.ext_ns = f"{name}-ext"
+        self.cp_ns = f"{name}-cp"  # the Kubernetes control plane (lab/kube.py), when the lab has one
         self.host_link = f"{name}-host"
         self.cgroup = os.path.join(CGROUP2, f"sluice-lab-{name}")
         self.ssh_dir = os.path.join(self.state_dir, "ssh")
@@ -140,6 +148,14 @@ class Lab:
     def ext_ip(self) -> str:
         return str(self.subnet.network_address + 100)
 
+    @property
+    def cp_ip(self) -> str:
+        return str(self.subnet.network_address + 2)
+
+    @property
+    def kubernetes(self) -> bool:
+        return bool(self.state.get("kubernetes"))
+
     def cidr(self, ip: str) -> str:
         return f"{ip}/{self.subnet.prefixlen}"
 
@@ -147,7 +163,7 @@ class Lab:
         return os.path.join(self.state_dir, f"node{i}")
 
     def existing_namespaces(self) -> list[str]:
-        pattern = re.compile(rf"{self.name}-(underlay|ext|node\d+)")
+        pattern = re.compile(rf"{self.name}-(underlay|ext|cp|node\d+)")
         try:
             return sorted(n for n in os.listdir("/run/netns") if pattern.fullmatch(n))
         except FileNotFoundError:
@@ -176,27 +192,88 @@ class Lab:
         start = process_start_time(rec["pid"]) if rec else None
         return rec["pid"] if start is not None and start == rec["start"] else None
 
+    # --- cgroups ---------------------------------------------------------------------
+
+    def ensure_v1_cgroups(self) -> None:
+        """The lab's cgroup in each of the host's v1 hierarchies, below the one this process is in (the
+        controllers live there on this layout; containerd and kubelet in a node need them). Recorded,
+        so that `down` from any other process finds them."""
+        if "cgroup_v1" not in self.state:
+            self.state["cgroup_v1"] = [os.path.join(path, f"sluice-lab-{self.name}") for path in own_v1_cgroups()]
+            self.save_state()
+        for path in self.state["cgroup_v1"]:
+            make_cgroup(path)
+
+    def node_cgroups(self, i: int) -> list[str]:
+        """Node i's cgroup in the v2 hierarchy (first) and in every v1 one."""
+        return [os.path.join(lab_dir, f"node{i}") for lab_dir in [self.cgroup, *self.state.get("cgroup_v1", [])]]
+
+    def join_node_cgroups(self, i: int) -> None:
+        """Move this process into node i's cgroups: what it starts is the node's, and a cgroup
+        namespace made now is rooted there in every hierarchy."""
+        for cgroup in self.node_cgroups(i):
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+
     # --- up --------------------------------------------------------------------------
 
-    def up(self, nodes: int) -> None:
+    def up(self, nodes: int, kubernetes: bool = False) -> None:
         if not 1 <= nodes <= MAX_NODES:
             raise SystemExit(f"lab: --nodes must be between 1 and {MAX_NODES}")
+        if self.state.get("nodes") and kubernetes != self.kubernetes:
+            raise SystemExit(f"lab: {self.name} is up {'with' if self.kubernetes else 'without'} Kubernetes; "
+                             "run `down` before changing --kubernetes")
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.check_subnet_free()
+        self.state["kubernetes"] = kubernetes
         self.save_state()  # from here on `down` knows the lab even if `up` fails
         self.ensure_keys()
         ensure_host_mountpoints()
         os.makedirs(self.cgroup, exist_ok=True)
+        self.ensure_v1_cgroups()
         self.ensure_underlay()
         self.ensure_port(self.ext_ns, "ext", self.ext_ip)
         os.makedirs(os.path.join(self.cgroup, "ext"), exist_ok=True)
+        if kubernetes:
+            self.ensure_port(self.cp_ns, "cp", self.cp_ip)
+            os.makedirs(os.path.join(self.cgroup, "cp"), exist_ok=True)
         for i in sorted(self.existing_node_indexes() - set(range(1, nodes + 1))):
             self.remove_node(i)
         for i in range(1, nodes + 1):
             self.ensure_node(i)
-        self.write_inventory(nodes)
         self.verify(nodes)
-        log(f"{self.name} is up: {nodes} node(s) on {self.subnet}, inventory {self.inventory}")
+        if kubernetes:
+            kube.save_host_sysctls(HOST_SYSCTLS)
+            kube.Cluster(self).up(nodes)
+        self.write_inventory(nodes)
+        log(f"{self.name} is up: {nodes} node(s) on {self.subnet}, inventory {self.inventory}"
+            + (f", kubeconfig {kube.Cluster(self).admin_conf}" if kubernetes else ""))
+
+    # --- processes the lab keeps running (the control plane, each node's containerd and kubelet) ---
+
+    def start_daemon(self, where: str, name: str, argv: list[str]) -> None:
+        """Start `argv` in the namespaces and cgroups of `where` (cp or nodeN) unless it runs already, and
+        restart it whenever it exits, as a node's init would; its output goes to <state dir>/logs/<where>-<name>.log."""
+        key = f"{where}/{name}"
+        rec = self.state.setdefault("daemons", {}).get(key)
+        if rec and process_start_time(rec["pid"]) == rec["start"]:
+            return
+        os.makedirs(os.path.join(self.state_dir, "logs"), exist_ok=True)
+        with open(self.daemon_log(where, name), "ab") as logf:
+            proc = subprocess.Popen([sys.executable, LAB_PY, "--name", self.name, "exec", where, "--",
+                                     sys.executable, LAB_PY, "_restart", *argv],
+                                    stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
+        self.state["daemons"][key] = {"pid": proc.pid, "start": process_start_time(proc.pid)}
+        self.save_state()
+
+    def daemon_log(self, where: str, name: str) -> str:
+        return os.path.join(self.state_dir, "logs", f"{where}-{name}.log")
+
+    def node_run(self, i: int, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+        return run(sys.executable, LAB_PY, "--name", self.name, "exec", f"node{i}", "--", *argv, check=check)
+
+    def ns_run(self, ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+        return in_netns(ns, *argv, check=check)
 
     def check_subnet_free(self) -> None:
         """Refuse a subnet the root namespace already routes elsewhere (another lab, a real network)."""
@@ -278,7 +355,8 @@ class Lab:
         config = os.path.join(node_dir, "sshd_config")
         with open(config, "w") as f:
             f.write(self.sshd_config(i))
-        os.makedirs(os.path.join(self.cgroup, f"node{i}"), exist_ok=True)
+        for cgroup in self.node_cgroups(i):
+            make_cgroup(cgroup)
         with open(os.path.join(node_dir, "sshd.log"), "ab") as logf:
             proc = subprocess.Popen(
                 [sys.executable, LAB_PY, "_node-boot", "--name", self.name, str(i)],
@@ -349,7 +427,9 @@ class Lab:
             f"    sluice_lab_name: {self.name}\n"
             f"    sluice_lab_underlay_cidr: {self.subnet}\n"
             f"    sluice_lab_external_netns: {self.ext_ns}\n"
-            f"    sluice_lab_external_address: {self.ext_ip}\n")
+            f"    sluice_lab_external_address: {self.ext_ip}\n"
+            + (f"    # The cluster's admin kubeconfig (lab/kube.py): plan.yml checks every node's pod CIDR against it.\n"
+               f"    sluice_kubeconfig: {kube.Cluster(self).admin_conf}\n" if self.kubernetes else ""))
         with open(self.inventory, "w") as f:
             f.write(text)
 
@@ -422,8 +502,8 @@ class Lab:
         run("ip", "-n", self.underlay_ns, "link", "del", f"node{i}", check=False)
         if os.path.exists(f"/run/netns/{ns}"):
             run("ip", "netns", "del", ns)
-        with contextlib.suppress(FileNotFoundError):
-            os.rmdir(os.path.join(self.cgroup, f"node{i}"))
+        for cgroup in self.node_cgroups(i):
+            remove_cgroup(cgroup)
         shutil.rmtree(self.node_dir(i), ignore_errors=True)
         self.state.get("nodes", {}).pop(str(i), None)
         self.save_state()
@@ -470,10 +550,8 @@ class Lab:
             time.sleep(0.02)
 
     def remove_cgroup_tree(self) -> None:
-        for cgroup in self.lab_cgroups():
-            os.rmdir(cgroup)
-        with contextlib.suppress(FileNotFoundError):
-            os.rmdir(self.cgroup)
+        for lab_dir in [self.cgroup, *self.state.get("cgroup_v1", [])]:
+            remove_cgroup(lab_dir)
 
     # --- status and exec -------------------------------------------------------------
 
@@ -497,22 +575,23 @@ class Lab:
     def exec(self, node: str, argv: list[str]) -> None:
         if not argv:
             raise SystemExit("lab: exec needs a command after --")
-        if node == "ext":
-            if not os.path.exists(f"/run/netns/{self.ext_ns}"):
-                raise SystemExit(f"lab: {self.name} is not up")
-            cgroup, nsenter = "ext", ["nsenter", f"--net=/run/netns/{self.ext_ns}"]
+        # Join the lab's cgroups so `down` finds whatever this starts.
+        if node in ("ext", "cp"):
+            ns = self.ext_ns if node == "ext" else self.cp_ns
+            if not os.path.exists(f"/run/netns/{ns}"):
+                raise SystemExit(f"lab: {ns} is not up")
+            with open(os.path.join(self.cgroup, node, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+            nsenter = ["nsenter", f"--net=/run/netns/{ns}"]
         else:
             if not re.fullmatch(r"(node)?\d+", node):
-                raise SystemExit(f"lab: unknown node {node!r}: use node1, 1 or ext")
+                raise SystemExit(f"lab: unknown node {node!r}: use node1, 1, ext or cp")
             i = int(node.removeprefix("node"))
             pid = self.holder_pid(i)
             if not pid:
                 raise SystemExit(f"lab: node{i} of {self.name} is not running")
-            cgroup = f"node{i}"
+            self.join_node_cgroups(i)
             nsenter = ["nsenter", f"--target={pid}", "--net", "--mount", "--uts", "--cgroup"]
-        # Join the lab's cgroup so `down` finds whatever this starts.
-        with open(os.path.join(self.cgroup, cgroup, "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
         os.execvp("nsenter", [*nsenter, "--", *argv])
 
 
@@ -521,8 +600,7 @@ class Lab:
 def node_boot(lab: Lab, i: int) -> None:
     """Join the node's cgroup, then enter its netns and new mount/UTS/cgroup namespaces.
     Every exec keeps the PID, so the PID `up` recorded ends up being the node's sshd."""
-    with open(os.path.join(lab.cgroup, f"node{i}", "cgroup.procs"), "w") as f:
-        f.write(str(os.getpid()))
+    lab.join_node_cgroups(i)
     os.execvp("nsenter", ["nsenter", f"--net=/run/netns/{lab.node_ns(i)}",
                           "unshare", "--mount", "--uts", "--cgroup", "--propagation", "private", "--",
                           sys.executable, LAB_PY, "_node-init", "--name", lab.name, str(i)])
@@ -532,6 +610,8 @@ def node_init(lab: Lab, i: int) -> None:
     """Make the node's private filesystem view, then become its sshd."""
     def mount(*argv: str) -> None:
         run("mount", *argv)
+
+    hierarchies = v1_hierarchies()  # read before the host's copies below are detached
 
     # Detach the copies of the host's /sys and /run mounts (its bpffs, the nsfs mounts of
     # /run/netns) so this namespace holds no reference to them.
@@ -545,6 +625,12 @@ def node_init(lab: Lab, i: int) -> None:
     mount("-t", "tmpfs", "-o", "mode=755", "cgroup", "/sys/fs/cgroup")
     os.mkdir("/sys/fs/cgroup/unified")
     mount("-t", "cgroup2", "cgroup2", "/sys/fs/cgroup/unified")  # rooted at the node's cgroup
+    # The host's layout (v1 controllers beside the unified hierarchy), each rooted at the node's cgroup:
+    # runc and kubelet find their controllers where they would on a real node of this kind.
+    for mountpoint, controllers in hierarchies.items():
+        target = os.path.join("/sys/fs/cgroup", os.path.basename(mountpoint))
+        os.mkdir(target)
+        mount("-t", "cgroup", "-o", controllers, "cgroup", target)
     mount("-t", "tmpfs", "-o", "mode=755", "run", "/run")
     os.makedirs("/run/sshd", mode=0o755)
     os.makedirs("/run/lock", mode=0o1777)
@@ -554,12 +640,65 @@ def node_init(lab: Lab, i: int) -> None:
     os.execv("/usr/sbin/sshd", ["/usr/sbin/sshd", "-D", "-e", "-f", os.path.join(lab.node_dir(i), "sshd_config")])
 
 
+def restart_forever(argv: list[str]) -> None:
+    """Run `argv` again a second after each exit (the lab's daemons; `down` kills the whole cgroup)."""
+    while True:
+        code = subprocess.call(argv)
+        log(f"{argv[0]} exited ({code}); restarting it in 1 s")
+        time.sleep(1)
+
+
 def mounts_under(prefix: str) -> list[str]:
     """Mountpoints at or below `prefix`, deepest first."""
     with open("/proc/self/mountinfo") as f:
         targets = {line.split()[4] for line in f}
     inside = [t for t in targets if t == prefix or t.startswith(prefix + "/")]
     return sorted(inside, key=lambda t: t.count("/"), reverse=True)
+
+
+# --- cgroups ---------------------------------------------------------------------------
+
+def v1_hierarchies() -> dict[str, str]:
+    """The cgroup v1 hierarchies this process sees: mountpoint -> its controllers, as mount options."""
+    found = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields, fs = line.split(" - ", 1)
+            fstype, _source, options = fs.split()
+            if fstype == "cgroup":
+                found[fields.split()[4]] = ",".join(
+                    o for o in options.split(",") if o not in ("rw", "ro") and "=" not in o or o.startswith("name="))
+    return found
+
+
+def own_v1_cgroups() -> list[str]:
+    """This process's cgroup directory in each v1 hierarchy."""
+    paths = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            hierarchy, controllers, path = line.rstrip("\n").split(":", 2)
+            if hierarchy != "0":
+                paths[frozenset(controllers.split(","))] = path
+    return [mountpoint + paths[frozenset(controllers.split(","))].rstrip("/")
+            for mountpoint, controllers in v1_hierarchies().items()]
+
+
+def make_cgroup(path: str) -> None:
+    if os.path.isdir(path):
+        return
+    os.mkdir(path)
+    # A new v1 cpuset has no CPUs or memory nodes, and no task can join it until it is given its parent's.
+    for name in ("cpuset.cpus", "cpuset.mems"):
+        if os.path.exists(os.path.join(path, name)):
+            with open(os.path.join(path, name), "w") as f:
+                f.write(read(os.path.join(os.path.dirname(path), name)))
+
+
+def remove_cgroup(path: str) -> None:
+    """Remove a cgroup and the ones its processes made below it (kubelet's, runc's), deepest first."""
+    for below, _dirs, _files in sorted(os.walk(path), key=lambda entry: entry[0].count("/"), reverse=True):
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(below)
 
 
 # --- host mountpoints shared by all labs -----------------------------------------------
@@ -581,6 +720,7 @@ def release_host_mountpoints() -> None:
     """Once no lab is left, remove the mountpoints the labs created, then LAB_ROOT."""
     if not os.path.isdir(LAB_ROOT) or any(d.is_dir() for d in os.scandir(LAB_ROOT)):
         return
+    kube.restore_host_sysctls(HOST_SYSCTLS)
     for d in sorted(load_created_mountpoints(), key=len, reverse=True):
         with contextlib.suppress(OSError):
             os.rmdir(d)  # only if empty: never remove anything we did not create
@@ -635,6 +775,8 @@ def main(argv: list[str] | None = None) -> int:
     p_up = sub.add_parser("up", help="create or reconcile the lab")
     p_up.add_argument("--nodes", type=int, default=3)
     p_up.add_argument("--subnet", help=f"underlay subnet (default {DEFAULT_SUBNET})")
+    p_up.add_argument("--kubernetes", action="store_true",
+                      help="a Kubernetes cluster: control plane, containerd and kubelet on every node (lab/kube.py)")
     sub.add_parser("down", help="remove everything the lab created")
     sub.add_parser("status", help="nodes, addresses, sshd PIDs and whether SSH works")
     p_exec = sub.add_parser("exec", help="run a command inside a node's (or ext's) namespaces")
@@ -642,6 +784,7 @@ def main(argv: list[str] | None = None) -> int:
     p_exec.add_argument("cmd", nargs=argparse.REMAINDER)
     for internal in ("_node-boot", "_node-init"):
         sub.add_parser(internal).add_argument("index", type=int)
+    sub.add_parser("_restart").add_argument("cmd", nargs=argparse.REMAINDER)
     # Let `--name` also follow the subcommand.
     for p in sub.choices.values():
         p.add_argument("--name", default=argparse.SUPPRESS)
@@ -656,11 +799,13 @@ def main(argv: list[str] | None = None) -> int:
         node_boot(Lab(args.name), args.index)
     if args.command == "_node-init":
         node_init(Lab(args.name), args.index)
+    if args.command == "_restart":
+        restart_forever(args.cmd)
     if args.command == "status":
         return Lab(args.name).status()
     with lab_lock():
         if args.command == "up":
-            Lab(args.name, args.subnet).up(args.nodes)
+            Lab(args.name, args.subnet).up(args.nodes, args.kubernetes)
         else:
             Lab(args.name).down()
     return 0

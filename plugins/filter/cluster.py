@@ -16,6 +16,10 @@ description:
     and the routes to every other node's pod CIDR.
   - Fails, naming the bad value, on a malformed CIDR, a pod CIDR outside the cluster CIDR,
     two nodes with overlapping pod CIDRs, a node index beyond the cluster CIDR, or a node IP used twice.
+  - With O(kubernetes_nodes) (the cluster's Node objects, from the P(sluice.network.kubernetes_nodes#lookup) lookup),
+    also fails when a node is not a Node of the cluster (by C(sluice_kubernetes_node_name), default the inventory
+    name), has no pod CIDR yet, or was given another pod CIDR than the plan's: Sluice would route pods where
+    Kubernetes does not put them.
 options:
   _input:
     description: Names of the node hosts (for example C(groups['sluice_nodes'])).
@@ -34,6 +38,10 @@ options:
     description: Prefix length of derived pod CIDRs.
     type: int
     default: 24
+  kubernetes_nodes:
+    description: The cluster's Node objects (C(name), C(pod_cidrs)); omitted where the nodes run no Kubernetes.
+    type: list
+    elements: dict
 """
 
 EXAMPLES = r"""
@@ -60,7 +68,7 @@ def _network(value, what):
         raise AnsibleFilterError(f"{what}: {value!r} is not a valid IPv4 CIDR ({e})") from None
 
 
-def cluster_plan(nodes, hostvars, cluster_cidr, node_prefix=24):
+def cluster_plan(nodes, hostvars, cluster_cidr, node_prefix=24, kubernetes_nodes=None):
     cluster = _network(cluster_cidr, "sluice_cluster_cidr")
     if not cluster.prefixlen <= node_prefix <= 30:
         raise AnsibleFilterError(
@@ -98,10 +106,31 @@ def cluster_plan(nodes, hostvars, cluster_cidr, node_prefix=24):
                     f"pod CIDRs overlap: {a} has {plan[a]['pod_cidr']} and {b} has {plan[b]['pod_cidr']}")
             if plan[a]["ip"] == plan[b]["ip"]:
                 raise AnsibleFilterError(f"nodes {a} and {b} both have the address {plan[a]['ip']}")
+    if kubernetes_nodes is not None:
+        _check_kubernetes_pod_cidrs(plan, hostvars, kubernetes_nodes)
     for name in names:
         plan[name]["routes"] = [{"cidr": plan[o]["pod_cidr"], "nexthop": plan[o]["ip"], "node": o}
                                 for o in names if o != name]
     return plan
+
+
+def _check_kubernetes_pod_cidrs(plan, hostvars, kubernetes_nodes):
+    cidrs = {node["name"]: node.get("pod_cidrs") or [] for node in kubernetes_nodes}
+    for name in sorted(plan):
+        node = hostvars[name].get("sluice_kubernetes_node_name") or name
+        want = plan[name]["pod_cidr"]
+        if node not in cidrs:
+            raise AnsibleFilterError(
+                f"{name}: no Node named {node!r} in the cluster (Nodes: {', '.join(sorted(cidrs)) or 'none'}); "
+                "set sluice_kubernetes_node_name to its Node's name")
+        if not cidrs[node]:
+            raise AnsibleFilterError(
+                f"{name}: Node {node!r} has no pod CIDR yet (the controller-manager allocates one with "
+                f"--allocate-node-cidrs); the plan gives it {want}")
+        if want not in cidrs[node]:
+            raise AnsibleFilterError(
+                f"{name}: Kubernetes gave Node {node!r} the pod CIDR {', '.join(cidrs[node])}, the inventory plans "
+                f"{want}: set sluice_pod_cidr: {cidrs[node][0]} for {name}, or register the Node with {want}")
 
 
 class FilterModule:

@@ -59,3 +59,26 @@ def test_two_nodes_with_one_address_are_refused():
           "b": {"ansible_host": "192.0.2.1", "sluice_node_index": 2}}
     with pytest.raises(AnsibleFilterError, match=r"nodes a and b both have the address 192\.0\.2\.1"):
         cluster_plan(list(hv), hv, "10.244.0.0/16")
+
+
+def k8s_nodes(**cidrs):
+    return [{"name": name, "pod_cidrs": list(value), "addresses": {}} for name, value in cidrs.items()]
+
+
+def test_kubernetes_pod_cidrs_that_agree_with_the_plan_pass():
+    hv = hosts(a={"sluice_node_index": 1}, b={"sluice_node_index": 2, "sluice_kubernetes_node_name": "b.example"})
+    plan = cluster_plan(list(hv), hv, "10.244.0.0/16",
+                        kubernetes_nodes=k8s_nodes(a=["10.244.1.0/24"], **{"b.example": ["10.244.2.0/24"]}))
+    assert plan["a"]["routes"] == [{"cidr": "10.244.2.0/24", "nexthop": "192.0.2.12", "node": "b"}]
+
+
+@pytest.mark.parametrize("nodes, message", [
+    (k8s_nodes(a=["10.244.7.0/24"]), r"a: Kubernetes gave Node 'a' the pod CIDR 10\.244\.7\.0/24, the inventory "
+                                     r"plans 10\.244\.1\.0/24: set sluice_pod_cidr: 10\.244\.7\.0/24 for a"),
+    (k8s_nodes(a=[]), r"a: Node 'a' has no pod CIDR yet .* the plan gives it 10\.244\.1\.0/24"),
+    (k8s_nodes(other=["10.244.1.0/24"]), r"a: no Node named 'a' in the cluster \(Nodes: other\)"),
+])
+def test_kubernetes_pod_cidrs_that_disagree_are_refused(nodes, message):
+    hv = hosts(a={"sluice_node_index": 1})
+    with pytest.raises(AnsibleFilterError, match=message):
+        cluster_plan(list(hv), hv, "10.244.0.0/16", kubernetes_nodes=nodes)
