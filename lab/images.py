@@ -38,7 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REGISTRY = "sluice.lab"
 E2E = f"{REGISTRY}/e2e-test-images"
 # The Debian packages whose files the images copy (bash and libc-bin's getent are always installed).
-DEBIAN_PACKAGES = ("busybox", "bind9-dnsutils", "curl", "netcat-openbsd", "iproute2", "iperf", "nginx")
+DEBIAN_PACKAGES = ("busybox", "bind9-dnsutils", "curl", "netcat-openbsd", "iproute2", "iperf", "nginx", "wget")
 K8S_PROGRAMS = ("agnhost", "coredns", "pause")
 # 1980-01-01, the date build.sh stamps into the programs and the Makefile's SOURCE_DATE_EPOCH.
 EPOCH = 315532800
@@ -171,7 +171,10 @@ def busybox() -> Layer:
     applets = subprocess.run(["/bin/busybox", "--list"], check=True, capture_output=True, text=True).stdout.split()
     layer = {f"/bin/{applet}": symlink("busybox") for applet in applets}
     layer.update({
-        **debian_tools({"/bin/busybox": "/bin/busybox"}),
+        **debian_tools({"/bin/busybox": "/bin/busybox",
+                        # Debian's busybox wget crashes (SIGSEGV) whenever given -T, which the e2e tests
+                        # pass to wget in their exec pods: GNU wget, same options, ahead in PATH.
+                        "/usr/bin/wget": "/usr/bin/wget"}),
         "/etc/nsswitch.conf": text(NSSWITCH),
         "/etc/hosts": text(HOSTS),
         "/root": directory(0o700),
@@ -277,10 +280,13 @@ def httpd(bin_dir: str) -> Image:
                                     "ExposedPorts": {"80/tcp": {}}})
 
 
+PAUSE = f"{REGISTRY}/pause:3.10.1"
+COREDNS = f"{REGISTRY}/coredns:v1.12.3"
+AGNHOST = f"{E2E}/agnhost:2.56"
 IMAGES = {
-    f"{REGISTRY}/pause:3.10.1": pause,
-    f"{REGISTRY}/coredns:v1.12.3": coredns,
-    f"{E2E}/agnhost:2.56": agnhost,
+    PAUSE: pause,
+    COREDNS: coredns,
+    AGNHOST: agnhost,
     f"{E2E}/busybox:1.37.0-1": busybox_image,
     f"{E2E}/jessie-dnsutils:1.7": jessie_dnsutils,
     f"{E2E}/nginx:1.14-4": nginx,

@@ -570,6 +570,13 @@ class Lab:
             healthy &= ssh_ok
             print(f"  node{i:<3}{self.node_ns(i):<18} {self.node_ip(i):<15} sshd pid {pid or 'DEAD':<8} "
                   f"ssh {'ok' if ssh_ok else 'FAILED'}")
+        if self.kubernetes:
+            print(f"  cp     {self.cp_ns:<18} {self.cp_ip:<15} Kubernetes control plane")
+        for key, rec in sorted(self.state.get("daemons", {}).items()):
+            alive = process_start_time(rec["pid"]) == rec["start"]
+            healthy &= alive
+            where, name = key.split("/")
+            print(f"  {where:<6} {name:<24} pid {rec['pid'] if alive else 'DEAD':<8} log {self.daemon_log(where, name)}")
         return 0 if healthy else 1
 
     def exec(self, node: str, argv: list[str]) -> None:

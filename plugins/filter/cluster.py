@@ -70,6 +70,10 @@ def _network(value, what):
 
 def cluster_plan(nodes, hostvars, cluster_cidr, node_prefix=24, kubernetes_nodes=None):
     cluster = _network(cluster_cidr, "sluice_cluster_cidr")
+    # Extra vars (-e sluice_node_cidr_prefix=25) arrive as strings.
+    if isinstance(node_prefix, bool) or not str(node_prefix).isdigit():
+        raise AnsibleFilterError(f"sluice_node_cidr_prefix: {node_prefix!r} is not a prefix length")
+    node_prefix = int(node_prefix)
     if not cluster.prefixlen <= node_prefix <= 30:
         raise AnsibleFilterError(
             f"sluice_node_cidr_prefix: /{node_prefix} does not fit in the cluster CIDR {cluster} (need {cluster.prefixlen}..30)")

@@ -30,6 +30,11 @@ def test_removing_a_node_removes_its_routes_everywhere():
     assert "c" not in plan
 
 
+def test_a_prefix_given_as_extra_vars_text_counts_as_its_number():
+    hv = hosts(a={"sluice_node_index": 1})
+    assert cluster_plan(list(hv), hv, "10.244.0.0/16", "25")["a"]["pod_cidr"] == "10.244.0.128/25"
+
+
 def test_node_ip_prefers_sluice_node_ip():
     hv = hosts(a={"sluice_node_index": 1, "sluice_node_ip": "198.51.100.7"}, b={"sluice_node_index": 2})
     assert cluster_plan(list(hv), hv, "10.244.0.0/16")["b"]["routes"][0]["nexthop"] == "198.51.100.7"
@@ -47,6 +52,7 @@ def test_node_ip_prefers_sluice_node_ip():
     ({"a": {}}, "10.244.0.0/16", 24, r"a: set sluice_pod_cidr or a stable sluice_node_index"),
     ({"a": {"sluice_node_index": 1}}, "10.244.0.0/33", 24, r"sluice_cluster_cidr: '10\.244\.0\.0/33'"),
     ({"a": {"sluice_node_index": 1}}, "10.244.0.0/16", 8, r"sluice_node_cidr_prefix: /8 does not fit"),
+    ({"a": {"sluice_node_index": 1}}, "10.244.0.0/16", "x", r"sluice_node_cidr_prefix: 'x' is not a prefix length"),
 ])
 def test_inventory_mistakes_are_refused_naming_the_value(nodes, cidr, prefix, message):
     hv = hosts(**nodes)

@@ -1,0 +1,180 @@
+"""A Kubernetes lab cluster (`lab.py up --kubernetes`: control plane, containerd and kubelet in every node, no
+kube-proxy) whose only CNI is Sluice, installed by playbooks/site.yml like on any cluster.
+
+Pods created through the API (kubelet -> containerd -> Sluice's CNI plugin) get an address in their node's pod
+CIDR and reach a pod on another node through Sluice's path; deleting one leaves no link, map entry, IPAM
+allocation or pin; plan.yml refuses a node whose pod CIDR Kubernetes set differently; and the lab's own teardown
+leaves no namespace, mount, cgroup, process or containerd state. The tests run in file order on one lab."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "lab"))
+
+import images  # noqa: E402  pylint: disable=wrong-import-position
+import kube  # noqa: E402  pylint: disable=wrong-import-position
+import lab  # noqa: E402  pylint: disable=wrong-import-position
+
+pytestmark = pytest.mark.kernel
+SUBNET = "192.168.94.0/24"
+SLUICE = "/opt/sluice/venv/bin/sluice"
+NS = "sltest"
+VENV_BIN = os.path.join(ROOT, ".venv", "bin")
+
+
+def playbook(the_lab: lab.Lab, name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([os.path.join(VENV_BIN, "ansible-playbook"), "-i", the_lab.inventory,
+                           os.path.join(ROOT, "playbooks", name), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
+                          env=dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", ANSIBLE_FORCE_COLOR="0"))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    name = f"slk8s{uuid.uuid4().hex[:4]}"
+    cli = [sys.executable, os.path.join(ROOT, "lab", "lab.py"), "--name", name]
+    try:
+        up = subprocess.run([*cli, "up", "--kubernetes", "--nodes", "2", "--subnet", SUBNET],
+                            capture_output=True, text=True, timeout=900, check=False)
+        assert up.returncode == 0, up.stdout + up.stderr
+        the_lab = lab.Lab(name)
+        site = playbook(the_lab, "site.yml")
+        assert site.returncode == 0, site.stdout[-6000:] + site.stderr
+        k8s = kube.Cluster(the_lab)
+        # Settled: the nodes Ready and the add-ons' pods made, so only the tests' own pods come and go.
+        k8s.kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=180s")
+        k8s.kubectl("rollout", "status", "-n", "kube-system", "deployment/coredns", "--timeout=180s")
+        yield the_lab, k8s
+    finally:
+        subprocess.run([*cli, "down"], capture_output=True, timeout=300, check=False)
+
+
+def node_json(the_lab: lab.Lab, i: int, *argv: str):
+    return json.loads(the_lab.node_run(i, SLUICE, "--json", *argv).stdout)
+
+
+def pod(name: str, node: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS, "labels": {"app": name}},
+            "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": "echo", "image": images.AGNHOST, "imagePullPolicy": "Never",
+                                     "args": ["netexec", "--http-port=8080"],
+                                     "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080},
+                                                        "periodSeconds": 1}}]}}
+
+
+def running_pod(k8s: kube.Cluster, name: str) -> dict:
+    k8s.kubectl("wait", "-n", NS, "--for=condition=Ready", f"pod/{name}", "--timeout=120s")
+    (found,) = [p for p in k8s.pods(NS, f"app={name}")]
+    return found
+
+
+def test_nodes_are_ready_with_the_pod_cidrs_sluice_routes(cluster):
+    the_lab, k8s = cluster
+    nodes = {n["metadata"]["name"]: n for n in json.loads(k8s.kubectl("get", "nodes", "-o", "json").stdout)["items"]}
+    assert sorted(nodes) == ["node1", "node2"]
+    for i in (1, 2):
+        assert nodes[f"node{i}"]["spec"]["podCIDRs"] == [kube.node_pod_cidr(i)]
+        # The other node's pod CIDR is routed through its underlay address (native routing).
+        routes = node_json(the_lab, i, "routes")
+        other = 3 - i
+        assert routes[kube.node_pod_cidr(other)]["nexthop"] == the_lab.node_ip(other)
+    # Sluice's conflist is the only one containerd's CRI loads.
+    conflists = the_lab.node_run(1, "ls", "/etc/cni/net.d").stdout.split()
+    (conflist,) = [c for c in conflists if c.endswith((".conflist", ".conf", ".json"))]
+    assert "sluice" in conflist
+
+
+def test_pods_from_the_api_get_node_addresses_and_reach_each_other_across_nodes(cluster):
+    the_lab, k8s = cluster
+    k8s.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}, pod("a", "node1"),
+               pod("b", "node2")])
+    a, b = running_pod(k8s, "a"), running_pod(k8s, "b")
+    assert ipaddress.ip_address(a["ip"]) in ipaddress.ip_network(kube.node_pod_cidr(1))
+    assert ipaddress.ip_address(b["ip"]) in ipaddress.ip_network(kube.node_pod_cidr(2))
+    before = {i: node_json(the_lab, i, "metrics") for i in (1, 2)}
+    answer = k8s.exec_in(NS, "a", "curl", "-s", "--max-time", "5", f"http://{b['ip']}:8080/hostname")
+    assert answer.stdout.strip() == "b", answer.stderr
+    after = {i: node_json(the_lab, i, "metrics") for i in (1, 2)}
+
+    def moved(i: int, hook: str, outcome: str) -> int:
+        count = {(m["hook"], m["outcome"]): m["packets"] for m in before[i]}
+        return sum(m["packets"] for m in after[i] if (m["hook"], m["outcome"]) == (hook, outcome)) \
+            - count.get((hook, outcome), 0)
+
+    assert moved(1, "tc_from_pod", "redirect_neigh") > 0
+    assert moved(2, "tc_from_nic", "redirect_peer") > 0
+
+
+def node_view(the_lab: lab.Lab, i: int) -> dict:
+    """What Sluice holds for pods on node i: endpoint map entries, IPAM allocations, host veths, link pins."""
+    allocations = the_lab.node_run(i, "find", "/var/lib/sluice/ipam", "-type", "f").stdout.split()
+    links = json.loads(the_lab.node_run(i, "ip", "-j", "link", "show").stdout)
+    pins = the_lab.node_run(i, "find", "/sys/fs/bpf/sluice/links", "-mindepth", "1", "-maxdepth", "1").stdout.split()
+    return {"endpoints": {ip: e["ifindex"] for ip, e in node_json(the_lab, i, "endpoints").items()},
+            "allocations": {os.path.basename(p) for p in allocations},
+            "links": {(link["ifindex"], link["ifname"]) for link in links},
+            "pins": set(pins)}
+
+
+def test_deleting_a_pod_leaves_no_link_map_entry_allocation_or_pin(cluster):
+    the_lab, k8s = cluster
+    empty = node_view(the_lab, 1)
+    k8s.apply(pod("gone", "node1"))
+    gone = running_pod(k8s, "gone")
+    with_pod = node_view(the_lab, 1)
+    assert set(with_pod["endpoints"]) - set(empty["endpoints"]) == {gone["ip"]}
+    assert any(gone["ip"] in a for a in with_pod["allocations"] - empty["allocations"]), with_pod["allocations"]
+    (veth,) = [link for link in with_pod["links"] - empty["links"] if link[0] == with_pod["endpoints"][gone["ip"]]]
+    assert any(veth[1] in p for p in with_pod["pins"] - empty["pins"]), with_pod["pins"]
+
+    k8s.kubectl("delete", "pod", "-n", NS, "gone", "--wait=true", "--timeout=60s")
+    deadline = time.monotonic() + 30  # kubelet tears the sandbox down (CNI DEL) after the API object is gone
+    while node_view(the_lab, 1) != empty and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert node_view(the_lab, 1) == empty
+
+
+def test_site_refuses_nodes_whose_kubernetes_pod_cidr_differs_and_touches_nothing(cluster):
+    the_lab, _k8s = cluster
+    before = {i: node_json(the_lab, i, "routes") for i in (1, 2)}
+    # /25s: the inventory would plan node1 10.244.0.128/25, Kubernetes gave it 10.244.1.0/24.
+    result = playbook(the_lab, "site.yml", "-e", "sluice_node_cidr_prefix=25")
+    assert result.returncode != 0
+    assert re.search(r"node1: Kubernetes gave Node 'node1' the pod CIDR 10\.244\.1\.0/24, the inventory plans "
+                     r"10\.244\.0\.128/25: set sluice_pod_cidr: 10\.244\.1\.0/24 for node1", result.stdout), \
+        result.stdout[-3000:]
+    assert {i: node_json(the_lab, i, "routes") for i in (1, 2)} == before
+
+
+def test_lab_teardown_leaves_nothing(cluster):
+    the_lab, _k8s = cluster
+    daemons = {key: (rec["pid"], rec["start"]) for key, rec in the_lab.state["daemons"].items()}
+    assert {k.split("/")[1] for k in daemons} >= {"etcd", "kube-apiserver", "containerd", "kubelet"}
+    shims = [pid for pid in lab.all_pids() if lab.comm(pid).startswith("containerd-shim")
+             and lab.ns_inode(f"/proc/{pid}/ns/net") == lab.ns_inode(f"/run/netns/{the_lab.node_ns(1)}")]
+    assert shims, "no containerd-shim runs in node1"
+    cgroups = [the_lab.cgroup, *the_lab.state["cgroup_v1"]]
+    assert all(os.path.isdir(c) for c in cgroups)
+    down = subprocess.run([sys.executable, os.path.join(ROOT, "lab", "lab.py"), "--name", the_lab.name, "down"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert down.returncode == 0, down.stdout + down.stderr
+    for key, (pid, start) in daemons.items():
+        assert lab.process_start_time(pid) != start, f"{key} still runs"
+    assert not [pid for pid in shims if lab.process_start_time(pid) is not None]
+    assert not [c for c in cgroups if os.path.exists(c)]
+    netns = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
+    assert not re.search(rf"^{the_lab.name}-", netns, re.M), netns
+    with open("/proc/self/mountinfo") as f:
+        assert the_lab.name not in f.read()
+    assert not os.path.exists(the_lab.state_dir)  # etcd's data, each node's containerd and kubelet state
