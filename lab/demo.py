@@ -44,6 +44,7 @@ NODES = os.environ.get("LAB_NODES", "3")
 REMOVED_SERVICE = "legacy"
 SLUICE = "/opt/sluice/venv/bin/sluice"
 DEMO_NS = "sluice-demo"
+API_STATE = "(what the API shows)"
 ECHO = "demo-echo"
 
 
@@ -173,7 +174,7 @@ def cross_node_checks(cluster: kube.Cluster, the_lab: lab.Lab, phase: str) -> li
             checks.append({"name": f"{phase}: {a['name']} ({a['node']}) -> {b['ip']} ({b['node']})",
                            "passed": not reasons, "reasons": reasons, "path": path})
     if len(nodes) < 3:
-        checks.append({"name": f"{phase}: pods on three nodes", "passed": False, "path": [],
+        checks.append({"name": f"{phase}: pods on three nodes", "passed": False, "path": [], "path_text": API_STATE,
                        "reasons": [f"the Deployment's pods run on {nodes}"]})
     return checks
 
@@ -186,7 +187,8 @@ def pod_cidr_checks(cluster: kube.Cluster) -> list[dict]:
     for p in cluster.pods(DEMO_NS, f"app={ECHO}"):
         inside = ipaddress.ip_address(p["ip"]) in ipaddress.ip_network(cidr[p["node"]])
         checks.append({"name": f"pod-address-in-node-cidr: {p['name']} {p['ip']} in {p['node']}'s {cidr[p['node']]}",
-                       "passed": inside, "path": [], "reasons": [] if inside else ["outside its node's pod CIDR"]})
+                       "passed": inside, "path": [], "path_text": API_STATE,
+                       "reasons": [] if inside else ["outside its node's pod CIDR"]})
     return checks
 
 
@@ -206,7 +208,7 @@ def kubernetes_demo(the_lab: lab.Lab) -> list[dict]:
     new = cluster.pods(DEMO_NS, f"app={ECHO}")
     print("   recreated:              " + ", ".join(f"{p['name']} {p['ip']} on {p['node']}" for p in new))
     reused = {p["ip"] for p in old} & {p["ip"] for p in new}
-    checks.append({"name": "recreated pods have new addresses", "passed": not reused, "path": [],
+    checks.append({"name": "recreated pods have new addresses", "passed": not reused, "path": [], "path_text": API_STATE,
                    "reasons": [f"addresses reused: {sorted(reused)}"] if reused else []})
     checks += cross_node_checks(cluster, the_lab, "recreated pods")
 
@@ -215,7 +217,7 @@ def kubernetes_demo(the_lab: lab.Lab) -> list[dict]:
                                         f"kubernetes.io/service-name={ECHO}", "-o", "json").stdout)["items"]
     endpoints = sorted(a for s in slices for e in s.get("endpoints") or [] for a in e["addresses"])
     listed = endpoints == sorted(p["ip"] for p in new)
-    checks.append({"name": "service-endpointslice-lists-the-pods", "passed": listed, "path": [],
+    checks.append({"name": "service-endpointslice-lists-the-pods", "passed": listed, "path": [], "path_text": API_STATE,
                    "reasons": [] if listed else [f"EndpointSlice lists {endpoints}"]})
     vip = service["spec"]["clusterIP"]
     probe = cluster.exec_in(DEMO_NS, new[0]["name"], "curl", "-s", "--max-time", "3", f"http://{vip}:80/hostname")
@@ -233,7 +235,7 @@ def kubernetes_demo(the_lab: lab.Lab) -> list[dict]:
 def path_taken(check: dict) -> str:
     steps = [f"{s['node']} {s['hook']}/" + ", ".join(f"{o} +{n}" for o, n in s["by_outcome"].items())
              if s["by_outcome"] else f"{s['node']} {s['hook']}/{'|'.join(s['outcomes'])} +0" for s in check["path"]]
-    return "; ".join(steps) or "(nothing may answer)"
+    return "; ".join(steps) or check.get("path_text", "(nothing may answer)")
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
@@ -246,12 +248,13 @@ def main() -> int:
     os.makedirs(OUT, exist_ok=True)
     results: list[tuple[str, dict]] = []
     try:
-        step(f"1. Lab: {NODES} nodes, each its own network/mount namespace with sshd, plus an external client")
+        step(f"1. Lab: a Kubernetes cluster of {NODES} nodes (each its own network/mount namespace with sshd, "
+             "containerd and kubelet; no kube-proxy), its control plane, and an external client")
         run_logged("lab-up", [os.path.join(VENV_BIN, "python"), "lab/lab.py", "up", "--kubernetes", "--nodes", NODES])
         the_lab = lab.Lab(lab.DEFAULT_NAME)
         print(f"   lab is up (inventory/lab/hosts.yml; kubectl --kubeconfig {kube.Cluster(the_lab).admin_conf})")
 
-        step("2. Converge with playbooks/site.yml, then again (must change nothing)")
+        step("2. Converge with playbooks/site.yml, then again (must change nothing): Sluice becomes the cluster's CNI")
         converge("site-1")
         second = converge("site-2")
         if any(second.values()):
