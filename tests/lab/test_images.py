@@ -40,10 +40,12 @@ COMMANDS = {
 AGNHOST_TOOLS = ("dig -v 2>&1; curl --version; nc -h 2>&1; ip -V; ss -V; iperf -v 2>&1; nslookup -version 2>&1; "
                  "getent hosts localhost; bash -c 'echo bash $BASH_VERSION'; id user-defined-in-image; "
                  "echo hostName | timeout 2 nc -w 1 -u 127.0.0.1 9; wget --help 2>&1 | head -1; "
+                 # The e2e exec pods' `wget -T`: a refused connection is a failure (exit 4), not a crash.
+                 "wget -q -T 1 -O- http://127.0.0.1:9/; echo wget exit $?; "
                  "ls /agnhost-2 /coredns /localhost.crt /localhost.key /uploads /usr/local/bin/iperf")
 AGNHOST_TOOLS_OUTPUT = ["DiG 9.", "curl 7.", "OpenBSD netcat", "iproute2", "ss utility", "iperf version 2",
                         "nslookup 9.", "localhost", "bash 5.", "groups=1000(user-defined-in-image),50000(",
-                        "BusyBox", "/agnhost-2", "/localhost.key"]
+                        "GNU Wget", "wget exit 4", "/agnhost-2", "/localhost.key"]
 # Web servers: image -> what the page at / says.
 WEB = {f"{images.E2E}/nginx:1.14-4": "Welcome to nginx!", f"{images.E2E}/httpd:2.4.38-4": "It works!"}
 
