@@ -37,7 +37,8 @@ APISERVER_PORT = 6443
 # What kubelet sets on the host kernel it runs on; the lab puts the host's values back when the last lab goes.
 KUBELET_SYSCTLS = ("kernel/panic", "kernel/panic_on_oops", "vm/overcommit_memory", "vm/panic_on_oom",
                    "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")
-LOOPBACK_PLUGIN = "/usr/lib/cni/loopback"
+REFERENCE_PLUGIN_DIR = "/usr/lib/cni"
+REFERENCE_PLUGINS = ("loopback", "portmap")
 
 
 def bin_dir() -> str:
@@ -212,9 +213,11 @@ class Cluster:
         write_file(conf + "/etc/kubernetes/kubelet.conf", read(os.path.join(self.dir, f"{node}.conf")), 0o600)
         write_file(conf + "/etc/kubernetes/pki/ca.crt", read(os.path.join(self.pki, "ca.crt")))
         write_file(conf + "/etc/kubernetes/kubelet-config.yaml", kubelet_config())
-        # containerd's CRI brings every sandbox's lo up with the reference `loopback` plugin, which a node's
-        # Kubernetes packages install (kubernetes-cni); Debian's containernetworking-plugins has it.
-        shutil.copy2(LOOPBACK_PLUGIN, conf + "/opt/cni/bin/loopback")
+        # The reference CNI plugins a node's Kubernetes packages install (kubernetes-cni), from Debian's
+        # containernetworking-plugins: containerd's CRI brings every sandbox's lo up with `loopback`, and the
+        # lab's inventory chains `portmap` after Sluice for hostPort.
+        for plugin in REFERENCE_PLUGINS:
+            shutil.copy2(os.path.join(REFERENCE_PLUGIN_DIR, plugin), conf + "/opt/cni/bin/" + plugin)
         self.lab.start_daemon(node, "containerd", ["containerd", "--config", "/etc/containerd/config.toml"])
         sock = "/run/containerd/containerd.sock"
         self.wait(f"{node}'s containerd",

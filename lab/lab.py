@@ -429,7 +429,10 @@ class Lab:
             f"    sluice_lab_external_netns: {self.ext_ns}\n"
             f"    sluice_lab_external_address: {self.ext_ip}\n"
             + (f"    # The cluster's admin kubeconfig (lab/kube.py): plan.yml checks every node's pod CIDR against it.\n"
-               f"    sluice_kubeconfig: {kube.Cluster(self).admin_conf}\n" if self.kubernetes else ""))
+               f"    sluice_kubeconfig: {kube.Cluster(self).admin_conf}\n"
+               "    # hostPort, as Calico and kubeadm clusters get it: the reference portmap plugin after Sluice.\n"
+               "    cni_chained_plugins: [{type: portmap, capabilities: {portMappings: true}}]\n"
+               if self.kubernetes else ""))
         with open(self.inventory, "w") as f:
             f.write(text)
 

@@ -116,6 +116,18 @@ def test_pods_from_the_api_get_node_addresses_and_reach_each_other_across_nodes(
     assert moved(2, "tc_from_nic", "redirect_peer") > 0
 
 
+def test_host_port_reaches_the_pod_through_the_chained_portmap_plugin(cluster):
+    the_lab, k8s = cluster
+    manifest = pod("hp", "node1")
+    manifest["spec"]["containers"][0]["ports"] = [{"containerPort": 8080, "hostPort": 30080}]
+    k8s.apply(manifest)
+    running_pod(k8s, "hp")
+    answer = the_lab.node_run(2, "curl", "-s", "--max-time", "5", f"http://{the_lab.node_ip(1)}:30080/hostname",
+                              check=False)
+    assert answer.stdout.strip() == "hp", answer.stderr
+    k8s.kubectl("delete", "pod", "-n", NS, "hp", "--wait=true", "--timeout=60s")
+
+
 def node_view(the_lab: lab.Lab, i: int) -> dict:
     """What Sluice holds for pods on node i: endpoint map entries, IPAM allocations, host veths, link pins."""
     allocations = the_lab.node_run(i, "find", "/var/lib/sluice/ipam", "-type", "f").stdout.split()
