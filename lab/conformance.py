@@ -37,7 +37,6 @@ import images
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-BUILD_SH = os.path.join(HERE, "k8s", "build.sh")
 DEFAULT_KUBECONFIG = "/var/lib/sluice-lab/sllab/kube/admin.conf"
 DEFAULT_OUT = os.path.join(REPO, "conformance", "results")
 
@@ -243,10 +242,6 @@ def render_latest(out_dir: str) -> str:
 
 # --- running e2e.test ---------------------------------------------------------------------------------------
 
-def bin_dir() -> str:
-    return subprocess.run([BUILD_SH, "--print"], check=True, capture_output=True, text=True).stdout.strip()
-
-
 def selection(suite: Suite) -> list[str]:
     """Ginkgo's focus and skip flags (without the "ginkgo." prefix e2e.test itself wants)."""
     return [f"--focus={suite.focus}"] + ([f"--skip={suite.skip}"] if suite.skips else [])
@@ -373,7 +368,7 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=DEFAULT_PROCS, help="ginkgo processes running tests at once")
     args = parser.parse_args()
 
-    bin_path = bin_dir()
+    bin_path = images.k8s_bin_dir()
     for program in ("e2e.test", "ginkgo", "kubectl"):
         if not os.access(os.path.join(bin_path, program), os.X_OK):
             raise SystemExit(f"conformance: {bin_path}/{program} is missing: run `make kubernetes` (lab/k8s/build.sh)")

@@ -299,7 +299,7 @@ def main() -> int:
     print(f"\n{len(results) - len(failed)}/{len(results)} checks passed.")
     print("Inspect a node:  .venv/bin/python lab/lab.py exec node1 -- /opt/sluice/venv/bin/sluice status")
     print("                 (also: sluice endpoints | services | routes | metrics)")
-    print(f"Kubernetes:      {kube.bin_dir()}/kubectl --kubeconfig {kube.Cluster(lab.Lab(lab.DEFAULT_NAME)).admin_conf} "
+    print(f"Kubernetes:      {images.k8s_bin_dir()}/kubectl --kubeconfig {kube.Cluster(lab.Lab(lab.DEFAULT_NAME)).admin_conf} "
           "get pods -A -o wide")
     print("Conformance:     make conformance   (the upstream sig-network and NetworkPolicy e2e suites, on this lab)")
     print("Tear down:       make lab-down")

@@ -26,8 +26,6 @@ import time
 
 import images
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BUILD_SH = os.path.join(HERE, "k8s", "build.sh")
 CLUSTER_CIDR = "10.244.0.0/16"  # inventory/lab/group_vars: sluice_cluster_cidr
 NODE_CIDR_PREFIX = 24           # sluice_node_cidr_prefix
 SERVICE_CIDR = "10.100.0.0/16"  # apart from the inventory's static VIPs (10.96-10.97)
@@ -39,10 +37,6 @@ KUBELET_SYSCTLS = ("kernel/panic", "kernel/panic_on_oops", "vm/overcommit_memory
                    "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")
 REFERENCE_PLUGIN_DIR = "/usr/lib/cni"
 REFERENCE_PLUGINS = ("loopback", "portmap")
-
-
-def bin_dir() -> str:
-    return subprocess.run([BUILD_SH, "--print"], check=True, capture_output=True, text=True).stdout.strip()
 
 
 def node_pod_cidr(index: int) -> str:
@@ -59,7 +53,7 @@ class Cluster:
         self.dir = os.path.join(lab.state_dir, "kube")
         self.pki = os.path.join(self.dir, "pki")
         self.admin_conf = os.path.join(self.dir, "admin.conf")
-        self.bin = bin_dir()
+        self.bin = images.k8s_bin_dir()
 
     @property
     def apiserver_ip(self) -> str:

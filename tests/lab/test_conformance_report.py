@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(ROOT, "lab"))
 
 import conformance  # noqa: E402
+import images  # noqa: E402
 
 # What ginkgo v2.21's --junit-report writes for e2e.test (default config: "[<node type>] <spec text> [<labels>]"),
 # cut down: suite nodes, a pass, a failure, a suite timeout, an interrupted test, a test that skipped itself, a
@@ -246,7 +247,7 @@ k8s.io/kubernetes@v1.34.4/test/e2e/network/service.go:740
 
 # --- the real e2e.test, dry run ------------------------------------------------------------------------------
 
-E2E_BIN = conformance.bin_dir()
+E2E_BIN = images.k8s_bin_dir()
 needs_e2e = pytest.mark.skipif(not os.access(os.path.join(E2E_BIN, "e2e.test"), os.X_OK),
                                reason=f"{E2E_BIN}/e2e.test is not built (make kubernetes)")
 
