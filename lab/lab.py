@@ -8,10 +8,14 @@ shows the node's links), a fresh bpffs at /sys/fs/bpf and a cgroup2 at
 the root namespace through a veth (`<name>-host`) into the same bridge. An
 "external" client namespace sits on the underlay, outside the cluster.
 
-    lab.py up [--nodes N] [--name NAME] [--subnet CIDR]
+    lab.py up [--nodes N] [--name NAME] [--subnet CIDR] [--kubernetes]
     lab.py down [--name NAME]
     lab.py status [--name NAME]
-    lab.py exec [--name NAME] NODE -- CMD...     (NODE: node1, 1 or ext)
+    lab.py exec [--name NAME] NODE -- CMD...     (NODE: node1, 1, ext or cp)
+
+With --kubernetes the lab is a Kubernetes cluster (lab/kube.py): a control plane in its own namespace on the
+underlay (`<name>-cp`), containerd and kubelet in every node, whose v1 cgroup controllers (the host's layout)
+are mounted in the node, rooted at the node's own cgroup.
 
 Everything the lab creates is found again by name (namespaces `<name>-*`, link
 `<name>-host`, cgroup `sluice-lab-<name>`, state in /var/lib/sluice-lab/<name>), so
