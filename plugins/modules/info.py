@@ -103,7 +103,7 @@ from ansible_collections.sluice.network.plugins.module_utils.sluice import (
 )
 
 if HAS_SLUICE:
-    from sluice import agent as sl_agent
+    from sluice import agent_protocol
     from sluice import maps as sl_maps
     from sluice.bpf.libbpf import BpfError
     from sluice.datapath import DatapathError
@@ -115,7 +115,7 @@ def _agent(socket_path, timeout):
     if not os.path.exists(socket_path):
         return {"reachable": False, "error": f"{socket_path} does not exist (is sluice-agent running?)"}
     try:
-        reply = sl_agent.request(socket_path, {"op": "health"}, timeout=timeout)
+        reply = agent_protocol.request(socket_path, {"op": "health"}, timeout=timeout)
     except (OSError, ValueError) as e:
         return {"reachable": False, "error": f"{socket_path}: {e}"}
     if not reply.get("ok"):

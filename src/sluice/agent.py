@@ -35,6 +35,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+from . import agent_protocol
+# (request: tests/lib/agent.py imports the client from here)
+from .agent_protocol import request  # noqa: F401 pylint: disable=unused-import
+from .cni.errors import INTERNAL_FAILURE, INVALID_ENVIRONMENT_VARIABLES, TRY_AGAIN_LATER, CniError
 from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, TC_MODES, Datapath, DatapathError
 from .state import DesiredState, Reconciler, StateError
 
@@ -48,7 +52,7 @@ class AgentConfig:
     state_file: str = "/etc/sluice/state.json"
     pin_root: str = DEFAULT_ROOT
     obj_dir: str = DEFAULT_OBJ_DIR
-    socket: str = "/run/sluice/agent.sock"
+    socket: str = agent_protocol.DEFAULT_SOCKET
     metrics_address: str = "127.0.0.1:9962"   # empty: no metrics endpoint
     ipam_dir: str = "/var/lib/sluice/ipam"
     mtu: int = 1500
@@ -183,6 +187,7 @@ class Agent:
     # ---- serving -----------------------------------------------------------------
 
     def handle(self, request: dict) -> dict:
+        """The reply to one request (sluice.agent_protocol)."""
         op = request.get("op")
         if op == "health":
             return {"ok": True, "result": self.health}
@@ -191,30 +196,26 @@ class Agent:
             return {"ok": ok, "result": self.health}
         if op == "cni":
             return self._handle_cni(request)
-        return {"ok": False, "error": {"code": 4, "msg": f"unknown request op {op!r}"}}
+        return agent_protocol.error_reply(CniError(INVALID_ENVIRONMENT_VARIABLES, f"unknown request op {op!r}"))
 
     def _handle_cni(self, request: dict) -> dict:
         from .cni import ops
-        from .cni.errors import CniError
         from .ipam import Ipam
 
         with self._lock:
             try:
                 if self.state is None:
-                    raise CniError(11, "sluice-agent has no valid state yet", self.health["last_error"] or "")
+                    raise CniError(TRY_AGAIN_LATER, "sluice-agent has no valid state yet",
+                                   self.health["last_error"] or "")
                 node = ops.NodeContext(datapath=self.dp, ipam=Ipam(self.config.ipam_dir, self.state.pod_cidr),
                                        mtu=self.config.mtu, ready=lambda: bool(self.health["ready"]))
-                result = ops.handle(request.get("command", ""), request.get("env") or {},
-                                    request.get("stdin", ""), node)
-                if result is None:
-                    return {"ok": True, "result": None}
-                # "output": what the plugin prints, so that it need not import json to render it
-                return {"ok": True, "result": result, "output": json.dumps(result)}
+                return agent_protocol.cni_reply(ops.handle(request.get("command", ""), request.get("env") or {},
+                                                           request.get("stdin", ""), node))
             except CniError as e:
-                return {"ok": False, "error": {"code": e.code, "msg": e.msg, "details": e.details}}
+                return agent_protocol.error_reply(e)
             except Exception as e:  # noqa: BLE001 - a CNI caller must always get an answer
                 log.exception("CNI %s failed", request.get("command"))
-                return {"ok": False, "error": {"code": 999, "msg": f"sluice-agent internal error: {e}"}}
+                return agent_protocol.error_reply(CniError(INTERNAL_FAILURE, f"sluice-agent internal error: {e}"))
 
     def serve_socket(self) -> None:
         path = self.config.socket
@@ -226,12 +227,7 @@ class Agent:
 
         class Handler(socketserver.StreamRequestHandler):
             def handle(self):
-                line = self.rfile.readline()
-                try:
-                    response = agent.handle(json.loads(line))
-                except json.JSONDecodeError as e:
-                    response = {"ok": False, "error": {"code": 6, "msg": f"request is not JSON: {e}"}}
-                self.wfile.write(json.dumps(response).encode() + b"\n")
+                self.wfile.write(agent_protocol.answer(self.rfile.readline(), agent.handle))
 
         old_umask = os.umask(0o177)  # the socket is created 0600: root only
         try:
@@ -298,12 +294,16 @@ class Agent:
                  self.config.metrics_address or "off")
         while not self._stop.wait(self.config.poll_interval):
             self.reconcile()
-        for server in self._servers:
-            server.shutdown()
-            server.server_close()
+        self.close()
 
     def stop(self, *_):
         self._stop.set()
+
+    def close(self) -> None:
+        """Stop serving the socket and metrics."""
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,19 +326,3 @@ def main(argv: list[str] | None = None) -> int:
     agent.run()
     return 0
 
-
-def request(socket_path: str, payload: dict, timeout: float = 30.0) -> dict:
-    """One request to a running agent (used by the CLI)."""
-    import socket
-
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(socket_path)
-        s.sendall(json.dumps(payload).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)

@@ -8,13 +8,12 @@ import os
 import sys
 
 from . import maps as m
+from .agent_protocol import DEFAULT_SOCKET, request
 from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, TC_MODES, Datapath, DatapathError
 from .state import DesiredState, Reconciler, StateError
 
 
 def _agent_health(socket_path: str) -> dict:
-    from .agent import request
-
     try:
         return request(socket_path, {"op": "health"}, timeout=5)["result"]
     except (OSError, ValueError, KeyError) as e:
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="sluice connectivity --help: test pods and probes (verify.yml)")
     parser.add_argument("--root", default=os.environ.get("SLUICE_PIN_ROOT", DEFAULT_ROOT), help="bpffs pin root")
     parser.add_argument("--obj-dir", default=os.environ.get("SLUICE_OBJ_DIR", DEFAULT_OBJ_DIR))
-    parser.add_argument("--socket", default=os.environ.get("SLUICE_AGENT_SOCKET", "/run/sluice/agent.sock"))
+    parser.add_argument("--socket", default=os.environ.get("SLUICE_AGENT_SOCKET", DEFAULT_SOCKET))
     parser.add_argument("--tc-mode", default=os.environ.get("SLUICE_TC_MODE"), choices=TC_MODES,
                         help="how tc programs are attached: auto (tcx where the kernel has it), tcx, legacy "
                              "(clsact + cls_bpf); default: the running agent's, else auto")

@@ -2,35 +2,40 @@
 this test's own netns, where only links named sl* are created (and deleted).
 
 End-to-end tests execute the plugin as a runtime does (CNI_* environment, the
-network configuration on stdin) against a test agent (tests/lib/cni_agent.py)
-that runs sluice.cni.ops like sluice-agent; detailed tests call ops.handle
-in-process."""
+network configuration on stdin) against the real sluice-agent (sluice.agent.Agent)
+serving its socket from this process; detailed tests call ops.handle in-process
+on the same node."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
 import pytest
 
 from conftest import BPF_BUILD, ROOT
-from lib import cni_agent, packets
+from lib import packets
 from lib.cni_exec import REFERENCE_PLUGINS, exec_plugin
 from lib.netns import PREFIX, run, unique
-from sluice import netlink
+from sluice import agent_protocol, netlink
+from sluice.agent import Agent, AgentConfig
 from sluice.cni import ops, podnet
 from sluice.cni.errors import CniError
 from sluice.datapath import Datapath
 from sluice.ipam import Ipam
 from sluice.maps import EndpointsMap
+from sluice.state import DesiredState
 
 pytestmark = pytest.mark.kernel
 
@@ -108,13 +113,30 @@ def node(datapath, tmp_path):
 
 
 @pytest.fixture
-def agent(node):
+def sluice_agent(node, tmp_path):
+    """The real agent serving `node` (its datapath, IPAM directory and MTU) on a socket, from this process.
+    It is given the node state a reconcile would leave it with: a reconcile also attaches the NIC and
+    cgroup hooks, and this node is the test process's netns (tests/lib/cni_node.py runs the agent process
+    on a node netns of its own)."""
     directory = tempfile.mkdtemp(prefix="slcni-")  # short: a socket path has at most 107 bytes
+    agent = Agent(AgentConfig(pin_root=node.datapath.root, obj_dir=node.datapath.obj_dir,
+                              socket=os.path.join(directory, "agent.sock"), metrics_address="",
+                              ipam_dir=str(tmp_path / "ipam"), mtu=MTU))
+    agent.state = DesiredState.parse({"node": {"name": "sltest", "ip": "192.0.2.1", "nic": "lo",
+                                               "pod_cidr": str(node.ipam.network)}})
+    agent.health["ready"] = True
     try:
-        with cni_agent.serve(node, directory) as path:
-            yield path
+        with contextlib.closing(agent):
+            agent.serve_socket()
+            yield agent
     finally:
         shutil.rmtree(directory)
+
+
+@pytest.fixture
+def agent(sluice_agent):
+    """The agent's socket."""
+    return sluice_agent.config.socket
 
 
 @pytest.fixture(scope="session")
@@ -188,7 +210,7 @@ def test_version_is_answered_without_agent_or_pyroute2(cni_bin):
     foreign = {m for m in modules if m.split(".")[0] not in {*sys.stdlib_module_names, "__main__", "sluice"}}
     assert not foreign, f"the plugin imports non-stdlib modules: {sorted(foreign)}"
     assert {m for m in modules if m.startswith("sluice")} <= {
-        "sluice", "sluice.cni", "sluice.cni.plugin", "sluice.cni.errors", "sluice.cni.spec"}
+        "sluice", "sluice.agent_protocol", "sluice.cni", "sluice.cni.plugin", "sluice.cni.errors", "sluice.cni.spec"}
 
 
 def test_an_add_through_the_plugin_imports_neither_json_nor_socket(node, agent, pods, cni_bin):
@@ -472,6 +494,53 @@ def test_unknown_command_and_unreachable_agent(cni_bin, tmp_path):
     assert (status, error["code"]) == (1, 50) and socket_path in error["msg"]
 
 
+@pytest.mark.parametrize("reply, code, named", [
+    (b"", 11, "closed the connection without an answer"),
+    (b"not json\n", 5, "unreadable reply"),
+    (b"[]\n", 5, "unreadable reply"),
+    (b'{"ok": false}\n', 5, "unreadable reply"),
+    (b'{"ok": false, "error": {"code": 7, "msg": "as the agent said"}}\n', 7, "as the agent said"),
+])
+def test_what_the_plugin_makes_of_an_agents_reply(reply, code, named):
+    directory = tempfile.mkdtemp(prefix="slcni-")  # short: a socket path has at most 107 bytes
+    path = os.path.join(directory, "agent.sock")
+
+    def answer_once(server):
+        conn, _address = server.accept()
+        with conn:
+            conn.makefile("rb").readline()
+            conn.sendall(reply)
+
+    try:
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(path)
+            server.listen()
+            thread = threading.Thread(target=answer_once, args=(server,))
+            thread.start()
+            with pytest.raises(CniError) as failure:
+                agent_protocol.cni(path, "ADD", {}, "{}")
+            thread.join()
+    finally:
+        shutil.rmtree(directory)
+    assert failure.value.code == code and named in failure.value.msg, failure.value
+
+
+@pytest.mark.parametrize("line, code, named", [
+    (b"{not json\n", 6, "request is not JSON"),
+    (b"\xff\n", 6, "request is not JSON"),
+    (b"[]\n", 6, "request is not a JSON object"),
+    (b'{"op": "frob"}\n', 4, "unknown request op 'frob'"),
+])
+def test_the_agent_answers_a_malformed_request_with_a_cni_error(agent, line, code, named):
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(agent)
+        sock.sendall(line)
+        reply = json.loads(sock.makefile("rb").readline())
+    assert reply == {"ok": False, "error": {"code": code, "msg": reply["error"]["msg"]}}
+    assert named in reply["error"]["msg"]
+
+
 def test_missing_netns_is_an_unknown_container(node, agent, pods, cni_bin):
     cid = pods.container_id()
     netns = f"/run/netns/{PREFIX}absent-{uuid.uuid4().hex[:6]}"
@@ -543,9 +612,9 @@ def test_gc_removes_attachments_not_listed(node, agent, pods, cni_bin):
     assert failure.value.code == 7
 
 
-def test_status(node, agent, cni_bin):
+def test_status(sluice_agent, agent, cni_bin):
     assert exec_plugin(os.path.join(cni_bin, "sluice"), "STATUS", config(agent)) == (0, None)
-    node.ready = lambda: False
+    sluice_agent.health["ready"] = False
     status, error = exec_plugin(os.path.join(cni_bin, "sluice"), "STATUS", config(agent))
     assert status == 1 and error["code"] == 50 and "not applied" in error["msg"]
     status, error = exec_plugin(os.path.join(cni_bin, "sluice"), "STATUS", config(agent, version="1.0.0"))

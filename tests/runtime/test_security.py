@@ -24,6 +24,7 @@ from conftest import BPF_BUILD, ROOT
 from lib import netns
 from lib.cgroup import cgroup
 from sluice.agent import Agent, AgentConfig
+from sluice.agent_protocol import request
 from sluice.datapath import Datapath
 
 pytestmark = pytest.mark.kernel
@@ -74,16 +75,6 @@ def connect_as_nobody(path: str) -> int:
     return int(proc.stdout)
 
 
-@contextlib.contextmanager
-def serving(agent: Agent):
-    try:
-        yield agent
-    finally:
-        for server in agent._servers:  # pylint: disable=protected-access
-            server.shutdown()
-            server.server_close()
-
-
 def test_agent_socket_is_root_only():
     assert AgentConfig().socket == "/run/sluice/agent.sock"
     top = tempfile.mkdtemp(prefix="slsec-")
@@ -93,16 +84,14 @@ def test_agent_socket_is_root_only():
         os.makedirs(run_dir, mode=0o755)
         os.chmod(run_dir, 0o755)  # a socket directory someone left open: the agent closes it
         path = os.path.join(run_dir, "agent.sock")
-        with serving(Agent(AgentConfig(socket=path, metrics_address=""))) as agent:
+        with contextlib.closing(Agent(AgentConfig(socket=path, metrics_address=""))) as agent:
             agent.serve_socket()
             assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
             assert connect_as_nobody(path) == errno.EACCES
             os.chmod(run_dir, 0o755)  # even with the directory open, the socket itself refuses nobody
             assert connect_as_nobody(path) == errno.EACCES
-            from sluice.agent import request
-
-            assert request(path, {"op": "health"})["ok"] is True  # root gets in
+            assert request(path, {"op": "health"}, timeout=30)["ok"] is True  # root gets in
     finally:
         shutil.rmtree(top)
 
@@ -128,7 +117,7 @@ def test_metrics_listen_only_on_the_configured_address(configured, bound):
         netns.ns_exec(ns, "ip", "addr", "add", "192.168.96.1/24", "dev", "sleth0")
         netns.ns_exec(ns, "ip", "link", "set", "sleth0", "up")
         netns.ns_exec(ns, "ip", "link", "set", "sleth1", "up")
-        with netns.entered(ns), serving(Agent(config)) as agent:
+        with netns.entered(ns), contextlib.closing(Agent(config)) as agent:
             agent.serve_metrics()
             (server,) = agent._servers  # pylint: disable=protected-access
             assert server.socket.getsockname() == bound

@@ -146,9 +146,7 @@ def test_agent_health_and_whether_it_applied_the_file(netns, loaded, cgroup, tmp
         st = run_module(info, a)["sluice"]["state"]
         assert st["applied"] is True and st["in_sync"] is True
     finally:
-        for server in agent._servers:  # pylint: disable=protected-access
-            server.shutdown()
-            server.server_close()
+        agent.close()
 
     # The socket is still there, nobody answers: unreachable, reported, not a failure.
     down = run_module(info, a)
