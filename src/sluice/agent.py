@@ -36,8 +36,6 @@ import time
 from dataclasses import dataclass
 
 from . import agent_protocol
-# (request: tests/lib/agent.py imports the client from here)
-from .agent_protocol import request  # noqa: F401 pylint: disable=unused-import
 from .cni.errors import INTERNAL_FAILURE, INVALID_ENVIRONMENT_VARIABLES, TRY_AGAIN_LATER, CniError
 from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, TC_MODES, Datapath, DatapathError
 from .state import DesiredState, Reconciler, StateError

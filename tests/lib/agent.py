@@ -41,7 +41,7 @@ class AgentProcess:
         raise TimeoutError(f"sluice-agent not answering on {self.config['socket']}: {self.logs()}")
 
     def request(self, payload: dict) -> dict:
-        from sluice.agent import request
+        from sluice.agent_protocol import request
 
         return request(self.config["socket"], payload, timeout=30)
 
