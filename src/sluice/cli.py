@@ -10,7 +10,7 @@ import sys
 from . import maps as m
 from .agent_protocol import DEFAULT_SOCKET, request
 from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, TC_MODES, Datapath, DatapathError
-from .state import DesiredState, Reconciler, StateError
+from .state import DesiredState, Reconciler, Snapshot, StateError
 
 
 def _agent_health(socket_path: str) -> dict:
@@ -77,10 +77,10 @@ def cmd_routes(dp: Datapath, args):
 
 
 def cmd_services(dp: Datapath, args):
-    cur = Reconciler(dp).current()
-    items = [{"frontend": f"{v}:{p}/{pr}", "kind": kind, "backends": [f"{b[0]}:{b[1]}" for b in bs]}
-             for kind, section in (("socket-lb", "services"), ("xdp-lb", "lb_vips"))
-             for (v, p, pr), bs in sorted(cur[section].items())]
+    snap = Snapshot.read(dp)
+    items = [{"frontend": f"{v}:{p}/{pr}", "kind": kind, "backends": [f"{b.ip}:{b.port}" for b in bs]}
+             for kind, frontends in (("socket-lb", snap.services), ("xdp-lb", snap.lb_vips))
+             for (v, p, pr), bs in sorted(frontends.items())]
     return items, _table([[i["frontend"], i["kind"], ", ".join(i["backends"]) or "(none)"] for i in items],
                          ["frontend", "kind", "backends"])
 

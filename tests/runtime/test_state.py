@@ -108,11 +108,11 @@ def test_apply_converges_and_second_plan_is_empty(node):
     assert (route.nexthop, route.tunnel) == ("192.168.90.12", False)
     assert kernel_routes(ns) == {"10.244.2.0/24": "192.168.90.12"}
     cur = rec.current()
-    assert cur["services"][("10.96.0.10", 80, "tcp")] == (("10.244.1.5", 8080, "tcp"), ("10.244.2.7", 8080, "tcp"))
-    assert cur["lb_vips"][("192.168.90.200", 80, "tcp")] == (("10.244.1.5", 8080, "tcp"),)
-    assert cur["prefilter"] == {"203.0.113.0/24"}
+    assert cur.services[("10.96.0.10", 80, "tcp")] == (("10.244.1.5", 8080, "tcp"), ("10.244.2.7", 8080, "tcp"))
+    assert cur.lb_vips[("192.168.90.200", 80, "tcp")] == (("10.244.1.5", 8080, "tcp"),)
+    assert cur.prefilter == {"203.0.113.0/24"}
     # the backend shared by a service and an LB VIP exists once
-    assert sorted(cur["backends"].values()) == [("10.244.1.5", 8080, "tcp"), ("10.244.2.7", 8080, "tcp")]
+    assert sorted(cur.backends.values()) == [("10.244.1.5", 8080, "tcp"), ("10.244.2.7", 8080, "tcp")]
 
 
 def test_changes_and_removals_are_planned_exactly_and_applied(node):
@@ -136,7 +136,7 @@ def test_changes_and_removals_are_planned_exactly_and_applied(node):
     assert not rec.plan(DesiredState.parse(new)).changed
     assert kernel_routes(ns) == {}
     cur = rec.current()
-    assert cur["backends"] == {2: ("10.244.2.7", 8080, "tcp")}  # the unused backend is gone
+    assert cur.backends == {2: ("10.244.2.7", 8080, "tcp")}  # the unused backend is gone
     with dp.open_map(m.ServicesMap) as sm:
         assert len(sm) == 2  # master + one slot: the stale slot was removed
 
@@ -255,10 +255,12 @@ def test_current_reads_every_map_once_and_decodes_like_the_typed_getters(node):
     cur = rec.current()
     with dp.open_map(m.BackendsMap) as bm, dp.open_map(m.ServicesMap) as sm, dp.open_map(m.LbVipsMap) as lm:
         backends = {i: (b.ip, b.port, b.proto) for i, b in bm.items().items()}
-        assert cur["backends"] == backends
+        assert cur.backends == backends
+        for i, b in cur.backends.items():
+            assert bm.get(i) == b
         for fe, svc in sm.items().items():
             assert sm.get(*fe) == svc
-            assert cur["services"][fe] == tuple(backends[i] for i in svc.backend_ids)
+            assert cur.services[fe] == tuple(backends[i] for i in svc.backend_ids)
         for fe, (count, table) in lm.tables().items():
             assert (count, table) == (lm.items()[fe], lm.table(*fe))
 
@@ -298,7 +300,7 @@ def test_update_plans_and_writes_exactly_what_a_full_apply_would(node):
         kinds.update(expected)
         assert not Reconciler(dp).plan(state).changed
         cur = rec.current()
-        assert set(cur["backends"].values()) == {b for bs in (*state.services.values(), *state.lb_vips.values())
+        assert set(cur.backends.values()) == {b for bs in (*state.services.values(), *state.lb_vips.values())
                                                  for b in bs}, "exactly the backends in use"
     assert kinds == {"services", "lb_vips", "prefilter"}
     assert rec.update(state).to_dict() == {}   # the same state again: nothing to do

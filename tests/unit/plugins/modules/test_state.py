@@ -52,7 +52,7 @@ def document(a):
 def maps_now(dp):
     """What the maps hold (routes, services, prefilter...), to show a task left them alone."""
     cur = Reconciler(dp).current()
-    return {k: cur[k] for k in ("routes", "services", "lb_vips", "prefilter", "backends")}
+    return {k: getattr(cur, k) for k in ("routes", "services", "lb_vips", "prefilter", "backends")}
 
 
 def test_check_mode_writes_and_applies_nothing(node, tmp_path):

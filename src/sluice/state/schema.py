@@ -1,0 +1,191 @@
+"""The desired state of a node (DesiredState) and the validation of a state document into it.
+
+The document (the Ansible roles write it as JSON, default /etc/sluice/state.json):
+
+    {"node": {"name", "ip", "nic", "pod_cidr"},
+     "routing": {"mode": "native"|"vxlan", "vxlan_device", "vxlan_port", "vni"},
+     "routes": [{"cidr", "nexthop", "node"}],             other nodes' pod CIDRs
+     "services": [{"name", "vip", "port", "protocol", "backends": [{"ip", "port"}]}],
+     "prefilter": ["CIDR", ...],
+     "lb_vips": [{"name", "vip", "port", "protocol", "backends": [...]}],
+     "xdp": {"cpumap_cpus": [0, 1]}}
+
+An invalid value raises StateError naming the value and where it stands in the document.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+from dataclasses import dataclass, field
+
+from .. import maps as m
+
+ROUTING_MODES = ("native", "vxlan")
+PROTOCOLS = ("tcp", "udp")
+DEFAULT_VXLAN_DEVICE = "sluice_vxlan"
+DEFAULT_VXLAN_PORT = 4789
+
+Frontend = tuple[str, int, str]          # (vip, port, protocol)
+Backend = m.Backend                      # (ip, port, protocol), as sl_backends holds it
+_make_backend = Backend._make            # half the cost of Backend(): a state holds tens of thousands
+
+
+class StateError(ValueError):
+    """The desired state is invalid; the message names the bad value."""
+
+
+def _canonical_ip(value) -> bool:
+    """Whether `value` is already the text _ip() returns for it: inet_pton takes exactly a dotted quad
+    of decimal octets without leading zeros, which ipaddress writes back unchanged. The common case,
+    checked without building an IPv4Address (a state file holds tens of thousands of addresses)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        socket.inet_pton(socket.AF_INET, value)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _ip(value, where: str) -> str:
+    if _canonical_ip(value):
+        return value
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except (ipaddress.AddressValueError, ValueError, TypeError):
+        raise StateError(f"{where}: {value!r} is not an IPv4 address") from None
+
+
+def _cidr(value, where: str) -> ipaddress.IPv4Network:
+    try:
+        return ipaddress.IPv4Network(value, strict=True)
+    except (ipaddress.AddressValueError, ipaddress.NetmaskValueError, TypeError) as e:
+        raise StateError(f"{where}: {value!r} is not an IPv4 CIDR ({e})") from None
+    except ValueError:
+        raise StateError(f"{where}: {value!r} has host bits set") from None
+
+
+def _plain_port(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
+
+
+def _port(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise StateError(f"{where}: port {value!r} is not an integer in 1..65535")
+    return value
+
+
+def _proto(value, where: str) -> str:
+    if value not in PROTOCOLS:
+        raise StateError(f"{where}: protocol {value!r} is not one of {', '.join(PROTOCOLS)}")
+    return value
+
+
+@dataclass
+class DesiredState:
+    node_name: str
+    node_ip: str
+    nic: str
+    pod_cidr: str
+    routing_mode: str = "native"
+    vxlan_device: str = DEFAULT_VXLAN_DEVICE
+    vxlan_port: int = DEFAULT_VXLAN_PORT
+    vni: int = 1
+    routes: dict[str, str] = field(default_factory=dict)                  # cidr -> nexthop
+    services: dict[Frontend, tuple[Backend, ...]] = field(default_factory=dict)
+    prefilter: set[str] = field(default_factory=set)
+    lb_vips: dict[Frontend, tuple[Backend, ...]] = field(default_factory=dict)
+    cpumap_cpus: tuple[int, ...] = ()
+
+    @classmethod
+    def from_file(cls, path: str) -> "DesiredState":
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except OSError as e:
+            raise StateError(f"cannot read state file {path}: {e.strerror}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StateError(f"state file {path} is not valid JSON: {e}") from None
+        return cls.parse(raw)
+
+    @classmethod
+    def parse(cls, raw) -> "DesiredState":
+        if not isinstance(raw, dict):
+            raise StateError(f"state: expected a JSON object, not {type(raw).__name__}")
+        node = raw.get("node")
+        if not isinstance(node, dict):
+            raise StateError("state: 'node' section is missing")
+        for key in ("name", "ip", "nic", "pod_cidr"):
+            if not node.get(key):
+                raise StateError(f"node: '{key}' is missing")
+        pod_cidr = _cidr(node["pod_cidr"], "node.pod_cidr")
+        routing = raw.get("routing") or {}
+        mode = routing.get("mode", "native")
+        if mode not in ROUTING_MODES:
+            raise StateError(f"routing.mode: {mode!r} is not one of {', '.join(ROUTING_MODES)}")
+        vni = routing.get("vni", 1)
+        if isinstance(vni, bool) or not isinstance(vni, int) or not 1 <= vni < 1 << 24:
+            raise StateError(f"routing.vni: {vni!r} is not in 1..16777215")
+        state = cls(node_name=str(node["name"]), node_ip=_ip(node["ip"], "node.ip"), nic=str(node["nic"]),
+                    pod_cidr=str(pod_cidr), routing_mode=mode,
+                    vxlan_device=routing.get("vxlan_device", DEFAULT_VXLAN_DEVICE),
+                    vxlan_port=_port(routing.get("vxlan_port", DEFAULT_VXLAN_PORT), "routing.vxlan_port"),
+                    vni=vni)
+        seen = {pod_cidr: f"this node's pod CIDR ({node['name']})"}
+        for i, r in enumerate(raw.get("routes") or []):
+            where = f"routes[{i}]"
+            if not isinstance(r, dict):
+                raise StateError(f"{where}: expected an object")
+            net = _cidr(r.get("cidr"), f"{where}.cidr")
+            for other, owner in seen.items():
+                if net.overlaps(other):
+                    raise StateError(f"{where}.cidr: {net} overlaps {other} ({owner})")
+            seen[net] = f"route via {r.get('nexthop')}"
+            state.routes[str(net)] = _ip(r.get("nexthop"), f"{where}.nexthop")
+        state.services = _frontends(raw.get("services") or [], "services")
+        state.lb_vips = _frontends(raw.get("lb_vips") or [], "lb_vips")
+        state.prefilter = {str(_cidr(c, f"prefilter[{i}]")) for i, c in enumerate(raw.get("prefilter") or [])}
+        cpus = (raw.get("xdp") or {}).get("cpumap_cpus") or []
+        for c in cpus:
+            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < m.possible_cpus():
+                raise StateError(f"xdp.cpumap_cpus: CPU {c!r} does not exist on this node")
+        state.cpumap_cpus = tuple(sorted(set(cpus)))
+        return state
+
+
+def _where(section: str, i: int, s) -> str:
+    return f"{section}[{i}]" + (f" ({s.get('name')})" if isinstance(s, dict) and s.get("name") else "")
+
+
+def _frontends(items, section: str) -> dict[Frontend, tuple[Backend, ...]]:
+    """Locations for error messages are only formatted when there is an error."""
+    out: dict[Frontend, tuple[Backend, ...]] = {}
+    for i, s in enumerate(items):
+        if not isinstance(s, dict):
+            raise StateError(f"{_where(section, i, s)}: expected an object")
+        proto = s.get("protocol", "tcp")
+        if proto not in PROTOCOLS:
+            _proto(proto, _where(section, i, s))
+        vip, port = s.get("vip"), s.get("port")
+        key = (vip if _canonical_ip(vip) else _ip(vip, f"{_where(section, i, s)}.vip"),
+               port if _plain_port(port) else _port(port, f"{_where(section, i, s)}.port"),
+               proto)
+        if key in out:
+            raise StateError(f"{_where(section, i, s)}: duplicate frontend {key[0]}:{key[1]}/{proto}")
+        backends = []
+        for j, b in enumerate(s.get("backends") or []):
+            if isinstance(b, dict) and "port" in b:
+                ip, bport = b.get("ip"), b["port"]
+                if _canonical_ip(ip) and _plain_port(bport):
+                    backends.append(_make_backend((ip, bport, proto)))
+                    continue
+            bw = f"{_where(section, i, s)}.backends[{j}]"
+            if not isinstance(b, dict) or "port" not in b:
+                raise StateError(f"{bw}: backend {b!r} needs an ip and a port")
+            backends.append(Backend(_ip(b.get("ip"), bw), _port(b["port"], bw), proto))
+        if len(set(backends)) != len(backends):
+            raise StateError(f"{_where(section, i, s)}: a backend is listed twice")
+        out[key] = tuple(backends)
+    return out
