@@ -194,11 +194,11 @@ class Cluster:
 
     def register_nodes(self, nodes: int) -> None:
         """Node objects with the inventory's pod CIDRs, before any kubelet registers on its own."""
-        self.apply([{"apiVersion": "v1", "kind": "Node",
-                     "metadata": {"name": f"node{i}", "labels": {"kubernetes.io/hostname": f"node{i}"}},
-                     "spec": {"podCIDR": node_pod_cidr(i), "podCIDRs": [node_pod_cidr(i)]}}
-                    for i in range(1, nodes + 1)
-                    if self.kubectl("get", "node", f"node{i}", check=False).returncode != 0])
+        missing = [i for i in range(1, nodes + 1) if self.kubectl("get", "node", f"node{i}", check=False).returncode]
+        if missing:
+            self.apply([{"apiVersion": "v1", "kind": "Node",
+                         "metadata": {"name": f"node{i}", "labels": {"kubernetes.io/hostname": f"node{i}"}},
+                         "spec": {"podCIDR": node_pod_cidr(i), "podCIDRs": [node_pod_cidr(i)]}} for i in missing])
 
     def start_node(self, i: int, archives: dict[str, str]) -> None:
         node = f"node{i}"
