@@ -117,11 +117,16 @@ def without_labels(name: str) -> str:
     return name
 
 
+def node_and_name(testcase: ET.Element) -> tuple[str, str]:
+    """"[It] <spec text>", "[SynchronizedBeforeSuite]", "[ReportAfterSuite] <text>": ginkgo's node type first."""
+    kind, name = re.fullmatch(r"(?:\[(It|[^]]*Suite[^]]*)\] ?)?(.*)", testcase.get("name", ""), re.S).groups()
+    return kind or "It", name
+
+
 def parse_junit(path: str) -> list[Case]:
     cases = []
     for testcase in ET.parse(path).getroot().iter("testcase"):
-        # "[It] <spec text>", "[SynchronizedBeforeSuite]", "[ReportAfterSuite] <text>": ginkgo's node type first.
-        kind, name = re.fullmatch(r"(?:\[(It|[^]]*Suite[^]]*)\] ?)?(.*)", testcase.get("name", ""), re.S).groups()
+        kind, name = node_and_name(testcase)
         failure = testcase.find("failure")
         if failure is None:
             failure = testcase.find("error")
@@ -136,8 +141,28 @@ def parse_junit(path: str) -> list[Case]:
             message = (skipped.get("message") or "").removeprefix("skipped").removeprefix(" - ")
         else:
             result, message = testcase.get("status") or "passed", ""
-        cases.append(Case(without_labels(name), kind or "It", result, float(testcase.get("time") or 0), message))
+        cases.append(Case(without_labels(name), kind, result, float(testcase.get("time") or 0), message))
     return cases
+
+
+def trim_junit(path: str, selected: list[str]) -> None:
+    """Keep in the JUnit report the suite entries and the selected tests with their results, without their
+    captured output (the .log beside it has all of it): ginkgo also lists each of the ~7,000 specs the focus
+    left out, and every report would be megabytes."""
+    tree = ET.parse(path)
+    wanted = set(selected)
+    for testsuite in tree.getroot().iter("testsuite"):
+        for testcase in list(testsuite.iter("testcase")):
+            kind, name = node_and_name(testcase)
+            if kind == "It" and without_labels(name) not in wanted:
+                testsuite.remove(testcase)
+                continue
+            for output in testcase.findall("system-out") + testcase.findall("system-err"):
+                testcase.remove(output)
+        cases = testsuite.findall("testcase")
+        testsuite.set("tests", str(len(cases)))
+        testsuite.set("skipped", str(sum(c.find("skipped") is not None for c in cases)))
+    tree.write(path, encoding="utf-8", xml_declaration=True)
 
 
 def outcome(case: Case | None) -> str:
@@ -344,6 +369,7 @@ def run_suite(suite: Suite, bin_path: str, kubeconfig: str, procs: int, out_dir:
     if not os.path.exists(xml):
         raise SystemExit(f"conformance: {suite.name}: ginkgo exited with status {status} and no JUnit report, "
                          f"see {log}")
+    trim_junit(xml, selected)
     cases = parse_junit(xml)
     finished = datetime.datetime.now(datetime.timezone.utc)
     seconds = int((finished - started).total_seconds())

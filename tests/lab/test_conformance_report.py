@@ -126,6 +126,17 @@ def test_parse_junit_reads_node_types_results_and_messages(tmp_path):
     assert (tests[INGRESSCLASS].result, tests[INGRESSCLASS].message) == ("skipped", "")
 
 
+def test_trimmed_junit_keeps_suite_entries_and_selected_results_without_their_output(tmp_path):
+    path = junit_file(tmp_path, JUNIT)
+    full = conformance.parse_junit(path)
+    conformance.trim_junit(path, SELECTED)
+    trimmed = conformance.parse_junit(path)
+    assert trimmed == [c for c in full if c.name != RESTART]
+    text = open(path).read()
+    assert "system-err" not in text and "service is not reachable within 2m0s" in text
+    assert 'tests="10"' in text and 'skipped="2"' in text
+
+
 def test_without_labels_drops_only_the_label_list_ginkgo_appends():
     assert conformance.without_labels("[sig-network] A b [Conformance] [sig-network, Conformance]") == \
         "[sig-network] A b [Conformance]"
