@@ -136,7 +136,7 @@ from ansible_collections.sluice.network.plugins.module_utils.sluice import (
 
 if HAS_SLUICE:
     from sluice.bpf.libbpf import BpfError, VerifierError
-    from sluice.datapath import CGROUP_HOOKS, DatapathError, cgroup2_root
+    from sluice.datapath import NODE_HOOKS, DatapathError, cgroup2_root
 
 
 def _attached(dp):
@@ -197,27 +197,28 @@ def _present(module, dp):
     # programs (check mode: the kernel verifies the objects, nothing is pinned)
     report = dp.load(check_mode=module.check_mode)
 
-    # links
+    # links: the node's hooks (the NIC's are named after the NIC)
+    hooks = {group: [f"{p['nic'] if group == 'nic' else group}/{prog}" for prog in progs]
+             for group, progs in NODE_HOOKS.items()}
     wanted, unwanted = [], []
     if p["nic"]:
-        wanted.append(f"{p['nic']}/tc_from_nic")
-    cgroup_links = [f"cgroup/{h}" for h in CGROUP_HOOKS]
-    (wanted if p["socket_lb"] else unwanted).extend(cgroup_links)
-    (wanted if p["sockmap"] else unwanted).append("sockhash/sk_msg_redir")
+        wanted += hooks["nic"]
+    (wanted if p["socket_lb"] else unwanted).extend(hooks["cgroup"])
+    (wanted if p["sockmap"] else unwanted).extend(hooks["sockhash"])
     created, removed = [], []
     if module.check_mode:
         created = [lk for lk in wanted if lk not in before_links]
         removed = [lk for lk in unwanted if lk in before_links]
     else:
-        if p["nic"] and dp.attach_tc(p["nic"], "tc_from_nic"):
-            created.append(f"{p['nic']}/tc_from_nic")
+        if p["nic"]:
+            created += [f"{p['nic']}/{prog}" for prog in NODE_HOOKS["nic"] if dp.attach_tc(p["nic"], prog)]
         if p["socket_lb"]:
             created += [f"cgroup/{h}" for h in dp.attach_cgroup(p["cgroup"] or cgroup2_root())]
         elif any(lk.startswith("cgroup/") for lk in before_links) or os.path.isdir(os.path.join(dp.links_dir, "cgroup")):
             removed += dp.detach_device("cgroup")
         if p["sockmap"]:
             if dp.attach_sockmap():
-                created.append("sockhash/sk_msg_redir")
+                created += hooks["sockhash"]
         elif os.path.isdir(os.path.join(dp.links_dir, "sockhash")):
             removed += dp.detach_device("sockhash")
 

@@ -199,8 +199,6 @@ changes:
   sample: {mtu: 9000, offloads: {gro: true}}
 """
 
-import os
-
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.parsing.convert_bool import boolean
 
@@ -215,10 +213,6 @@ if HAS_SLUICE:
     from sluice import nic as sl_nic
     from sluice.datapath import DatapathError
     from sluice.bpf.libbpf import BpfError
-
-
-def _xdp_wanted(mode):
-    return {"best-effort": ["native", "generic"], "disabled": []}.get(mode, [mode])
 
 
 def main():
@@ -246,177 +240,30 @@ def main():
 
     nic = sl_nic.Nic(ifname, runner=runner, ethtool=module.get_bin_path("ethtool") or "ethtool")
     try:
-        _run(module, nic)
+        dp = datapath(module)
+        plan = sl_nic.plan(nic, dp, dict(p, offloads=_offloads(p["offloads"])),
+                           modprobe=module.get_bin_path("modprobe"), warn=module.warn)
+        if plan.changes and not module.check_mode:
+            sl_nic.apply(nic, dp, plan, p["xdp_mode"])
     except sl_nic.NicError as e:
         module.fail_json(msg=str(e), interface=ifname, changed=False)
     except (DatapathError, BpfError) as e:
         module.fail_json(msg=f"{ifname}: {e}", interface=ifname)
-
-
-def _run(module, nic):
-    p = module.params
-    ifname = p["name"]
-    link = nic.link()  # fails naming the interface when it does not exist
-    if p["mtu"] is not None:
-        nic.check_mtu(p["mtu"])
-    requested = {k: {kk: vv for kk, vv in (p[k] or {}).items() if vv is not None} for k in ("channels", "rings")}
-    offloads_wanted = {}
-    for name, value in (p["offloads"] or {}).items():
-        try:
-            offloads_wanted[name] = boolean(value, strict=True)
-        except TypeError:
-            raise sl_nic.NicError(f"offloads.{name}: {value!r} is not a boolean") from None
-
-    # ---- read everything and plan every change before touching the device ----
-    unsupported = []
-    current = {}
-    for what, reader in (("channels", nic.channels), ("rings", nic.rings)):
-        try:
-            current[what] = reader()
-        except sl_nic.Unsupported:
-            current[what] = None
-            unsupported.append(what)
-            if requested[what]:
-                raise sl_nic.Unsupported(f"{what}: {ifname} (driver {nic.driver()}) does not support "
-                                         f"`ethtool {'-L' if what == 'channels' else '-G'}`; "
-                                         f"remove {what} from the task for this NIC")
-    changes = {}
-    if p["mtu"] is not None and link["mtu"] != p["mtu"]:
-        changes["mtu"] = p["mtu"]
-    if requested["channels"]:
-        planned = nic.plan_channels(requested["channels"], current["channels"])
-        if planned:
-            changes["channels"] = planned
-    if requested["rings"]:
-        planned = nic.plan_rings(requested["rings"], current["rings"])
-        if planned:
-            changes["rings"] = planned
-    offloads_before = nic.offloads(offloads_wanted) if offloads_wanted else {}
-    if offloads_wanted:
-        planned = nic.plan_offloads(offloads_wanted)
-        if planned:
-            changes["offloads"] = planned
-
-    driver_name = nic.driver()
-    modprobe = module.get_bin_path("modprobe")
-    driver_out = {"name": driver_name, "builtin": None, "files": []}
-    if driver_name:
-        driver_out["builtin"] = sl_nic.driver_builtin(driver_name, modprobe=modprobe)
-    driver_files = {}   # path -> wanted text, None to remove
-    files_before = {}
-    if p["driver"]:
-        driver_out, driver_files, files_before = _plan_driver(module, nic, driver_name, modprobe, changes)
-
-    dp = datapath(module)
-    xdp_before = dp.xdp_mode(ifname)
-    wanted = _xdp_wanted(p["xdp_mode"])
-    xdp_after = xdp_before
-    if (wanted and xdp_before not in wanted) or (not wanted and xdp_before != "none"):
-        if not dp.is_loaded():
-            raise sl_nic.NicError(f"xdp_mode {p['xdp_mode']}: the Sluice datapath is not loaded under "
-                                  f"{p['pin_root']}; run sluice.network.datapath first")
-        if wanted:
-            native = nic.native_xdp()
-            if p["xdp_mode"] == "native" and native is False:
-                raise sl_nic.NicError(f"xdp_mode native: {ifname} (driver {driver_name}) cannot run XDP programs "
-                                      "natively; use xdp_mode generic or best-effort")
-            xdp_after = "generic" if native is False or wanted == ["generic"] else "native"
-        else:
-            xdp_after = "none"
-        changes["xdp_mode"] = xdp_after
-    if dp.is_loaded() and p["xdp_mode"] != "disabled" and not any(
-            lk["target"] == ifname and lk["program"] == "tc_from_nic" and lk["attached"] for lk in dp.links()):
-        changes["tc_from_nic"] = "attach"
-
-    before = {"mtu": link["mtu"], "xdp_mode": xdp_before}
-    after = {"mtu": changes.get("mtu", link["mtu"]), "xdp_mode": xdp_after}
-    for what in ("channels", "rings"):
-        if requested[what]:
-            cur = current[what]["current"]
-            before[what] = {k: cur.get(k) for k in requested[what]}
-            after[what] = dict(before[what], **changes.get(what, {}))
-    if offloads_wanted:
-        before["offloads"] = offloads_before
-        after["offloads"] = dict(offloads_before, **changes.get("offloads", {}))
-    if driver_files:
-        before["driver_files"] = files_before
-        after["driver_files"] = driver_files
-
-    # ---- apply, in an order where a failure leaves the least behind ----
-    if changes and not module.check_mode:
-        for path, text in driver_files.items():
-            if text is None:
-                os.unlink(path)
-            else:
-                sl_nic.write_file(path, text)
-        if "modprobe" in changes:
-            rc, out, err = module.run_command(changes["modprobe"])
-            if rc != 0:
-                raise sl_nic.NicError(f"driver {p['driver']['name']}: `{' '.join(changes['modprobe'])}` failed: "
-                                      f"{(err or out).strip()}")
-        if "mtu" in changes:
-            nic.set_mtu(changes["mtu"])
-        nic.set_channels(changes.get("channels", {}))
-        nic.set_rings(changes.get("rings", {}))
-        nic.set_offloads(changes.get("offloads", {}))
-        if "xdp_mode" in changes or "tc_from_nic" in changes:
-            xdp_after = dp.attach_nic(ifname, p["xdp_mode"])["xdp_mode"]
-            after["xdp_mode"] = xdp_after
-        for what in ("channels", "rings"):
-            if what in changes:
-                current[what] = getattr(nic, what)()
-        after["mtu"] = nic.link()["mtu"]
-    driver_out["files"] = sorted(driver_files)
-
-    result = dict(
-        changed=bool(changes),
-        interface=ifname,
-        mtu=after["mtu"],
-        xdp_mode=xdp_after,
-        driver=driver_out,
-        channels=(current["channels"] or {}).get("current"),
-        rings=(current["rings"] or {}).get("current"),
-        offloads=after.get("offloads", {}),
-        unsupported=unsupported,
-        changes=changes,
-    )
+    result = dict(plan.result(), interface=ifname)
     if module._diff:  # pylint: disable=protected-access
-        result["diff"] = dict(before=before, after=after)
+        result["diff"] = dict(before=plan.before, after=plan.after)
     module.exit_json(**result)
 
 
-def _plan_driver(module, nic, driver_name, modprobe, changes):
-    """(driver result, files to write or remove, their current content); adds to `changes`."""
-    d = module.params["driver"]
-    options = {k: str(v) for k, v in (d["options"] or {}).items()}
-    sl_nic.check_driver(d["name"], options)
-    if driver_name and sl_nic.module_name(driver_name) != sl_nic.module_name(d["name"]):
-        module.warn(f"driver.name {d['name']!r} is not the driver of {nic.ifname} ({driver_name})")
-    builtin = sl_nic.driver_builtin(d["name"], modprobe=modprobe)
-    out = {"name": d["name"], "builtin": builtin, "files": []}
-    files, before = {}, {}
-    if builtin:
-        if options:
-            cmdline = " ".join(f"{d['name']}.{k}={v}" for k, v in sorted(options.items()))
-            module.warn(f"driver {d['name']} is built into the kernel (or this kernel cannot load modules): "
-                        f"its options need the kernel command line ({cmdline})")
-        return out, files, before
-    for path, text in sl_nic.driver_files(d["name"], options).items():
-        have = sl_nic.read_file(path)
-        if (d["persist"] and have != text) or (not d["persist"] and have is not None):
-            files[path] = text if d["persist"] else None
-            before[path] = have
-    if files:
-        changes["driver_files"] = sorted(files)
-    if not sl_nic.module_loaded(d["name"]):
-        changes["modprobe"] = sl_nic.modprobe_argv(d["name"], options, modprobe)
-    else:
-        params = sl_nic.module_params(d["name"])
-        differ = sorted(k for k, v in options.items() if k in params and params[k] != v)
-        if differ:
-            module.warn(f"driver {d['name']} is loaded with other values of {', '.join(differ)}: "
-                        "the new options take effect when the module is next loaded (e.g. after a reboot)")
-    return out, files, before
+def _offloads(offloads):
+    """The offloads option with Ansible's booleans ("yes", "off", ...) as bool."""
+    out = {}
+    for name, value in (offloads or {}).items():
+        try:
+            out[name] = boolean(value, strict=True)
+        except TypeError:
+            raise sl_nic.NicError(f"offloads.{name}: {value!r} is not a boolean") from None
+    return out
 
 
 if __name__ == "__main__":

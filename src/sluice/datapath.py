@@ -55,6 +55,11 @@ CGROUP_HOOKS = {
     "sock_getpeer4": lb.BPF_CGROUP_INET4_GETPEERNAME,
     "sockops_tcp": lb.BPF_CGROUP_SOCK_OPS,
 }
+NIC_PROG = "tc_from_nic"        # on the node NIC's tc ingress (attach_nic)
+SOCKMAP_PROG = "sk_msg_redir"   # on the sockhash (attach_sockmap)
+# The hooks a node gets, by link group: the NIC's tc ingress (the group is then the NIC's name),
+# the cgroup socket hooks and sockops (attach_cgroup), the sk_msg program (attach_sockmap).
+NODE_HOOKS = {"nic": (NIC_PROG,), "cgroup": tuple(CGROUP_HOOKS), "sockhash": (SOCKMAP_PROG,)}
 XDP_MODES = ("native", "generic", "best-effort", "disabled")
 XDP_FLAGS = {"native": lb.XDP_FLAGS_DRV_MODE, "generic": lb.XDP_FLAGS_SKB_MODE}
 TC_MODES = tc.TC_MODES          # auto (tcx if the kernel has it, else legacy), tcx, legacy (clsact + cls_bpf)
@@ -341,7 +346,7 @@ class Datapath:
         """tc ingress + XDP on the node NIC. Returns what is in force."""
         if xdp_mode not in XDP_MODES:
             raise DatapathError(f"XDP mode {xdp_mode!r} is not one of {', '.join(XDP_MODES)}")
-        changed = self.attach_tc(ifname, "tc_from_nic")
+        changed = self.attach_tc(ifname, NIC_PROG)
         wanted = {"best-effort": ["native", "generic"], "disabled": []}.get(xdp_mode, [xdp_mode])
         current = self.xdp_mode(ifname)
         errors = {}
@@ -379,7 +384,7 @@ class Datapath:
     def attach_sockmap(self) -> bool:
         fd = lb.obj_get(os.path.join(self.maps_dir, "sl_sock_hash"))
         try:
-            return self._attach("sockhash", "sk_msg_redir", fd, lb.BPF_SK_MSG_VERDICT)
+            return self._attach("sockhash", SOCKMAP_PROG, fd, lb.BPF_SK_MSG_VERDICT)
         finally:
             os.close(fd)
 

@@ -7,7 +7,9 @@ can pass its own `run_command`; argv lists only, never a shell string.
 
 Every setter comes with a reader and a planner: `plan_*` checks the wanted value
 against what the device reports (maximums, fixed features) and raises NicError
-naming the bad value before anything is changed.
+naming the bad value before anything is changed. `plan()` does that for a whole
+NIC (MTU, queues, offloads, driver, XDP and tc programs) and `apply()` then makes
+the planned changes: the nic Ansible module is these two calls.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import shutil
 import socket
 import struct
 import subprocess
+from dataclasses import dataclass, field
 from typing import Callable
 
 from . import netlink
+from .datapath import NIC_PROG
 
 MTU_MIN, MTU_MAX = 68, 65535
 CHANNEL_KEYS = ("combined", "rx", "tx", "other")
@@ -404,3 +408,175 @@ def write_file(path: str, text: str, mode: int = 0o644) -> bool:
 
 def modprobe_argv(name: str, options: dict, modprobe: str = "modprobe") -> list:
     return [modprobe, module_name(name)] + [f"{k}={v}" for k, v in sorted((options or {}).items())]
+
+
+# ---- the whole NIC: plan every change, then apply it ----------------------------------------
+
+def xdp_wanted(policy: str) -> list:
+    """XDP modes in force that satisfy an xdp_mode policy (none for `disabled`)."""
+    return {"best-effort": ["native", "generic"], "disabled": []}.get(policy, [policy])
+
+
+@dataclass
+class NicPlan:
+    changes: dict = field(default_factory=dict)       # setting -> what is (or would be) changed
+    before: dict = field(default_factory=dict)        # the managed settings now
+    after: dict = field(default_factory=dict)         # ... once the changes are made
+    current: dict = field(default_factory=dict)       # channels/rings readings, None where the driver has none
+    unsupported: list = field(default_factory=list)   # settings the driver cannot report (not requested)
+    driver: dict = field(default_factory=dict)        # name, builtin, files
+    driver_files: dict = field(default_factory=dict)  # path -> wanted text, None to remove
+
+    def result(self) -> dict:
+        """What the nic module returns (its RETURN), as planned or, after apply(), as in force."""
+        return dict(
+            changed=bool(self.changes),
+            mtu=self.after["mtu"],
+            xdp_mode=self.after["xdp_mode"],
+            driver=self.driver,
+            channels=(self.current["channels"] or {}).get("current"),
+            rings=(self.current["rings"] or {}).get("current"),
+            offloads=self.after.get("offloads", {}),
+            unsupported=self.unsupported,
+            changes=self.changes,
+        )
+
+
+def plan(nic: Nic, dp, wanted: dict, modprobe: str | None, warn: Callable[[str], None]) -> NicPlan:
+    """Read the NIC and plan every change before anything is touched; bad or unsupported input raises
+    NicError naming the value. `wanted`: the nic module's settings (name aside): mtu, xdp_mode, driver,
+    channels, rings, offloads (name -> bool); None or empty leaves a setting alone. `dp` is the
+    sluice.datapath.Datapath whose programs the NIC gets; `warn` reports what is not a failure."""
+    ifname = nic.ifname
+    link = nic.link()  # fails naming the interface when it does not exist
+    if wanted["mtu"] is not None:
+        nic.check_mtu(wanted["mtu"])
+    requested = {k: {kk: vv for kk, vv in (wanted[k] or {}).items() if vv is not None} for k in ("channels", "rings")}
+    offloads = wanted["offloads"] or {}
+    p = NicPlan()
+    for what, reader in (("channels", nic.channels), ("rings", nic.rings)):
+        try:
+            p.current[what] = reader()
+        except Unsupported:
+            p.current[what] = None
+            p.unsupported.append(what)
+            if requested[what]:
+                raise Unsupported(f"{what}: {ifname} (driver {nic.driver()}) does not support "
+                                  f"`ethtool {'-L' if what == 'channels' else '-G'}`; "
+                                  f"remove {what} from the task for this NIC") from None
+    if wanted["mtu"] is not None and link["mtu"] != wanted["mtu"]:
+        p.changes["mtu"] = wanted["mtu"]
+    for what, planner in (("channels", nic.plan_channels), ("rings", nic.plan_rings)):
+        if requested[what]:
+            planned = planner(requested[what], p.current[what])
+            if planned:
+                p.changes[what] = planned
+    offloads_before = nic.offloads(offloads) if offloads else {}
+    if offloads:
+        planned = nic.plan_offloads(offloads)
+        if planned:
+            p.changes["offloads"] = planned
+
+    driver_name = nic.driver()
+    files_before = {}
+    if wanted["driver"]:
+        files_before = _plan_driver(p, nic, driver_name, wanted["driver"], modprobe, warn)
+    else:
+        p.driver = {"name": driver_name, "files": [],
+                    "builtin": driver_builtin(driver_name, modprobe=modprobe) if driver_name else None}
+
+    policy = wanted["xdp_mode"]
+    xdp_before = dp.xdp_mode(ifname)
+    xdp_after = xdp_before
+    modes = xdp_wanted(policy)
+    if (modes and xdp_before not in modes) or (not modes and xdp_before != "none"):
+        if not dp.is_loaded():
+            raise NicError(f"xdp_mode {policy}: the Sluice datapath is not loaded under {dp.root}; "
+                           "run sluice.network.datapath first")
+        if modes:
+            native = nic.native_xdp()
+            if policy == "native" and native is False:
+                raise NicError(f"xdp_mode native: {ifname} (driver {driver_name}) cannot run XDP programs "
+                               "natively; use xdp_mode generic or best-effort")
+            xdp_after = "generic" if native is False or modes == ["generic"] else "native"
+        else:
+            xdp_after = "none"
+        p.changes["xdp_mode"] = xdp_after
+    if dp.is_loaded() and policy != "disabled" and not any(
+            lk["target"] == ifname and lk["program"] == NIC_PROG and lk["attached"] for lk in dp.links()):
+        p.changes[NIC_PROG] = "attach"
+
+    p.before = {"mtu": link["mtu"], "xdp_mode": xdp_before}
+    p.after = {"mtu": p.changes.get("mtu", link["mtu"]), "xdp_mode": xdp_after}
+    for what in ("channels", "rings"):
+        if requested[what]:
+            cur = p.current[what]["current"]
+            p.before[what] = {k: cur.get(k) for k in requested[what]}
+            p.after[what] = dict(p.before[what], **p.changes.get(what, {}))
+    if offloads:
+        p.before["offloads"] = offloads_before
+        p.after["offloads"] = dict(offloads_before, **p.changes.get("offloads", {}))
+    if p.driver_files:
+        p.before["driver_files"] = files_before
+        p.after["driver_files"] = p.driver_files
+    return p
+
+
+def _plan_driver(p: NicPlan, nic: Nic, driver_name: str | None, d: dict, modprobe: str | None, warn) -> dict:
+    """Plan the driver settings `d` (name, options, persist) into `p`; the current content of the files."""
+    options = {k: str(v) for k, v in (d["options"] or {}).items()}
+    check_driver(d["name"], options)
+    if driver_name and module_name(driver_name) != module_name(d["name"]):
+        warn(f"driver.name {d['name']!r} is not the driver of {nic.ifname} ({driver_name})")
+    builtin = driver_builtin(d["name"], modprobe=modprobe)
+    p.driver = {"name": d["name"], "builtin": builtin, "files": []}
+    before = {}
+    if builtin:
+        if options:
+            cmdline = " ".join(f"{d['name']}.{k}={v}" for k, v in sorted(options.items()))
+            warn(f"driver {d['name']} is built into the kernel (or this kernel cannot load modules): "
+                 f"its options need the kernel command line ({cmdline})")
+        return before
+    for path, text in driver_files(d["name"], options).items():
+        have = read_file(path)
+        if (d["persist"] and have != text) or (not d["persist"] and have is not None):
+            p.driver_files[path] = text if d["persist"] else None
+            before[path] = have
+    p.driver["files"] = sorted(p.driver_files)
+    if p.driver_files:
+        p.changes["driver_files"] = sorted(p.driver_files)
+    if not module_loaded(d["name"]):
+        p.changes["modprobe"] = modprobe_argv(d["name"], options, modprobe)
+    else:
+        params = module_params(d["name"])
+        differ = sorted(k for k, v in options.items() if k in params and params[k] != v)
+        if differ:
+            warn(f"driver {d['name']} is loaded with other values of {', '.join(differ)}: "
+                 "the new options take effect when the module is next loaded (e.g. after a reboot)")
+    return before
+
+
+def apply(nic: Nic, dp, p: NicPlan, xdp_mode: str) -> None:
+    """Make the changes of plan `p`, in an order where a failure leaves the least behind; `p.after` and
+    `p.current` then hold what is in force."""
+    for path, text in p.driver_files.items():
+        if text is None:
+            os.unlink(path)
+        else:
+            write_file(path, text)
+    if "modprobe" in p.changes:
+        rc, out, err = nic.run(p.changes["modprobe"])
+        if rc != 0:
+            raise NicError(f"driver {p.driver['name']}: `{' '.join(p.changes['modprobe'])}` failed: "
+                           f"{(err or out).strip()}")
+    if "mtu" in p.changes:
+        nic.set_mtu(p.changes["mtu"])
+    nic.set_channels(p.changes.get("channels", {}))
+    nic.set_rings(p.changes.get("rings", {}))
+    nic.set_offloads(p.changes.get("offloads", {}))
+    if "xdp_mode" in p.changes or NIC_PROG in p.changes:
+        p.after["xdp_mode"] = dp.attach_nic(nic.ifname, xdp_mode)["xdp_mode"]
+    for what in ("channels", "rings"):
+        if what in p.changes:
+            p.current[what] = getattr(nic, what)()
+    p.after["mtu"] = nic.link()["mtu"]

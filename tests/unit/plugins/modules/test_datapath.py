@@ -59,6 +59,13 @@ def test_present_attaches_then_is_idempotent(netns, pin_root, bpf_objects, cgrou
     assert again["diff"]["before"] == again["diff"]["after"]
 
 
+def test_check_mode_reports_the_links_a_run_creates(netns, pin_root, bpf_objects, cgroup):
+    a = {"pin_root": pin_root, "obj_dir": bpf_objects, "cgroup": cgroup, "nic": "sleth0"}
+    check = run_module(datapath, a, check_mode=True)
+    assert set(check["links_created"]) == CGROUP_LINKS | {"sockhash/sk_msg_redir", "sleth0/tc_from_nic"}
+    assert sorted(run_module(datapath, a)["links_created"]) == sorted(check["links_created"])
+
+
 def test_legacy_tc_mode_attaches_a_cls_bpf_filter(netns, pin_root, bpf_objects, cgroup):
     a = {"pin_root": pin_root, "obj_dir": bpf_objects, "cgroup": cgroup, "nic": "sleth0", "tc_mode": "legacy"}
     assert run_module(datapath, a)["changed"] is True
