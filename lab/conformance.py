@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """`make conformance`: the upstream Kubernetes e2e network suites against the lab's cluster, and their reports.
 
     conformance.py [--kubeconfig PATH] [--suite sig-network|netpol|all] [--out DIR] [--procs N]
@@ -60,7 +59,7 @@ class Suite:
 
     @property
     def skip(self) -> str:
-        return "|".join(pattern for pattern, _ in self.skips)
+        return "|".join(pattern for pattern, _why in self.skips)
 
 
 # Nothing is skipped for failing: Service and NetworkPolicy tests that fail are results. Neither focus takes a
@@ -381,13 +380,13 @@ def run_suite(suite: Suite, bin_path: str, kubeconfig: str, procs: int, out_dir:
     with open(base + ".md", "w") as f:
         f.write(report)
     print(f"conformance: {suite.name}: {TOTALS_RE.search(report)[0].strip('*')}; report in {base}.md", flush=True)
-    setup_failures = [c for _, _, c in suite_nodes(cases) if c.kind.endswith("BeforeSuite") and c.result in FAILED]
+    setup_failures = [c for _node, _count, c in suite_nodes(cases) if c.kind.endswith("BeforeSuite") and c.result in FAILED]
     if setup_failures:
         raise SystemExit(f"conformance: {suite.name}: the suite setup failed, no test ran: {setup_failures[0].message}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--kubeconfig", default=DEFAULT_KUBECONFIG)
     parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
     parser.add_argument("--out", default=DEFAULT_OUT)

@@ -228,8 +228,8 @@ class Cluster:
     def wait_nodes_registered(self, nodes: int) -> None:
         def registered() -> bool:
             out = self.kubectl("get", "nodes", "-o", "json").stdout
-            have = {n["metadata"]["name"] for n in json.loads(out)["items"] if n.get("status", {}).get("nodeInfo",
-                                                                                            {}).get("kubeletVersion")}
+            have = {n["metadata"]["name"] for n in json.loads(out)["items"]
+                    if n.get("status", {}).get("nodeInfo", {}).get("kubeletVersion")}
             return all(f"node{i}" in have for i in range(1, nodes + 1))
         self.wait("every kubelet to register", registered, 120)
 

@@ -18,8 +18,8 @@ description:
     two nodes with overlapping pod CIDRs, a node index beyond the cluster CIDR, or a node IP used twice.
   - With O(kubernetes_nodes) (the cluster's Node objects, from the P(sluice.network.kubernetes_nodes#lookup) lookup),
     also fails when a node is not a Node of the cluster (by C(sluice_kubernetes_node_name), default the inventory
-    name), has no pod CIDR yet, or was given another pod CIDR than the plan's: Sluice would route pods where
-    Kubernetes does not put them.
+    name), has no pod CIDR yet, or was given another pod CIDR than the plan's (Sluice would route pods where
+    Kubernetes does not put them).
 options:
   _input:
     description: Names of the node hosts (for example C(groups['sluice_nodes'])).

@@ -53,13 +53,13 @@ _raw:
 import base64
 import json
 import os
-import ssl
 import tempfile
 import urllib.error
-import urllib.request
 
 import yaml
 from ansible.errors import AnsibleLookupError
+from ansible.module_utils.urls import ConnectionError as UrlConnectionError
+from ansible.module_utils.urls import open_url
 from ansible.plugins.lookup import LookupBase
 
 
@@ -95,20 +95,19 @@ def read_nodes(kubeconfig, timeout=10.0):
     if not server.startswith("https://"):
         raise AnsibleLookupError(f"kubeconfig {kubeconfig}: server {server!r} is not an https:// URL")
     base_dir = os.path.dirname(os.path.abspath(kubeconfig))
+    headers = {"Accept": "application/json"}
+    if user.get("token"):
+        headers["Authorization"] = f"Bearer {user['token']}"
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = ssl.create_default_context(cafile=_material(cluster, "certificate-authority", base_dir, tmp))
-        cert = _material(user, "client-certificate", base_dir, tmp)
-        if cert:
-            ctx.load_cert_chain(cert, _material(user, "client-key", base_dir, tmp))
-        request = urllib.request.Request(server + "/api/v1/nodes", headers={"Accept": "application/json"})
-        if user.get("token"):
-            request.add_header("Authorization", f"Bearer {user['token']}")
         try:
-            with urllib.request.urlopen(request, context=ctx, timeout=timeout) as response:
-                items = json.load(response)["items"]
+            response = open_url(server + "/api/v1/nodes", headers=headers, timeout=timeout, validate_certs=True,
+                                ca_path=_material(cluster, "certificate-authority", base_dir, tmp),
+                                client_cert=_material(user, "client-certificate", base_dir, tmp),
+                                client_key=_material(user, "client-key", base_dir, tmp))
+            items = json.load(response)["items"]
         except urllib.error.HTTPError as e:
             raise AnsibleLookupError(f"{server} (kubeconfig {kubeconfig}): listing nodes: {e.code} {e.reason}") from None
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, UrlConnectionError, OSError, ValueError) as e:
             raise AnsibleLookupError(f"{server} (kubeconfig {kubeconfig}) does not answer: {e}") from None
     return [{"name": node["metadata"]["name"],
              "pod_cidrs": node.get("spec", {}).get("podCIDRs") or [],

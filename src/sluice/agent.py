@@ -323,4 +323,3 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, agent.stop)
     agent.run()
     return 0
-

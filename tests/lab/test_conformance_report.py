@@ -16,47 +16,18 @@ sys.path.insert(0, os.path.join(ROOT, "lab"))
 import conformance  # noqa: E402
 import images  # noqa: E402
 
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def read_data(name: str) -> str:
+    with open(os.path.join(DATA, name)) as f:
+        return f.read()
+
+
 # What ginkgo v2.21's --junit-report writes for e2e.test (default config: "[<node type>] <spec text> [<labels>]"),
 # cut down: suite nodes, a pass, a failure, a suite timeout, an interrupted test, a test that skipped itself, a
 # test the focus left out and a selected one that never ran (both plain "skipped").
-JUNIT = """\
-<?xml version="1.0" encoding="UTF-8"?>
-  <testsuites tests="11" disabled="3" errors="1" failures="2" time="754.2">
-      <testsuite name="Kubernetes e2e suite" package="/bin" tests="11" disabled="0" skipped="3" errors="1"
-          failures="2" time="754.2" timestamp="2026-12-02T10:00:00">
-          <properties>
-              <property name="SuiteSucceeded" value="false"></property>
-          </properties>
-          <testcase name="[ReportBeforeSuite]" classname="Kubernetes e2e suite" status="passed" time="0.0001">
-              <system-err>&gt; Enter [ReportBeforeSuite] TOP-LEVEL</system-err>
-          </testcase>
-          <testcase name="[SynchronizedBeforeSuite]" classname="Kubernetes e2e suite" status="passed" time="4.5">
-          </testcase>
-          <testcase name="[It] [sig-network] DNS should provide DNS for the cluster [Conformance] [sig-network, Conformance]" classname="Kubernetes e2e suite" status="passed" time="12.25"></testcase>
-          <testcase name="[It] [sig-network] Services should serve a basic endpoint from pods [Conformance] [sig-network, Conformance]" classname="Kubernetes e2e suite" status="failed" time="130.5">
-              <failure message="service is not reachable within 2m0s timeout on endpoint 10.100.3.4:80 over TCP protocol&#xA;Expected&#xA;    &lt;bool&gt;: false" type="failed">[FAILED] service is not reachable within 2m0s timeout on endpoint 10.100.3.4:80 over TCP protocol&#xA;In [It] at: k8s.io/kubernetes@v1.34.4/test/e2e/network/service.go:760 @ 12/02/26 10:02:10.5&#xA;</failure>
-              <system-err>STEP: creating service</system-err>
-          </testcase>
-          <testcase name="[It] [sig-network] DNS should provide DNS for services [Conformance] [sig-network, Conformance]" classname="Kubernetes e2e suite" status="timedout" time="600.1">
-              <failure message="A suite timeout occurred" type="timedout">[TIMEDOUT] A suite timeout occurred</failure>
-          </testcase>
-          <testcase name="[It] [sig-network] Proxy version v1 should proxy through a service and a pod | pipes [Conformance] [sig-network, Conformance]" classname="Kubernetes e2e suite" status="interrupted" time="3.0">
-              <error message="" type="interrupted">[INTERRUPTED] Interrupted by User&#xA;In [It] at: k8s.io/kubernetes@v1.34.4/test/e2e/network/proxy.go:100</error>
-          </testcase>
-          <testcase name="[It] [sig-network] HostPort validates that there is no conflict [LinuxOnly] [Conformance] [sig-network, Conformance]" classname="Kubernetes e2e suite" status="skipped" time="0.4">
-              <skipped message="skipped - Requires at least 2 nodes (not 1)"></skipped>
-          </testcase>
-          <testcase name="[It] [sig-network] Services should work after restarting apiserver [Disruptive] [sig-network, Disruptive]" classname="Kubernetes e2e suite" status="skipped" time="0">
-              <skipped message="skipped"></skipped>
-          </testcase>
-          <testcase name="[It] [sig-network] IngressClass API should support creating IngressClass API operations [Conformance] [sig-network, Conformance]" classname="Kubernetes e2e suite" status="skipped" time="0">
-              <skipped message="skipped"></skipped>
-          </testcase>
-          <testcase name="[SynchronizedAfterSuite]" classname="Kubernetes e2e suite" status="passed" time="0.1"></testcase>
-          <testcase name="[ReportAfterSuite] Kubernetes e2e suite report" classname="Kubernetes e2e suite" status="passed" time="0.2"></testcase>
-      </testsuite>
-  </testsuites>
-"""
+JUNIT = read_data("ginkgo-junit.xml")
 DNS_CLUSTER = "[sig-network] DNS should provide DNS for the cluster [Conformance]"
 SERVICE = "[sig-network] Services should serve a basic endpoint from pods [Conformance]"
 DNS_SERVICES = "[sig-network] DNS should provide DNS for services [Conformance]"
@@ -70,24 +41,7 @@ RESTART = "[sig-network] Services should work after restarting apiserver [Disrup
 
 # A parallel run whose suite setup failed: one setup entry per process, no test entries at all. The first has
 # the cause; the others say process #1 failed, coloured despite --no-color (Go's XML writer makes ESC U+FFFD).
-FAILED_SETUP_JUNIT = """\
-<?xml version="1.0" encoding="UTF-8"?>
-  <testsuites tests="9" disabled="0" errors="0" failures="4" time="60.2">
-      <testsuite name="Kubernetes e2e suite" package="/bin" tests="9" failures="4" time="60.2">
-          <testcase name="[ReportBeforeSuite]" classname="Kubernetes e2e suite" status="passed" time="0.0003"></testcase>
-          <testcase name="[SynchronizedBeforeSuite]" classname="Kubernetes e2e suite" status="failed" time="60.006">
-              <failure message="Get &#34;https://10.0.0.1:6443/api/v1/nodes&#34;: dial tcp 10.0.0.1:6443: connect: connection refused" type="failed">[FAILED] Get &#34;https://10.0.0.1:6443/api/v1/nodes&#34;: dial tcp 10.0.0.1:6443: connect: connection refused&#xA;In [SynchronizedBeforeSuite] at: k8s.io/kubernetes@v1.34.4/test/e2e/e2e.go:211</failure>
-          </testcase>
-          <testcase name="[SynchronizedAfterSuite]" classname="Kubernetes e2e suite" status="passed" time="0.107"></testcase>
-""" + """\
-          <testcase name="[SynchronizedBeforeSuite]" classname="Kubernetes e2e suite" status="failed" time="60.0">
-              <failure message="\ufffd[1m\ufffd[38;5;9mSynchronizedBeforeSuite failed on Ginkgo parallel process #1\ufffd[0m&#xA;  The first SynchronizedBeforeSuite function running on Ginkgo parallel process&#xA;" type="failed">[FAILED] ...</failure>
-          </testcase>
-          <testcase name="[SynchronizedAfterSuite]" classname="Kubernetes e2e suite" status="passed" time="0.001"></testcase>
-""" * 3 + """\
-      </testsuite>
-  </testsuites>
-"""
+FAILED_SETUP_JUNIT = read_data("ginkgo-junit-failed-setup.xml")
 
 RUN = {"date": "2026-12-02", "started": "2026-12-02 10:00 UTC", "duration": "12 min 34 s",
        "kubernetes": "v1.34.4 (API server), e2e.test v1.34.4", "commit": "`abc1234`, clean",

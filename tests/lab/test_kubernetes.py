@@ -75,7 +75,7 @@ def pod(name: str, node: str) -> dict:
 
 def running_pod(k8s: kube.Cluster, name: str) -> dict:
     k8s.kubectl("wait", "-n", NS, "--for=condition=Ready", f"pod/{name}", "--timeout=120s")
-    (found,) = [p for p in k8s.pods(NS, f"app={name}")]
+    (found,) = k8s.pods(NS, f"app={name}")
     return found
 
 

@@ -300,8 +300,8 @@ def test_update_plans_and_writes_exactly_what_a_full_apply_would(node):
         kinds.update(expected)
         assert not Reconciler(dp).plan(state).changed
         cur = rec.current()
-        assert set(cur.backends.values()) == {b for bs in (*state.services.values(), *state.lb_vips.values())
-                                                 for b in bs}, "exactly the backends in use"
+        in_use = {b for bs in (*state.services.values(), *state.lb_vips.values()) for b in bs}
+        assert set(cur.backends.values()) == in_use, "exactly the backends in use"
     assert kinds == {"services", "lb_vips", "prefilter"}
     assert rec.update(state).to_dict() == {}   # the same state again: nothing to do
 
