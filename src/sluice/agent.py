@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from . import agent_protocol
 from .cni.errors import INTERNAL_FAILURE, INVALID_ENVIRONMENT_VARIABLES, TRY_AGAIN_LATER, CniError
-from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, TC_MODES, Datapath, DatapathError
+from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, NIC_PROG, TC_MODES, Datapath, DatapathError
 from .state import DesiredState, Reconciler, StateError
 
 log = logging.getLogger("sluice.agent")
@@ -101,7 +101,7 @@ class Agent:
             log.info("no datapath loaded under %s: loading %s", self.dp.root, self.dp.obj_dir)
             self.dp.load()
         self.health["tc_mode"] = self.dp.tc_mode_in_force()
-        if not self.dp.tc_attached(state.nic, "tc_from_nic"):
+        if not self.dp.tc_attached(state.nic, NIC_PROG):
             self.dp.attach_nic(state.nic, self.config.xdp_mode)
         self.dp.attach_cgroup(self.config.cgroup or None)
         self.dp.attach_sockmap()

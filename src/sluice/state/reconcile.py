@@ -13,6 +13,7 @@ import socket
 
 from .. import maps as m
 from .. import netlink
+from ..datapath import NIC_PROG
 from . import delta
 from .plan import Plan
 from .schema import Backend, DesiredState, Frontend, StateError
@@ -68,7 +69,7 @@ class Reconciler:
         if state.routing_mode == "vxlan":
             netlink.ensure_vxlan(state.vxlan_device, state.vxlan_port, state.nic)
             # Decapsulated packets for local pods: redirect_peer, as on the NIC.
-            self.dp.attach_tc(state.vxlan_device, "tc_from_nic")
+            self.dp.attach_tc(state.vxlan_device, NIC_PROG)
         elif netlink.exists(state.vxlan_device):
             self.dp.detach_device(state.vxlan_device)
             netlink.delete_link(state.vxlan_device)
