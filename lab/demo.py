@@ -181,8 +181,7 @@ def cross_node_checks(cluster: kube.Cluster, the_lab: lab.Lab, phase: str) -> li
 
 def pod_cidr_checks(cluster: kube.Cluster) -> list[dict]:
     """Each pod's address is inside the pod CIDR Kubernetes gave its node (which plan.yml checked is Sluice's)."""
-    nodes = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
-    cidr = {n["metadata"]["name"]: n["spec"]["podCIDR"] for n in nodes}
+    cidr = {name: n["spec"]["podCIDR"] for name, n in cluster.nodes().items()}
     checks = []
     for p in cluster.pods(DEMO_NS, f"app={ECHO}"):
         inside = ipaddress.ip_address(p["ip"]) in ipaddress.ip_network(cidr[p["node"]])

@@ -77,7 +77,7 @@ class Cluster:
         for i in range(1, nodes + 1):
             self.start_node(i, archives)
         self.wait_nodes_registered(nodes)
-        self.route_pod_cidrs(nodes)
+        self.route_pod_cidrs()
         self.apply_addons()
 
     # --- certificates and kubeconfigs ----------------------------------------------------
@@ -225,18 +225,22 @@ class Cluster:
             "--kubeconfig=/etc/kubernetes/kubelet.conf", f"--hostname-override={node}",
             f"--node-ip={self.lab.node_ip(i)}", "--v=1"])
 
+    def nodes(self) -> dict[str, dict]:
+        """The cluster's Node objects by name."""
+        items = json.loads(self.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+        return {n["metadata"]["name"]: n for n in items}
+
     def wait_nodes_registered(self, nodes: int) -> None:
         def registered() -> bool:
-            out = self.kubectl("get", "nodes", "-o", "json").stdout
-            have = {n["metadata"]["name"] for n in json.loads(out)["items"]
+            have = {name for name, n in self.nodes().items()
                     if n.get("status", {}).get("nodeInfo", {}).get("kubeletVersion")}
             return all(f"node{i}" in have for i in range(1, nodes + 1))
         self.wait("every kubelet to register", registered, 120)
 
-    def route_pod_cidrs(self, nodes: int) -> None:
+    def route_pod_cidrs(self) -> None:
         """The underlay router's part (the control plane's namespace): each node's pod CIDR via that node, so the
         API server reaches pods (exec, proxy, webhooks) and pods reach it without NAT."""
-        for node in json.loads(self.kubectl("get", "nodes", "-o", "json").stdout)["items"]:
+        for node in self.nodes().values():
             address = next(a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP")
             for cidr in node["spec"].get("podCIDRs", []):
                 self.lab.ns_run(self.lab.cp_ns, "ip", "route", "replace", cidr, "via", address)

@@ -81,7 +81,7 @@ def running_pod(k8s: kube.Cluster, name: str) -> dict:
 
 def test_nodes_are_ready_with_the_pod_cidrs_sluice_routes(cluster):
     the_lab, k8s = cluster
-    nodes = {n["metadata"]["name"]: n for n in json.loads(k8s.kubectl("get", "nodes", "-o", "json").stdout)["items"]}
+    nodes = k8s.nodes()
     assert sorted(nodes) == ["node1", "node2"]
     for i in (1, 2):
         assert nodes[f"node{i}"]["spec"]["podCIDRs"] == [kube.node_pod_cidr(i)]
