@@ -15,10 +15,16 @@ static __always_inline __u32 sl_sock_cookie_hash(__u64 cookie)
 	return (__u32)((cookie * 0x9E3779B97F4A7C15ULL) >> 32);
 }
 
+/* vmlinux.h carries no errno macros (asm-generic/errno.h). */
+#ifndef ECONNREFUSED
+#define ECONNREFUSED 111
+#endif
+
 /* connect4/sendmsg4: VIP:port -> backend. A service without a usable backend
- * refuses the call (return 0: the syscall fails with EPERM) rather than let it
- * go to an address nobody owns. per_socket picks the same backend for every
- * call on one socket (unconnected UDP), otherwise each call picks at random. */
+ * fails the syscall at once with ECONNREFUSED, as kube-proxy's REJECT does,
+ * rather than let it go to an address nobody owns. per_socket picks the same
+ * backend for every call on one socket (unconnected UDP), otherwise each call
+ * picks at random. */
 static __always_inline int sl_sock_xlate(struct bpf_sock_addr *ctx, enum sl_hook hook, bool per_socket)
 {
 	struct sl_service_key key = {
@@ -63,6 +69,8 @@ static __always_inline int sl_sock_xlate(struct bpf_sock_addr *ctx, enum sl_hook
 
 no_backend:
 	sl_count(hook, SL_DROP_NO_BACKEND, 0);
+	/* Returning 0 alone gives EPERM; the retval set here replaces it. */
+	bpf_set_retval(-ECONNREFUSED);
 	return 0;
 }
 

@@ -52,7 +52,8 @@ while True:
 """
 
 # The client: `tcp IP PORT N` makes N connections, `udp IP PORT SOCKETS N`
-# sends N datagrams on each of SOCKETS sockets. It reports, per exchange, the
+# sends N datagrams on each of SOCKETS sockets (`udp-connect` connect()s each
+# socket first and then uses send/recv). It reports, per exchange, the
 # backend's name and the peer address the application sees, or the errno.
 CLIENT = r"""
 import errno, json, socket, sys
@@ -73,10 +74,19 @@ else:
     for sock_no in range(int(sys.argv[4])):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.settimeout(2)
-        for _ in range(int(sys.argv[5])):
-            s.sendto(b"?", (ip, port))
-            data, peer = s.recvfrom(64)
-            out.append({"socket": sock_no, "name": data.decode(), "peer": peer})
+        try:
+            if mode == "udp-connect":
+                s.connect((ip, port))
+            for _ in range(int(sys.argv[5])):
+                if mode == "udp-connect":
+                    s.send(b"?")
+                    data, peer = s.recv(64), s.getpeername()
+                else:
+                    s.sendto(b"?", (ip, port))
+                    data, peer = s.recvfrom(64)
+                out.append({"socket": sock_no, "name": data.decode(), "peer": peer})
+        except OSError as e:
+            out.append({"socket": sock_no, "errno": errno.errorcode.get(e.errno, str(e))})
         s.close()
 print(json.dumps(out), flush=True)
 """
@@ -173,9 +183,35 @@ def test_port_that_is_not_a_service_is_untouched(lab):
 def test_service_without_backends_refuses_connect(lab):
     lab.services.put(VIP, 80, "tcp", Service(1, ()))
 
-    # Documented behaviour: connect4 returns 0, so connect() fails with EPERM
-    # at once instead of timing out against an address nobody owns.
-    assert lab.client("tcp", VIP, 80, 3) == [{"errno": "EPERM"}] * 3
+    # connect() fails at once with ECONNREFUSED, as Kubernetes expects of a
+    # service without endpoints, instead of timing out against an address
+    # nobody owns.
+    assert lab.client("tcp", VIP, 80, 3) == [{"errno": "ECONNREFUSED"}] * 3
     got = lab.counters()
     assert got[("SL_HOOK_SOCK_CONNECT4", "SL_DROP_NO_BACKEND")][0] == 3
     assert ("SL_HOOK_SOCK_CONNECT4", "SL_OUT_SOCK_XLATE") not in got
+
+
+def test_service_without_backends_refuses_udp(lab):
+    lab.services.put(VIP, 53, "udp", Service(2, ()))
+
+    # sendto() on an unconnected socket goes through sendmsg4, connect() of a
+    # UDP socket through connect4: both fail at once with ECONNREFUSED.
+    assert lab.client("udp", VIP, 53, 2, 1) == [
+        {"socket": 0, "errno": "ECONNREFUSED"}, {"socket": 1, "errno": "ECONNREFUSED"}]
+    assert lab.client("udp-connect", VIP, 53, 2, 1) == [
+        {"socket": 0, "errno": "ECONNREFUSED"}, {"socket": 1, "errno": "ECONNREFUSED"}]
+    got = lab.counters()
+    assert got[("SL_HOOK_SOCK_SENDMSG4", "SL_DROP_NO_BACKEND")][0] == 2
+    assert got[("SL_HOOK_SOCK_CONNECT4", "SL_DROP_NO_BACKEND")][0] == 2
+    assert not any(outcome == "SL_OUT_SOCK_XLATE" for _hook, outcome in got), got
+
+
+def test_connected_udp_to_vip_reaches_a_backend(lab):
+    # connect4 translates a UDP socket's connect(); getpeername4 shows the VIP.
+    results = lab.client("udp-connect", VIP, 53, 8, 2)
+
+    assert all("errno" not in r for r in results), results
+    assert {r["peer"] for r in results} == {(VIP, 53)}
+    got = lab.counters()
+    assert got[("SL_HOOK_SOCK_CONNECT4", "SL_OUT_SOCK_XLATE")][0] == 8
