@@ -138,6 +138,14 @@ options:
         type: list
         elements: int
         default: []
+  kubernetes_cache:
+    description:
+      - The agent's record of the frontends it last learnt from the Kubernetes API. The plan and the apply count
+        them as desired too, so this task never removes a Kubernetes Service's entries. Where a Service and the
+        state file ask for the same frontend, the state file wins (the agent reports the Service as a conflict).
+      - Absent file (no API, or the agent has not synced yet): the state file alone.
+    type: path
+    default: /var/lib/sluice/kubernetes.json
   apply:
     description:
       - Apply the state to the datapath maps now. With V(false) only the file is written and the agent applies it.
@@ -230,6 +238,7 @@ if HAS_SLUICE:
     from sluice.bpf.libbpf import BpfError
     from sluice.datapath import DatapathError
     from sluice.state import DesiredState, Reconciler, StateError
+    from sluice.state.sources import ApiFrontends, merge
 
 FRONTEND = dict(
     name=dict(type="str"),
@@ -281,6 +290,7 @@ def main():
         prefilter=dict(type="list", elements="str", default=[]),
         lb_vips=dict(type="list", elements="dict", default=[], options=FRONTEND),
         xdp=dict(type="dict", options=dict(cpumap_cpus=dict(type="list", elements="int", default=[]))),
+        kubernetes_cache=dict(type="path", default="/var/lib/sluice/kubernetes.json"),
         apply=dict(type="bool", default=True),
     )
     argument_spec.update(datapath_argument_spec())
@@ -293,6 +303,10 @@ def main():
         state = DesiredState.parse(raw)
     except StateError as e:
         module.fail_json(msg=f"invalid desired state: {e}", path=path, changed=False)
+    try:
+        state = merge(state, ApiFrontends.load(p["kubernetes_cache"]))[0]
+    except StateError as e:
+        module.fail_json(msg=f"the agent's Kubernetes cache is unusable: {e}", path=path, changed=False)
     text = json.dumps(raw, indent=2, sort_keys=True) + "\n"
     try:
         with open(path) as f:

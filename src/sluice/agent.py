@@ -39,6 +39,7 @@ from . import agent_protocol
 from .cni.errors import INTERNAL_FAILURE, INVALID_ENVIRONMENT_VARIABLES, TRY_AGAIN_LATER, CniError
 from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, NIC_PROG, TC_MODES, Datapath, DatapathError
 from .state import DesiredState, Reconciler, StateError
+from .state.sources import DEFAULT_KUBERNETES_CACHE, ApiFrontends, merge
 
 log = logging.getLogger("sluice.agent")
 
@@ -59,6 +60,8 @@ class AgentConfig:
     cgroup: str = ""                            # empty: the cgroup2 root
     poll_interval: float = 1.0
     full_reconcile_interval: float = 60.0       # seconds between full reconciles (drift repair); 0: always full
+    kubeconfig: str = ""                        # empty: no Kubernetes API (services from the state file only)
+    kubernetes_cache: str = DEFAULT_KUBERNETES_CACHE
 
     @classmethod
     def load(cls, path: str | None) -> "AgentConfig":
@@ -82,7 +85,10 @@ class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
         self.dp = Datapath(config.pin_root, config.obj_dir, tc_mode=config.tc_mode)
-        self.state: DesiredState | None = None
+        self.state: DesiredState | None = None          # in force: the state file's, with the API's frontends
+        self.file_state: DesiredState | None = None     # the state file's, as last accepted
+        self.api: ApiFrontends | None = None            # the Kubernetes API's frontends, as last learnt
+        self.kubernetes = None                          # sluice.k8s.source.KubernetesSource, once started
         self.reconciler = Reconciler(self.dp)   # keeps what it applied last, for delta reconciles
         self.health = {"ready": False, "pid": os.getpid(), "state_file": config.state_file,
                        "last_reconcile": None, "last_error": None, "last_plan": None,
@@ -130,7 +136,8 @@ class Agent:
             full = full or self._full_due() or self.config.full_reconcile_interval <= 0
             self._state_stamp = stamp
             try:
-                state = DesiredState.from_file(self.config.state_file)
+                file_state = DesiredState.from_file(self.config.state_file)
+                state = self._with_api(file_state)
                 Reconciler.check_node(state)  # before ensure_datapath touches the NIC
                 if full or self.reconciler.needs_full(state):
                     self.ensure_datapath(state)
@@ -140,7 +147,7 @@ class Agent:
             except Exception as e:  # noqa: BLE001 - whatever failed, the agent keeps running and says why
                 self._refused(e)
                 return False
-            self.state = state
+            self.file_state, self.state = file_state, state
             self._repair_failed = False
             self._reconciled()
             self.health.update(ready=True, last_error=None, last_reconcile=time.time(), last_plan=plan.to_dict())
@@ -182,12 +189,102 @@ class Agent:
         self.health["last_error"] = f"{e} ({kept})"
         log.error("state %s refused: %s; %s", self.config.state_file, e, kept)
 
+    # ---- the Kubernetes API ------------------------------------------------------------
+
+    def _with_api(self, file_state: DesiredState) -> DesiredState:
+        """The state file's state with the API's frontends; conflicts go to health and the log."""
+        state, conflicts = merge(file_state, self.api)
+        if self.config.kubeconfig:
+            if conflicts and conflicts != self.health["kubernetes"].get("conflicts"):
+                for c in conflicts:
+                    log.warning("%s", c)
+            self.health["kubernetes"]["conflicts"] = conflicts
+        return state
+
+    def load_kubernetes_cache(self) -> None:
+        """The API's frontends as last learnt: served from the first reconcile on, API server reachable or not."""
+        self.health["kubernetes"] = {"kubeconfig": self.config.kubeconfig, "synced": False, "conflicts": [],
+                                     "last_apply": None, "last_error": None}
+        try:
+            self.api = ApiFrontends.load(self.config.kubernetes_cache)
+        except StateError as e:
+            log.error("ignoring the Kubernetes cache: %s", e)
+
+    def start_kubernetes(self) -> None:
+        """Watch the API from threads; needs the node's name and address from a valid state file."""
+        from .k8s.source import KubernetesSource
+
+        health = self.health["kubernetes"]
+        try:
+            self.kubernetes = KubernetesSource.from_kubeconfig(self.config.kubeconfig, self.file_state.node_name,
+                                                               self.file_state.node_ip, self.config.kubernetes_cache)
+        except (ValueError, OSError) as e:
+            health["last_error"] = str(e)
+            log.error("not watching the Kubernetes API: %s", e)
+            return
+        self.kubernetes.start(self._stop)
+        threading.Thread(target=self._follow_api, name="kubernetes", daemon=True).start()
+
+    def _follow_api(self) -> None:
+        """Apply the API's frontends whenever they change (after every watch has listed once)."""
+        from .k8s.source import document, save_cache
+
+        source = self.kubernetes
+        saved, last_save = True, 0.0
+        while not self._stop.is_set():
+            changed = source.wait_changed(1.0)
+            # Written when the changes pause, at most once a second while they go on.
+            if not saved and (not changed or time.monotonic() - last_save >= 1.0):
+                try:
+                    save_cache(self.config.kubernetes_cache, document(self.api.services, self.api.lb_vips,
+                                                                      self.api.owner))
+                    saved, last_save = True, time.monotonic()
+                except OSError as e:
+                    log.error("cannot write %s: %s", self.config.kubernetes_cache, e)
+            if not changed:
+                continue
+            if not source.synced:
+                self._stop.wait(0.1)
+                continue
+            sock, xdp, owner = source.frontends()
+            with self._lock:
+                self.api = ApiFrontends(sock, xdp, owner)
+                self._apply_api()
+            saved = False
+
+    def _apply_api(self) -> None:
+        """With the lock held: the state file's state and the API's frontends, as a delta."""
+        health = self.health["kubernetes"]
+        if self.file_state is None:
+            return
+        self.kubernetes.set_node(self.file_state.node_name, self.file_state.node_ip)
+        try:
+            state = self._with_api(self.file_state)
+            plan = self.reconciler.update(state)
+        except Exception as e:  # noqa: BLE001 - the agent keeps serving the last state and says why
+            log.exception("applying the Kubernetes API's services failed")
+            health["last_error"] = str(e)
+            return
+        self.state = state
+        self._reconciled()
+        health.update(last_apply=time.time(), last_error=None)
+        if plan.changed:
+            log.info("Kubernetes services applied (%s):\n%s", self.reconciler.last_kind, plan.render())
+
+    def kubernetes_health(self) -> dict:
+        health = dict(self.health.get("kubernetes") or {})
+        if self.kubernetes is not None:
+            health.update(self.kubernetes.health())
+        return health
+
     # ---- serving -----------------------------------------------------------------
 
     def handle(self, request: dict) -> dict:
         """The reply to one request (sluice.agent_protocol)."""
         op = request.get("op")
         if op == "health":
+            if self.config.kubeconfig:
+                return {"ok": True, "result": {**self.health, "kubernetes": self.kubernetes_health()}}
             return {"ok": True, "result": self.health}
         if op == "reconcile":
             ok = self.reconcile(force=True, full=bool(request.get("full")))
@@ -285,12 +382,16 @@ class Agent:
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
 
     def run(self) -> None:
+        if self.config.kubeconfig:
+            self.load_kubernetes_cache()
         self.reconcile(force=True)
         self.serve_socket()
         self.serve_metrics()
         log.info("sluice-agent ready=%s, socket %s, metrics %s", self.health["ready"], self.config.socket,
                  self.config.metrics_address or "off")
         while not self._stop.wait(self.config.poll_interval):
+            if self.config.kubeconfig and self.kubernetes is None and self.file_state is not None:
+                self.start_kubernetes()
             self.reconcile()
         self.close()
 
