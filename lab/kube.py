@@ -35,6 +35,9 @@ APISERVER_PORT = 6443
 # What kubelet sets on the host kernel it runs on; the lab puts the host's values back when the last lab goes.
 KUBELET_SYSCTLS = ("kernel/panic", "kernel/panic_on_oops", "vm/overcommit_memory", "vm/panic_on_oom",
                    "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")
+# The agent's read access to the API, as the collection ships it for every cluster.
+AGENT_RBAC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "roles", "agent", "files", "kubernetes-rbac.yml")
 REFERENCE_PLUGIN_DIR = "/usr/lib/cni"
 REFERENCE_PLUGINS = ("loopback", "portmap")
 
@@ -102,6 +105,7 @@ class Cluster:
         clients = {"admin": "/O=system:masters/CN=kubernetes-admin",
                    "controller-manager": "/CN=system:kube-controller-manager",
                    "scheduler": "/CN=system:kube-scheduler",
+                   "sluice-agent": "/CN=sluice-agent",     # the RBAC of roles/agent/files/kubernetes-rbac.yml
                    **{f"node{i}": f"/O=system:nodes/CN=system:node:node{i}" for i in range(1, nodes + 1)}}
         for name, subject in clients.items():
             self.certificate(name, subject, "clientAuth")
@@ -257,6 +261,7 @@ class Cluster:
     # --- add-ons -------------------------------------------------------------------------
 
     def apply_addons(self) -> None:
+        self.kubectl("apply", "-f", AGENT_RBAC)
         self.apply(coredns_manifests(self.server))
 
     # --- helpers -------------------------------------------------------------------------

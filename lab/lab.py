@@ -434,6 +434,8 @@ class Lab:
             f"    sluice_lab_external_address: {self.ext_ip}\n"
             + (f"    # The cluster's admin kubeconfig (lab/kube.py): plan.yml checks every node's pod CIDR against it.\n"
                f"    sluice_kubeconfig: {kube.Cluster(self).admin_conf}\n"
+               "    # sluice-agent's own credentials (user sluice-agent, roles/agent/files/kubernetes-rbac.yml).\n"
+               f"    sluice_agent_kubeconfig: {kube.Cluster(self).dir}/sluice-agent.conf\n"
                "    # hostPort, as Calico and kubeadm clusters get it: the reference portmap plugin after Sluice.\n"
                "    cni_chained_plugins: [{type: portmap, capabilities: {portMappings: true}}]\n"
                if self.kubernetes else ""))
