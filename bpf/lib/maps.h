@@ -20,6 +20,7 @@
 #define SL_MAX_LB_VIPS     1024
 #define SL_MAX_NAT         262144
 #define SL_MAX_SOCK_REVNAT 262144
+#define SL_MAX_SOCK_AFFINITY 65536
 #define SL_MAX_SOCKS       65536
 #define SL_MAX_CPUS        64
 #define SL_MAGLEV_SIZE     1021     /* prime: Maglev lookup table size per LB VIP */
@@ -102,11 +103,20 @@ struct sl_service_key {
 	__u16 pad2;
 };
 
+enum sl_service_flags {
+	SL_SVC_AFFINITY = 1 << 0,   /* master: ClientIP session affinity (sl_sock_affinity) */
+};
+
+/* The master has no backend: its first word carries the affinity timeout, so
+ * the value keeps its size and pinned maps stay compatible. */
 struct sl_service {
-	__u32 backend_id;           /* slot > 0 */
+	union {
+		__u32 backend_id;       /* slot > 0 */
+		__u32 affinity_timeout; /* master: seconds, with SL_SVC_AFFINITY */
+	};
 	__u32 svc_id;               /* master: stable id of the service */
 	__u16 count;                /* master: number of backend slots */
-	__u16 flags;
+	__u16 flags;                /* master: enum sl_service_flags */
 };
 
 struct {
@@ -156,6 +166,30 @@ struct {
 	__type(value, struct sl_sock_revnat);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sl_sock_revnat SEC(".maps");
+
+/* Session affinity (Kubernetes sessionAffinity: ClientIP) of the socket LB:
+ * the backend a client last used per service. The client is its network
+ * namespace (a pod, or the host), which a socket hook knows without packets. */
+struct sl_sock_affinity_key {
+	__u32 svc_id;
+	__u32 pad;
+	__u64 netns_cookie;         /* bpf_get_netns_cookie() */
+};
+
+struct sl_sock_affinity {
+	__u32 backend_id;
+	__u16 slot;                 /* the service slot that held backend_id */
+	__u16 pad;
+	__u64 last_used_ns;         /* bpf_ktime_get_ns() */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SL_MAX_SOCK_AFFINITY);
+	__type(key, struct sl_sock_affinity_key);
+	__type(value, struct sl_sock_affinity);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_sock_affinity SEC(".maps");
 
 /* ---- XDP: prefilter (source CIDRs dropped at the NIC) ---- */
 struct sl_prefilter_key {
@@ -278,6 +312,7 @@ struct sl_btf_enums {
 	enum sl_metrics_layout metrics_layout;
 	enum sl_config_flags config_flags;
 	enum sl_route_flags route_flags;
+	enum sl_service_flags service_flags;
 };
 const struct sl_btf_enums sl_btf_enums SEC(".sl_btf");
 

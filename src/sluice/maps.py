@@ -17,7 +17,7 @@ import os
 import socket
 import struct
 import sys
-from ctypes import Structure, _SimpleCData, byref, c_uint8, c_uint16, c_uint32, c_uint64, sizeof
+from ctypes import Structure, Union, _SimpleCData, byref, c_uint8, c_uint16, c_uint32, c_uint64, sizeof
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -92,8 +92,14 @@ class sl_service_key(Structure):
                 ("slot", c_uint16), ("pad2", c_uint16)]
 
 
+class _sl_service_u(Union):
+    _fields_ = [("backend_id", c_uint32), ("affinity_timeout", c_uint32)]
+
+
 class sl_service(Structure):
-    _fields_ = [("backend_id", c_uint32), ("svc_id", c_uint32), ("count", c_uint16), ("flags", c_uint16)]
+    """Its first member is C's anonymous union: backend_id (slots) / affinity_timeout (master)."""
+    _anonymous_ = ("u",)
+    _fields_ = [("u", _sl_service_u), ("svc_id", c_uint32), ("count", c_uint16), ("flags", c_uint16)]
 
 
 class sl_backend(Structure):
@@ -106,6 +112,14 @@ class sl_sock_revnat_key(Structure):
 
 class sl_sock_revnat(Structure):
     _fields_ = [("vip", c_uint32), ("port", c_uint16), ("pad", c_uint16)]
+
+
+class sl_sock_affinity_key(Structure):
+    _fields_ = [("svc_id", c_uint32), ("pad", c_uint32), ("netns_cookie", c_uint64)]
+
+
+class sl_sock_affinity(Structure):
+    _fields_ = [("backend_id", c_uint32), ("slot", c_uint16), ("pad", c_uint16), ("last_used_ns", c_uint64)]
 
 
 class sl_prefilter_key(Structure):
@@ -147,15 +161,28 @@ class bpf_cpumap_val(Structure):
 # mirrors, which the BTF layout test compares with the object.
 PACKED = {
     sl_service_key: struct.Struct("=IHBBHH"),   # vip, port, proto, pad, slot, pad2
-    sl_service: struct.Struct("=IIHH"),         # backend_id, svc_id, count, flags
+    sl_service: struct.Struct("=IIHH"),         # backend_id / affinity_timeout, svc_id, count, flags
     sl_backend: struct.Struct("!4sHBB"),        # ip, port (network order: address bytes, port number), proto, flags
     c_uint32: struct.Struct("=I"),
 }
 
 # Every struct that maps.h defines, for the layout test.
 LAYOUTS = [sl_config, sl_endpoint_key, sl_endpoint, sl_route_key, sl_route, sl_service_key, sl_service,
-           sl_backend, sl_sock_revnat_key, sl_sock_revnat, sl_prefilter_key, sl_lb_vip_key, sl_lb_vip,
-           sl_flow_tuple, sl_nat, sl_sock_key, sl_metric]
+           sl_backend, sl_sock_revnat_key, sl_sock_revnat, sl_sock_affinity_key, sl_sock_affinity, sl_prefilter_key,
+           sl_lb_vip_key, sl_lb_vip, sl_flow_tuple, sl_nat, sl_sock_key, sl_metric]
+
+
+def members(struct) -> dict[str, tuple[int, int]]:
+    """{member: (byte offset, byte size)} of a ctypes mirror, an anonymous union's members named as members
+    of `struct`, as C (and Btf.struct_layout) name them."""
+    out = {}
+    for name, ctype, *_bits in struct._fields_:
+        if name in getattr(struct, "_anonymous_", ()):
+            base = getattr(struct, name).offset
+            out.update({n: (base + off, size) for n, (off, size) in members(ctype).items()})
+        else:
+            out[name] = (getattr(struct, name).offset, getattr(struct, name).size)
+    return out
 
 
 def possible_cpus() -> int:
@@ -427,6 +454,7 @@ class BackendsMap(Map):
 class Service:
     svc_id: int
     backend_ids: tuple[int, ...]
+    affinity_timeout: int = 0   # seconds of ClientIP session affinity; 0: none
 
 
 class ServicesMap(Map):
@@ -434,6 +462,7 @@ class ServicesMap(Map):
 
     name = "sl_services"
     key_type, value_type = sl_service_key, sl_service
+    AFFINITY = 1                # SL_SVC_AFFINITY of enum sl_service_flags
 
     @staticmethod
     def _key(vip: str, port: int, proto: str, slot: int):
@@ -441,8 +470,10 @@ class ServicesMap(Map):
 
     def entries(self, vip: str, port: int, proto: str, svc: Service) -> list:
         """The (key, value) pairs that describe one service."""
-        pairs = [(self._key(vip, port, proto, 0), sl_service(0, svc.svc_id, len(svc.backend_ids), 0))]
-        pairs += [(self._key(vip, port, proto, slot), sl_service(bid, svc.svc_id, 0, 0))
+        master = sl_service(affinity_timeout=svc.affinity_timeout, svc_id=svc.svc_id, count=len(svc.backend_ids),
+                            flags=self.AFFINITY if svc.affinity_timeout else 0)
+        pairs = [(self._key(vip, port, proto, 0), master)]
+        pairs += [(self._key(vip, port, proto, slot), sl_service(backend_id=bid, svc_id=svc.svc_id))
                   for slot, bid in enumerate(svc.backend_ids, start=1)]
         return pairs
 
@@ -467,7 +498,11 @@ class ServicesMap(Map):
         for slot in range(1, master.count + 1):
             v = self.lookup(self._key(vip, port, proto, slot))
             ids.append(v.backend_id if v is not None else 0)
-        return Service(master.svc_id, tuple(ids))
+        return Service(master.svc_id, tuple(ids), self._affinity(master.affinity_timeout, master.flags))
+
+    @classmethod
+    def _affinity(cls, timeout: int, flags: int) -> int:
+        return timeout if flags & cls.AFFINITY else 0
 
     def delete(self, vip: str, port: int, proto: str) -> bool:
         old = self.get(vip, port, proto)
@@ -483,15 +518,15 @@ class ServicesMap(Map):
         if not count:
             return {}
         masters, slots = {}, {}
-        for (vip, port, proto, _pad, slot, _pad2), (backend_id, svc_id, n, _flags) in zip(
+        for (vip, port, proto, _pad, slot, _pad2), (first, svc_id, n, flags) in zip(
                 PACKED[sl_service_key].iter_unpack(keys), PACKED[sl_service].iter_unpack(values)):
             if slot == 0:
-                masters[(vip, port, proto)] = (svc_id, n)
+                masters[(vip, port, proto)] = (svc_id, n, self._affinity(first, flags))
             else:
-                slots[(vip, port, proto, slot)] = backend_id
+                slots[(vip, port, proto, slot)] = first
         return {(ip_str(vip), port_int(port), PROTO_NAME.get(proto, str(proto))):
-                Service(svc_id, tuple(slots.get((vip, port, proto, s), 0) for s in range(1, n + 1)))
-                for (vip, port, proto), (svc_id, n) in masters.items()}
+                Service(svc_id, tuple(slots.get((vip, port, proto, s), 0) for s in range(1, n + 1)), affinity)
+                for (vip, port, proto), (svc_id, n, affinity) in masters.items()}
 
 
 class PrefilterMap(Map):
@@ -635,6 +670,11 @@ class SockRevNatMap(Map):
     key_type, value_type = sl_sock_revnat_key, sl_sock_revnat
 
 
+class SockAffinityMap(Map):
+    name = "sl_sock_affinity"
+    key_type, value_type = sl_sock_affinity_key, sl_sock_affinity
+
+
 class NatMap(Map):
     name = "sl_lb_nat"
     key_type, value_type = sl_flow_tuple, sl_nat
@@ -673,5 +713,5 @@ class MetricsMap(Map):
             lb.bpf_map_update_elem(self.fd, byref(c_uint32(slot)), byref(zero), lb.BPF_ANY)
 
 
-ALL_MAPS = [ConfigMap, EndpointsMap, RoutesMap, ServicesMap, BackendsMap, SockRevNatMap, PrefilterMap,
+ALL_MAPS = [ConfigMap, EndpointsMap, RoutesMap, ServicesMap, BackendsMap, SockRevNatMap, SockAffinityMap, PrefilterMap,
             LbVipsMap, NatMap, CpuMap, CpuListMap, SockHash, MetricsMap]

@@ -17,8 +17,7 @@ from sluice.datapath import OBJECTS
 def test_struct_layout_matches_object_btf(obj, struct):
     with Btf(bpf_object_path(obj)) as btf:
         size, members = btf.struct_layout(struct.__name__)
-    mine = {name: (getattr(struct, name).offset, getattr(struct, name).size) for name, *_type in struct._fields_}
-    assert (ctypes.sizeof(struct), mine) == (size, members)
+    assert (ctypes.sizeof(struct), maps.members(struct)) == (size, members)
 
 
 def test_map_key_and_value_sizes_match_loaded_maps(load_object):
@@ -61,6 +60,7 @@ def test_maglev_size_matches_c():
 MIRRORED_ENUMS = {
     "sl_config_flags": {"SL_CFG_CPUMAP": maps.ConfigMap.CPUMAP},
     "sl_route_flags": {"SL_ROUTE_TUNNEL": maps.RoutesMap.TUNNEL},
+    "sl_service_flags": {"SL_SVC_AFFINITY": maps.ServicesMap.AFFINITY},
     "sl_metrics_layout": {"SL_METRICS_PER_HOOK": maps.MetricsMap.PER_HOOK},
 }
 
@@ -89,4 +89,7 @@ def test_packed_formats_decode_as_the_ctypes_mirrors(struct):
     elif struct is ctypes.c_uint32:
         assert fields == (value.value,)
     else:
-        assert fields == tuple(getattr(value, name) for name, *_type in struct._fields_)
+        firsts = {}     # a union's first member stands for it
+        for name, (offset, _size) in maps.members(struct).items():
+            firsts.setdefault(offset, name)
+        assert fields == tuple(getattr(value, name) for name in firsts.values())

@@ -6,6 +6,7 @@ veth; the service VIP is an address nobody owns and has no route."""
 from __future__ import annotations
 
 import collections
+import time
 import uuid
 
 import pytest
@@ -15,7 +16,7 @@ from lib.cgroup import cgroup
 from lib.procs import Child, children
 from sluice.bpf import libbpf
 from sluice.bpf.btf import Btf
-from sluice.maps import Backend, BackendsMap, MetricsMap, Service, ServicesMap
+from sluice.maps import Backend, BackendsMap, MetricsMap, Service, ServicesMap, SockAffinityMap
 
 from conftest import bpf_object_path
 
@@ -23,7 +24,9 @@ pytestmark = pytest.mark.kernel
 
 VIP = "10.96.0.10"
 BACKENDS = {"b1": "10.200.0.2", "b2": "10.200.0.3"}
+B3 = "10.200.0.4"               # a third backend, only in the affinity tests' services
 BACKEND_PORT = 8080
+AFFINE_PORT = 90                # the affinity tests' service: backends 1..3 (b1, b2, b3)
 
 # A backend: on TCP it sends its name and closes, on UDP it answers every
 # datagram with its name.
@@ -51,16 +54,18 @@ while True:
             udp.sendto(name, addr)
 """
 
-# The client: `tcp IP PORT N` makes N connections, `udp IP PORT SOCKETS N`
+# The client: `tcp IP PORT N [PAUSE]` makes N connections (PAUSE seconds apart), `udp IP PORT SOCKETS N`
 # sends N datagrams on each of SOCKETS sockets (`udp-connect` connect()s each
 # socket first and then uses send/recv). It reports, per exchange, the
 # backend's name and the peer address the application sees, or the errno.
 CLIENT = r"""
-import errno, json, socket, sys
+import errno, json, socket, sys, time
 mode, ip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 out = []
 if mode == "tcp":
-    for _ in range(int(sys.argv[4])):
+    for i in range(int(sys.argv[4])):
+        if i and len(sys.argv) > 5:
+            time.sleep(float(sys.argv[5]))
         s = socket.socket()
         s.settimeout(2)
         try:
@@ -93,11 +98,13 @@ print(json.dumps(out), flush=True)
 
 
 class Lab:
-    def __init__(self, cg, client_ns, services, counters):
-        self.cg, self.client_ns, self.services, self.counters = cg, client_ns, services, counters
+    def __init__(self, cg, client_ns, other_ns, services, affinity, counters):
+        self.cg, self.client_ns, self.other_ns = cg, client_ns, other_ns
+        self.services, self.affinity, self.counters = services, affinity, counters
 
-    def client(self, *args):
-        kid = Child(self.client_ns, CLIENT, *args, cgroup=self.cg)
+    def client(self, *args, ns=None):
+        """The client's results, run in the client namespace (or `ns`)."""
+        kid = Child(ns or self.client_ns, CLIENT, *args, cgroup=self.cg)
         try:
             results = kid.read(timeout=15)
         finally:
@@ -114,22 +121,27 @@ def lab(load_object):
     metrics = MetricsMap(obj.map_fd("sl_metrics"))
     services = ServicesMap(obj.map_fd("sl_services"))
     backends = BackendsMap(obj.map_fd("sl_backends"))
-    for i, ip in enumerate(BACKENDS.values(), start=1):
+    for i, ip in enumerate((*BACKENDS.values(), B3), start=1):
         backends.put(i, Backend(ip, BACKEND_PORT, "tcp"))
         backends.put(10 + i, Backend(ip, BACKEND_PORT, "udp"))
     services.put(VIP, 80, "tcp", Service(1, (1, 2)))
     services.put(VIP, 53, "udp", Service(2, (11, 12)))
 
     tag = uuid.uuid4().hex[:6]
-    cli_dev, srv_dev = f"slsl{tag}c", f"slsl{tag}s"
-    with netns.namespaces("cli", "srv") as (cli, srv), cgroup() as cg, children() as kids:
+    cli_dev, srv_dev, cli2_dev, srv2_dev = f"slsl{tag}c", f"slsl{tag}s", f"slsl{tag}d", f"slsl{tag}t"
+    # cli2: a second client namespace, routed to the backends over its own veth
+    with netns.namespaces("cli", "cli2", "srv") as (cli, cli2, srv), cgroup() as cg, children() as kids:
         netns.veth(cli_dev, cli, srv_dev, srv)
+        netns.veth(cli2_dev, cli2, srv2_dev, srv)
         netns.ns_exec(cli, "ip", "addr", "add", "10.200.0.1/24", "dev", cli_dev)
-        for ip in BACKENDS.values():
+        netns.ns_exec(cli2, "ip", "addr", "add", "10.201.0.1/24", "dev", cli2_dev)
+        netns.ns_exec(srv, "ip", "addr", "add", "10.201.0.254/24", "dev", srv2_dev)
+        for ip in (*BACKENDS.values(), B3):
             netns.ns_exec(srv, "ip", "addr", "add", f"{ip}/24", "dev", srv_dev)
-        for ns, dev in ((cli, cli_dev), (srv, srv_dev)):
+        for ns, dev in ((cli, cli_dev), (srv, srv_dev), (cli2, cli2_dev), (srv, srv2_dev)):
             netns.ns_exec(ns, "ip", "link", "set", dev, "up")
-        for name, ip in BACKENDS.items():
+        netns.ns_exec(cli2, "ip", "route", "add", "10.200.0.0/24", "via", "10.201.0.254")
+        for name, ip in (*BACKENDS.items(), ("b3", B3)):
             kids.append(Child(srv, SERVER, ip, BACKEND_PORT, name))
         for kid in kids:
             assert kid.read() == "ready"
@@ -138,7 +150,8 @@ def lab(load_object):
                                   ("sock_recvmsg4", libbpf.BPF_CGROUP_UDP4_RECVMSG),
                                   ("sock_getpeer4", libbpf.BPF_CGROUP_INET4_GETPEERNAME)):
             cg.attach(obj.prog_fd(prog), attach_type)
-        yield Lab(cg, cli, services, lambda: metrics.read(hooks, outcomes))
+        yield Lab(cg, cli, cli2, services, SockAffinityMap(obj.map_fd("sl_sock_affinity")),
+                  lambda: metrics.read(hooks, outcomes))
 
 
 def test_tcp_connect_to_vip_reaches_every_backend(lab):
@@ -215,3 +228,69 @@ def test_connected_udp_to_vip_reaches_a_backend(lab):
     assert {r["peer"] for r in results} == {(VIP, 53)}
     got = lab.counters()
     assert got[("SL_HOOK_SOCK_CONNECT4", "SL_OUT_SOCK_XLATE")][0] == 8
+
+
+# ---- session affinity (sessionAffinity: ClientIP) ----
+
+def _names(results) -> list[str]:
+    assert all("errno" not in r for r in results), results
+    return [r["name"] for r in results]
+
+
+def test_without_affinity_connections_spread_over_the_backends(lab):
+    lab.services.put(VIP, AFFINE_PORT, "tcp", Service(3, (1, 2, 3)))
+
+    assert set(_names(lab.client("tcp", VIP, AFFINE_PORT, 30))) == {"b1", "b2", "b3"}
+
+
+def test_affinity_keeps_each_client_namespace_on_one_backend(lab):
+    lab.services.put(VIP, AFFINE_PORT, "tcp", Service(3, (1, 2, 3), affinity_timeout=60))
+
+    first = _names(lab.client("tcp", VIP, AFFINE_PORT, 20))
+    assert len(set(first)) == 1, first
+    other = _names(lab.client("tcp", VIP, AFFINE_PORT, 20, ns=lab.other_ns))
+    assert len(set(other)) == 1, other
+    # each namespace keeps its own choice (a new process, the same namespace)
+    assert set(_names(lab.client("tcp", VIP, AFFINE_PORT, 10))) == set(first)
+    assert set(_names(lab.client("tcp", VIP, AFFINE_PORT, 10, ns=lab.other_ns))) == set(other)
+    # one entry per (service, client namespace), naming the backend each one reached
+    entries = {k.netns_cookie: (k.svc_id, v.backend_id, v.slot) for k, v in lab.affinity.raw_items()}
+    ids = {"b1": 1, "b2": 2, "b3": 3}
+    assert sorted(entries.values()) == sorted((3, ids[n], ids[n]) for n in (first[0], other[0]))
+    assert lab.counters()[("SL_HOOK_SOCK_CONNECT4", "SL_OUT_SOCK_XLATE")] == (60, 0)
+
+
+def test_affinity_holds_for_unconnected_udp(lab):
+    lab.services.put(VIP, 53, "udp", Service(2, (11, 12, 13), affinity_timeout=60))
+
+    # without affinity each socket picks its own backend (test_udp_to_vip_is_answered_from_vip)
+    results = lab.client("udp", VIP, 53, 12, 2)
+    assert len(set(_names(results))) == 1, results
+    assert {r["peer"] for r in results} == {(VIP, 53)}
+
+
+def test_affinity_is_refreshed_by_use_and_expires_after_the_timeout(lab):
+    lab.services.put(VIP, AFFINE_PORT, "tcp", Service(3, (1, 2, 3), affinity_timeout=1))
+
+    # used every 0.5 s, longer than the timeout in all: never expires
+    names = _names(lab.client("tcp", VIP, AFFINE_PORT, 5, 0.5))
+    assert len(set(names)) == 1, names
+    # unused for longer than the timeout: the next connection chooses afresh (1 in 3 the same backend again)
+    seen = set(names)
+    for _attempt in range(20):
+        time.sleep(1.2)
+        seen.update(_names(lab.client("tcp", VIP, AFFINE_PORT, 1)))
+        if len(seen) > 1:
+            break
+    assert len(seen) > 1, "the client kept its backend past the timeout"
+
+
+def test_affine_backend_removed_from_the_service_moves_the_client_at_once(lab):
+    lab.services.put(VIP, AFFINE_PORT, "tcp", Service(3, (1, 2, 3), affinity_timeout=60))
+    (chosen,) = set(_names(lab.client("tcp", VIP, AFFINE_PORT, 5)))
+
+    ids = {"b1": 1, "b2": 2, "b3": 3}
+    lab.services.put(VIP, AFFINE_PORT, "tcp",
+                     Service(3, tuple(i for n, i in ids.items() if n != chosen), affinity_timeout=60))
+    names = _names(lab.client("tcp", VIP, AFFINE_PORT, 10))
+    assert len(set(names)) == 1 and chosen not in names, (chosen, names)

@@ -71,16 +71,24 @@ class Btf:
             raise KeyError(f"BTF has no {'enum' if kind == KIND_ENUM else 'struct'} {name}") from None
 
     def struct_layout(self, name: str) -> tuple[int, dict[str, tuple[int, int]]]:
-        """(size, {member: (byte offset, byte size)}) of `struct name`."""
+        """(size, {member: (byte offset, byte size)}) of `struct name`. The members of an anonymous union
+        or struct member are listed as members of `name`, as C names them."""
         type_id = self._find(KIND_STRUCT, name)
+        return self._type(type_id).size_or_type, self._members(type_id, 0)
+
+    def _members(self, type_id: int, base: int) -> dict[str, tuple[int, int]]:
         t = self._type(type_id)
-        base = lb.btf__type_by_id(self._btf, type_id) + ctypes.sizeof(_BtfType)
+        addr = lb.btf__type_by_id(self._btf, type_id) + ctypes.sizeof(_BtfType)
         members = {}
         for i in range(t.info & 0xFFFF):
-            m = _BtfMember.from_address(base + i * ctypes.sizeof(_BtfMember))
-            bit_offset = m.offset & 0xFFFFFF if t.info >> 31 else m.offset
-            members[self._name(m.name_off)] = (bit_offset // 8, lb.btf__resolve_size(self._btf, m.type))
-        return t.size_or_type, members
+            m = _BtfMember.from_address(addr + i * ctypes.sizeof(_BtfMember))
+            offset = base + (m.offset & 0xFFFFFF if t.info >> 31 else m.offset) // 8
+            name = self._name(m.name_off)
+            if not name and self._kind(self._type(m.type)) in (KIND_STRUCT, KIND_UNION):
+                members.update(self._members(m.type, offset))
+            else:
+                members[name] = (offset, lb.btf__resolve_size(self._btf, m.type))
+        return members
 
     def enum(self, name: str) -> dict[str, int]:
         type_id = self._find(KIND_ENUM, name)
