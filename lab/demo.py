@@ -10,8 +10,9 @@
 5. remove a service from (a copy of) the inventory, re-converge, check its VIP no longer
    answers, and converge the real inventory again
 6. Kubernetes: a Deployment spread over three nodes, pods reaching each other across nodes through Sluice's
-   path (counters), pods deleted and recreated with new addresses still talking, a ClusterIP Service (what
-   works without kube-proxy and what does not yet)
+   path (counters), pods deleted and recreated with new addresses still talking, and their NodePort Service
+   served by Sluice from the API (no kube-proxy): by DNS name from a pod, its ClusterIP from a node, its
+   NodePort from the external client
 7. print a table of every check with the datapath path it took
 
 Logs of every step are in build/demo/. The lab stays up for inspection.
@@ -119,7 +120,7 @@ def inventory_without_service(service: str) -> tuple[str, dict]:
 
 def echo_manifests(replicas: int) -> list[dict]:
     """agnhost netexec pods, one per node (kubelet creates them through containerd and Sluice's plugin), and a
-    ClusterIP Service in front of them."""
+    NodePort Service in front of them."""
     labels = {"app": ECHO}
     return [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": DEMO_NS}},
@@ -136,7 +137,8 @@ def echo_manifests(replicas: int) -> list[dict]:
                                       "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080},
                                                          "periodSeconds": 1}}]}}}},
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": ECHO, "namespace": DEMO_NS},
-         "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]}},
+         "spec": {"type": "NodePort", "selector": labels,
+                  "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]}},
     ]
 
 
@@ -218,16 +220,32 @@ def kubernetes_demo(the_lab: lab.Lab) -> list[dict]:
     listed = endpoints == sorted(p["ip"] for p in new)
     checks.append({"name": "service-endpointslice-lists-the-pods", "passed": listed, "path": [], "path_text": API_STATE,
                    "reasons": [] if listed else [f"EndpointSlice lists {endpoints}"]})
-    vip = service["spec"]["clusterIP"]
-    probe = cluster.exec_in(DEMO_NS, new[0]["name"], "curl", "-s", "--max-time", "3", f"http://{vip}:80/hostname")
-    print(f"   Service {ECHO}: ClusterIP {vip}:80, EndpointSlice {', '.join(endpoints)}")
-    if probe.returncode == 0:
-        print(f"   a pod reached the ClusterIP {vip}: answered by {probe.stdout.strip()}")
-    else:
-        print(f"   a pod connecting to the ClusterIP {vip}:80 gets no answer (curl exit {probe.returncode}).\n"
-              "   Without kube-proxy, and until Sluice serves Services from the API (the kube-proxy replacement),\n"
-              "   ClusterIPs, NodePorts and cluster DNS through the kube-dns ClusterIP do not work; pod-to-pod,\n"
-              "   Service objects, EndpointSlices and the inventory's static services (checked above) do.")
+    vip, node_port = service["spec"]["clusterIP"], service["spec"]["ports"][0]["nodePort"]
+    print(f"   Service {ECHO}: ClusterIP {vip}:80, NodePort {node_port}, EndpointSlice {', '.join(endpoints)}")
+    pods = {p["name"] for p in new}
+    client = new[0]["name"]
+    probes = [(f"service-by-dns-from-pod {client}: {ECHO}.{DEMO_NS}.svc -> every pod",
+               lambda *argv: cluster.exec_in(DEMO_NS, client, *argv), f"http://{ECHO}.{DEMO_NS}.svc.cluster.local/hostname",
+               "socket LB (connect4) in the client pod's node: CoreDNS via the kube-dns ClusterIP, then the ClusterIP"),
+              (f"service-clusterip-from-node1: {vip}:80 -> every pod",
+               lambda *argv: the_lab.node_run(1, *argv, check=False), f"http://{vip}/hostname",
+               "socket LB (connect4) on node1")]
+    probes += [(f"service-nodeport-from-outside: {the_lab.node_ip(i)}:{node_port} -> every pod",
+                lambda *argv: the_lab.ns_run(the_lab.ext_ns, *argv, check=False),
+                f"http://{the_lab.node_ip(i)}:{node_port}/hostname", f"XDP LB on node{i}'s NIC")
+               for i in range(1, int(NODES) + 1)]
+    for name, run, url, path in probes:
+        seen = set()
+        for _ in range(40):
+            answer = run("curl", "-s", "--max-time", "3", url)
+            seen.add(answer.stdout.strip() if answer.returncode == 0 else f"(curl exit {answer.returncode})")
+            if seen >= pods:
+                break
+        passed = seen == pods
+        checks.append({"name": name, "passed": passed, "path": [], "path_text": path,
+                       "reasons": [] if passed else [f"answered by {sorted(seen)}"]})
+    print("   Services come from the API (no kube-proxy): ClusterIP by DNS name from a pod, from a node, and the\n"
+          "   NodePort on every node from the external client each reached every pod.")
     return checks
 
 

@@ -128,6 +128,139 @@ def test_host_port_reaches_the_pod_through_the_chained_portmap_plugin(cluster):
     k8s.kubectl("delete", "pod", "-n", NS, "hp", "--wait=true", "--timeout=60s")
 
 
+# ---- Services from the API: the agent replaces kube-proxy -------------------------------------------
+
+WEB = ("web-1", "node1"), ("web-2", "node2"), ("web-3", "node2")
+
+
+def web_pod(name: str, node: str) -> dict:
+    """A backend of Service `web`: HTTP on the named port `http`, UDP echo on 8081."""
+    manifest = pod(name, node)
+    manifest["metadata"]["labels"]["svc"] = "web"
+    container = manifest["spec"]["containers"][0]
+    container["args"] = ["netexec", "--http-port=8080", "--udp-port=8081"]
+    container["ports"] = [{"name": "http", "containerPort": 8080}]
+    return manifest
+
+
+def web_service() -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": NS},
+            "spec": {"type": "NodePort", "selector": {"svc": "web"},
+                     "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+                               {"name": "echo", "port": 53, "targetPort": 8081, "protocol": "UDP"}]}}
+
+
+def served(the_lab: lab.Lab, i: int, frontend: str) -> list[str] | None:
+    """The backends node i's datapath serves `frontend` (ip:port/proto) with, or None."""
+    entry = node_json(the_lab, i, "services").get(frontend)
+    return None if entry is None else sorted(entry["backends"])
+
+
+def wait_served(the_lab: lab.Lab, frontend: str, count: int, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while any(len(served(the_lab, i, frontend) or ()) != count for i in (1, 2)):
+        assert time.monotonic() < deadline, {i: served(the_lab, i, frontend) for i in (1, 2)}
+        time.sleep(0.2)
+
+
+def hostnames(run, url: str, tries: int = 40) -> set[str]:
+    """The backends that answered `url` through `run` (a command runner), over up to `tries` requests,
+    stopping once all of WEB answered."""
+    seen = set()
+    for _ in range(tries):
+        result = run("curl", "-s", "--max-time", "3", url)
+        assert result.returncode == 0, result.stderr
+        seen.add(result.stdout.strip())
+        if len(seen) == len(WEB):
+            break
+    return seen
+
+
+def test_services_from_the_api_reach_every_backend_from_pods_nodes_and_outside(cluster):
+    the_lab, k8s = cluster
+    k8s.apply([*(web_pod(n, node) for n, node in WEB), web_service()])
+    for name, _node in WEB:
+        running_pod(k8s, name)
+    svc = json.loads(k8s.kubectl("get", "service", "-n", NS, "web", "-o", "json").stdout)
+    cluster_ip, node_port = svc["spec"]["clusterIP"], svc["spec"]["ports"][0]["nodePort"]
+    wait_served(the_lab, f"{cluster_ip}:80/tcp", len(WEB))
+    names = {name for name, _node in WEB}
+
+    # From a pod, by DNS name (CoreDNS through the kube-dns ClusterIP), TCP, on both nodes' NodePorts too.
+    in_pod = lambda *argv: k8s.exec_in(NS, "a", *argv)  # noqa: E731
+    assert hostnames(in_pod, f"http://web.{NS}.svc.cluster.local/hostname") == names
+    for i in (1, 2):
+        assert hostnames(in_pod, f"http://{the_lab.node_ip(i)}:{node_port}/hostname") <= names
+    # UDP: the reply comes from the ClusterIP (recvmsg shows the VIP), or nc would not take it.
+    udp = k8s.exec_in(NS, "a", "sh", "-c", f"echo hostname | nc -u -w 2 {cluster_ip} 53")
+    assert udp.stdout.strip() in names, udp
+    # From a node itself, and from the external client through each node's NIC (XDP LB).
+    on_node = lambda *argv: the_lab.node_run(2, *argv, check=False)  # noqa: E731
+    assert hostnames(on_node, f"http://{cluster_ip}/hostname") == names
+    for i in (1, 2):
+        outside = lambda *argv, i=i: the_lab.ns_run(the_lab.ext_ns, *argv, check=False)  # noqa: E731
+        assert hostnames(outside, f"http://{the_lab.node_ip(i)}:{node_port}/hostname") == names
+
+
+def test_endpoint_changes_reach_the_datapath_and_no_endpoint_refuses_at_once(cluster):
+    the_lab, k8s = cluster
+    cluster_ip = k8s.kubectl("get", "service", "-n", NS, "web", "-o", "jsonpath={.spec.clusterIP}").stdout
+    frontend = f"{cluster_ip}:80/tcp"
+    web_1 = k8s.pods(NS, "app=web-1")[0]["ip"]
+    k8s.kubectl("delete", "pod", "-n", NS, "web-1", "--wait=false")
+    wait_served(the_lab, frontend, len(WEB) - 1)
+    assert all(not b.startswith(f"{web_1}:") for i in (1, 2) for b in served(the_lab, i, frontend))
+    k8s.kubectl("delete", "pod", "-n", NS, "web-2", "web-3", "--wait=false")
+    wait_served(the_lab, frontend, 0)
+    started = time.monotonic()
+    refused = k8s.exec_in(NS, "a", "/agnhost", "connect", "--timeout=5s", f"{cluster_ip}:80")
+    assert "REFUSED" in refused.stdout + refused.stderr, refused
+    assert time.monotonic() - started < 4, "refused at once, not after a timeout"
+
+
+def test_the_agent_serves_what_it_last_learnt_while_the_api_server_is_away_and_resyncs(cluster):
+    """node1 loses the API server (a blackhole route to it) and its agent is killed: the restarted agent
+    serves the Services it last learnt, its health says the API is unreachable, and once the route is back
+    it catches up with a Service created meanwhile."""
+    the_lab, k8s = cluster
+    k8s.apply([web_pod("web-1", "node1"), web_service()])
+    running_pod(k8s, "web-1")
+    cluster_ip = k8s.kubectl("get", "service", "-n", NS, "web", "-o", "jsonpath={.spec.clusterIP}").stdout
+    wait_served(the_lab, f"{cluster_ip}:80/tcp", 1)
+    api = f"{the_lab.cp_ip}/32"
+    the_lab.node_run(1, "ip", "route", "add", "blackhole", api)
+    try:
+        agent = node_json(the_lab, 1, "status")["agent"]["pid"]     # the lab shares this host's PIDs
+        os.kill(agent, 9)
+        late = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "late", "namespace": NS},
+                "spec": {"selector": {"svc": "web"}, "ports": [{"port": 81, "targetPort": 8080}]}}
+        k8s.apply(late)
+        late_ip = k8s.kubectl("get", "service", "-n", NS, "late", "-o", "jsonpath={.spec.clusterIP}").stdout
+        deadline = time.monotonic() + 60
+        while True:
+            status = node_json(the_lab, 1, "status") if the_lab.node_run(1, SLUICE, "status", check=False) \
+                .returncode == 0 else {}
+            watches = ((status.get("agent") or {}).get("kubernetes") or {}).get("watches") or {}
+            if status.get("agent", {}).get("pid") not in (None, agent) and \
+                    all(w.get("error") for w in watches.values()) and len(watches) == 3:
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(1)
+        assert not status["agent"]["kubernetes"]["synced"]
+        assert served(the_lab, 1, f"{cluster_ip}:80/tcp") == [f"{k8s.pods(NS, 'app=web-1')[0]['ip']}:8080"]
+        answer = the_lab.node_run(1, "curl", "-s", "--max-time", "3", f"http://{cluster_ip}/hostname", check=False)
+        assert answer.stdout.strip() == "web-1", answer
+        assert served(the_lab, 1, f"{late_ip}:81/tcp") is None
+    finally:
+        the_lab.node_run(1, "ip", "route", "del", "blackhole", api, check=False)
+    deadline = time.monotonic() + 90
+    while served(the_lab, 1, f"{late_ip}:81/tcp") is None:
+        assert time.monotonic() < deadline, node_json(the_lab, 1, "status")["agent"]["kubernetes"]
+        time.sleep(1)
+    k8s.kubectl("delete", "service", "-n", NS, "web", "late")
+    k8s.kubectl("delete", "pod", "-n", NS, "web-1", "--wait=true", "--timeout=60s")
+
+
 def node_view(the_lab: lab.Lab, i: int) -> dict:
     """What Sluice holds for pods on node i: endpoint map entries, IPAM allocations, host veths, link pins."""
     allocations = the_lab.node_run(i, "find", "/var/lib/sluice/ipam", "-type", "f").stdout.split()

@@ -10,6 +10,7 @@ import base64
 import http.client
 import json
 import os
+import socket
 import ssl
 import tempfile
 import urllib.parse
@@ -143,6 +144,8 @@ class ApiClient:
         if self.config.token:
             headers["Authorization"] = f"Bearer {self.config.token}"
         try:
+            conn.connect()
+            _keepalive(conn.sock)
             conn.request("GET", f"{self.prefix}{path}?{urllib.parse.urlencode(query)}", headers=headers)
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException) as e:
@@ -203,6 +206,15 @@ class ApiClient:
                 yield kind, obj
         finally:
             conn.close()
+
+
+def _keepalive(sock) -> None:
+    """A watch is silent between events: TCP keepalive notices a peer that is gone within about 30 s,
+    instead of at the end of the watch's timeout."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 15)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 def _status_message(body: bytes) -> str:

@@ -1,0 +1,116 @@
+"""What a Kubernetes Service becomes in the datapath on one node (sluice.k8s.services): objects as the API
+server returns them, frontends and backends as the reconciler gets them."""
+
+from __future__ import annotations
+
+import pytest
+
+from sluice.k8s import services as ks
+from sluice.state import Backend, DesiredState
+from sluice.state.sources import ApiFrontends, merge
+
+
+def service(name="web", ns="default", type_="ClusterIP", cluster_ip="10.100.0.20", ports=None, **spec):
+    ports = ports if ports is not None else [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": "http"}]
+    return {"metadata": {"name": name, "namespace": ns},
+            "spec": {"type": type_, "clusterIP": cluster_ip, "clusterIPs": [cluster_ip], "ports": ports, **spec}}
+
+
+def endpoint(ip, node="node1", ready=True, serving=None, terminating=False):
+    cond = {"ready": ready, "serving": ready if serving is None else serving, "terminating": terminating}
+    return {"addresses": [ip], "nodeName": node, "conditions": cond}
+
+
+def slice_(endpoints, name="web-abc", svc="web", ports=None, address_type="IPv4"):
+    return {"metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": address_type, "endpoints": endpoints,
+            "ports": ports if ports is not None else [{"name": "http", "protocol": "TCP", "port": 8080}]}
+
+
+NODES = {"node1": ks.Node(("192.168.1.11",), "10.244.1.0/24"), "node2": ks.Node(("192.168.1.12",), "10.244.2.0/24")}
+
+
+def frontends(svc, *slices, node="node1", node_ip="192.168.1.11"):
+    return ks.service_frontends(ks.service_from_api(svc), [ks.endpoint_slice_from_api(s) for s in slices],
+                                node, node_ip, NODES)
+
+
+def test_cluster_ip_serves_the_ready_endpoints_on_the_port_of_the_same_name():
+    sock, xdp = frontends(service(), slice_([endpoint("10.244.1.5"), endpoint("10.244.2.7", "node2"),
+                                             endpoint("10.244.2.8", "node2", ready=False)]))
+    assert sock == {("10.100.0.20", 80, "tcp"): (Backend("10.244.1.5", 8080, "tcp"), Backend("10.244.2.7", 8080, "tcp"))}
+    assert xdp == {}
+
+
+def test_terminating_endpoints_serve_only_when_no_endpoint_is_ready():
+    old = endpoint("10.244.1.5", ready=False, serving=True, terminating=True)
+    assert frontends(service(), slice_([old]))[0][("10.100.0.20", 80, "tcp")] == (Backend("10.244.1.5", 8080, "tcp"),)
+    new = endpoint("10.244.2.9", "node2")
+    assert frontends(service(), slice_([old, new]))[0][("10.100.0.20", 80, "tcp")] == \
+        (Backend("10.244.2.9", 8080, "tcp"),)
+    not_serving = endpoint("10.244.1.5", ready=False, serving=False, terminating=True)
+    assert frontends(service(), slice_([not_serving]))[0][("10.100.0.20", 80, "tcp")] == ()
+
+
+def test_multiple_ports_and_protocols_and_several_slices():
+    ports = [{"name": "dns", "protocol": "UDP", "port": 53}, {"name": "dns-tcp", "protocol": "TCP", "port": 53},
+             {"name": "sctp", "protocol": "SCTP", "port": 9}]
+    slice_ports = [{"name": "dns", "protocol": "UDP", "port": 5353}, {"name": "dns-tcp", "protocol": "TCP", "port": 5354}]
+    sock, _ = frontends(service(ports=ports), slice_([endpoint("10.244.1.5")], "a", ports=slice_ports),
+                        slice_([endpoint("10.244.2.6", "node2")], "b", ports=slice_ports))
+    assert sock == {("10.100.0.20", 53, "udp"): (Backend("10.244.1.5", 5353, "udp"), Backend("10.244.2.6", 5353, "udp")),
+                    ("10.100.0.20", 53, "tcp"): (Backend("10.244.1.5", 5354, "tcp"), Backend("10.244.2.6", 5354, "tcp"))}
+
+
+def test_node_port_answers_on_every_node_address_and_at_the_nic_of_this_node():
+    ports = [{"name": "http", "protocol": "TCP", "port": 80, "nodePort": 31000}]
+    sock, xdp = frontends(service(type_="NodePort", ports=ports), slice_([endpoint("10.244.2.7", "node2")]))
+    backends = (Backend("10.244.2.7", 8080, "tcp"),)
+    assert sock == {("10.100.0.20", 80, "tcp"): backends, ("192.168.1.11", 31000, "tcp"): backends,
+                    ("192.168.1.12", 31000, "tcp"): backends}
+    assert xdp == {("192.168.1.11", 31000, "tcp"): backends}
+
+
+def test_traffic_policies_local_keep_the_nodes_own_endpoints():
+    ports = [{"name": "http", "protocol": "TCP", "port": 80, "nodePort": 31000}]
+    svc = service(type_="LoadBalancer", ports=ports, externalTrafficPolicy="Local", internalTrafficPolicy="Local",
+                  externalIPs=["203.0.113.7"])
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}, {"hostname": "lb.example"}]}}
+    sock, xdp = frontends(svc, slice_([endpoint("10.244.1.5"), endpoint("10.244.2.7", "node2")]))
+    mine, theirs = (Backend("10.244.1.5", 8080, "tcp"),), (Backend("10.244.2.7", 8080, "tcp"),)
+    assert sock[("10.100.0.20", 80, "tcp")] == mine
+    assert sock[("192.168.1.11", 31000, "tcp")] == mine
+    assert sock[("192.168.1.12", 31000, "tcp")] == theirs       # node2's NodePort leads to node2's endpoints
+    assert xdp == {("192.168.1.11", 31000, "tcp"): mine, ("203.0.113.7", 80, "tcp"): mine,
+                   ("198.51.100.1", 80, "tcp"): mine}
+
+
+@pytest.mark.parametrize("spec", [{"type": "ExternalName", "externalName": "example.org"}, {"clusterIP": "None"}])
+def test_external_name_and_headless_services_have_no_frontend(spec):
+    svc = service(**{"cluster_ip": spec.pop("clusterIP", "10.100.0.20")})
+    svc["spec"].update(spec)
+    if svc["spec"]["clusterIP"] == "None":
+        svc["spec"]["clusterIPs"] = ["None"]
+    assert ks.service_from_api(svc) is None
+
+
+def test_ipv6_slices_and_slices_of_no_service_are_ignored():
+    assert ks.endpoint_slice_from_api(slice_([endpoint("fd00::1")], address_type="IPv6")) is None
+    orphan = slice_([endpoint("10.244.1.5")])
+    del orphan["metadata"]["labels"]
+    assert ks.endpoint_slice_from_api(orphan) is None
+
+
+def test_the_inventory_wins_a_frontend_both_ask_for():
+    state = DesiredState.parse({"node": {"name": "node1", "ip": "192.168.1.11", "nic": "eth0",
+                                         "pod_cidr": "10.244.1.0/24"},
+                                "services": [{"name": "infra", "vip": "10.96.0.10", "port": 80,
+                                              "backends": [{"ip": "10.244.1.9", "port": 80}]}]})
+    api = ApiFrontends.parse({"services": [
+        {"name": "team/web", "vip": "10.96.0.10", "port": 80, "backends": [{"ip": "10.244.2.2", "port": 8080}]},
+        {"name": "team/api", "vip": "10.100.0.5", "port": 443, "backends": []}]})
+    merged, conflicts = merge(state, api)
+    assert merged.services == {("10.96.0.10", 80, "tcp"): (Backend("10.244.1.9", 80, "tcp"),),
+                               ("10.100.0.5", 443, "tcp"): ()}
+    assert conflicts == ["Service team/web: 10.96.0.10:80/tcp is served by the inventory's services, which wins; "
+                         "the Service's frontend is not programmed"]
