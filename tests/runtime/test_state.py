@@ -2,9 +2,11 @@
 
 import copy
 import ctypes
+import dataclasses
 import json
 import os
 import random
+import re
 import sys
 
 import pytest
@@ -51,13 +53,28 @@ BAD = [
     ("services.0.protocol", "sctp", "sctp"),
     ("services.0.backends.0", {"ip": "10.244.1.5"}, "needs an ip and a port"),
     ("prefilter.0", "203.0.113.0/99", "203.0.113.0/99"),
+    ("services.0.affinity_timeout", 86401, "services[0] (web): affinity_timeout 86401 is not an integer in 1..86400"),
+    ("services.0.affinity_timeout", -1, "services[0] (web): affinity_timeout -1 is not"),
+    ("services.0.affinity_timeout", "60", "services[0] (web): affinity_timeout '60' is not"),
+    ("services.0.affinity_timeout", True, "services[0] (web): affinity_timeout True is not"),
+    ("services.0.affinity_timeout", 1.5, "services[0] (web): affinity_timeout 1.5 is not"),
+    ("lb_vips.0.affinity_timeout", 60, "lb_vips[0] (ext): affinity_timeout is for services (the socket LB) only"),
 ]
 
 
 @pytest.mark.parametrize("path,value,expected", BAD, ids=[b[0] + "=" + str(b[1]) for b in BAD])
 def test_invalid_state_names_the_bad_value(path, value, expected):
-    with pytest.raises(StateError, match=expected.replace(".", r"\.").replace("/", "/")):
+    with pytest.raises(StateError, match=re.escape(expected)):
         DesiredState.parse(with_change(path, value))
+
+
+@pytest.mark.parametrize("value,expected", [(1, 1), (10800, 10800), (86400, 86400), (0, None), ("absent", None)])
+def test_affinity_timeout_parses(value, expected):
+    raw = copy.deepcopy(BASE)
+    if value != "absent":
+        raw["services"][0]["affinity_timeout"] = value
+    state = DesiredState.parse(raw)
+    assert state.affinity == ({("10.96.0.10", 80, "tcp"): expected} if expected else {})
 
 
 def test_duplicate_service_frontend_rejected():
@@ -168,6 +185,41 @@ def test_switching_to_vxlan_and_back_adds_and_removes_the_tunnel_device(node):
     assert not netlink.exists("slvx0")
     assert not os.path.exists(os.path.join(dp.links_dir, "slvx0"))
     assert kernel_routes(ns) == {"10.244.2.0/24": "192.168.90.12"}
+
+
+def test_affinity_is_planned_applied_and_read_back(node):
+    dp, _ns = node
+    rec = Reconciler(dp)
+    web = ("10.96.0.10", 80, "tcp")
+    backends = ["10.244.1.5:8080", "10.244.2.7:8080"]
+    state = DesiredState.parse(with_change("services.0.affinity_timeout", 10800))
+    assert rec.plan(state).to_dict()["services"]["add"] == [
+        {"frontend": "10.96.0.10:80/tcp", "backends": backends, "affinity_timeout": 10800}]
+    rec.apply(state)
+    assert not rec.plan(state).changed
+    assert rec.current().affinity == {web: 10800}
+    with dp.open_map(m.ServicesMap) as sm:
+        svc = sm.get(*web)
+        assert svc.affinity_timeout == 10800 and sm.items()[web] == svc
+        master = sm.lookup(sm._key(*web, 0))  # pylint: disable=protected-access
+        assert (master.flags, master.affinity_timeout) == (m.ServicesMap.AFFINITY, 10800)
+
+    # the timeout alone changes: the service is a change, its backends as they were
+    shorter = DesiredState.parse(with_change("services.0.affinity_timeout", 60))
+    assert rec.plan(shorter).to_dict() == {"services": {"add": [], "change": [
+        {"frontend": "10.96.0.10:80/tcp", "backends": backends, "was": backends, "affinity_timeout": 60}],
+        "remove": []}}
+    rec.apply(shorter)
+    assert rec.current().affinity == {web: 60} and not rec.plan(shorter).changed
+
+    # no affinity any more: shown as 0, and the master's flag is gone
+    plain = DesiredState.parse(BASE)
+    assert rec.plan(plain).to_dict()["services"]["change"] == [
+        {"frontend": "10.96.0.10:80/tcp", "backends": backends, "was": backends, "affinity_timeout": 0}]
+    rec.apply(plain)
+    assert rec.current().affinity == {} and not rec.plan(plain).changed
+    with dp.open_map(m.ServicesMap) as sm:
+        assert sm.lookup(sm._key(*web, 0)).flags == 0  # pylint: disable=protected-access
 
 
 def test_missing_nic_is_named(node):
@@ -306,6 +358,45 @@ def test_update_plans_and_writes_exactly_what_a_full_apply_would(node):
     assert rec.update(state).to_dict() == {}   # the same state again: nothing to do
 
 
+def test_update_of_affinity_plans_as_a_full_apply_would(node):
+    """Affinity set, changed, kept over a change of backends, and dropped: each a delta whose plan equals
+    the full plan; a service whose backends and affinity are unchanged is not rewritten."""
+    dp, _ns = node
+    rec = Reconciler(dp)
+    rec.apply(DesiredState.parse(BASE))
+    other = {"name": "dns", "vip": "10.96.0.11", "port": 53, "protocol": "udp",
+             "backends": [{"ip": "10.244.1.5", "port": 53}]}
+    steps = []
+    for timeout, web_backends in ((30, 2), (90, 2), (90, 1), (0, 1)):
+        raw = copy.deepcopy(BASE)
+        raw["services"][0]["backends"] = raw["services"][0]["backends"][:web_backends]
+        raw["services"][0]["affinity_timeout"] = timeout
+        raw["services"].append(dict(other, affinity_timeout=45))
+        state = DesiredState.parse(raw)
+        expected = Reconciler(dp).plan(state).to_dict()
+        assert rec.update(state).to_dict() == expected
+        assert rec.last_kind == "delta"
+        assert not Reconciler(dp).plan(state).changed
+        assert rec.current().affinity == state.affinity
+        steps.append(expected["services"])
+    dns = {"frontend": "10.96.0.11:53/udp", "backends": ["10.244.1.5:53"], "affinity_timeout": 45}
+    assert steps[0]["add"] == [dns] and steps[0]["change"][0]["affinity_timeout"] == 30
+    assert [s["change"] for s in steps[1:]] == [
+        [{"frontend": "10.96.0.10:80/tcp", "backends": ["10.244.1.5:8080", "10.244.2.7:8080"],
+          "was": ["10.244.1.5:8080", "10.244.2.7:8080"], "affinity_timeout": 90}],
+        [{"frontend": "10.96.0.10:80/tcp", "backends": ["10.244.1.5:8080"],
+          "was": ["10.244.1.5:8080", "10.244.2.7:8080"], "affinity_timeout": 90}],
+        [{"frontend": "10.96.0.10:80/tcp", "backends": ["10.244.1.5:8080"], "was": ["10.244.1.5:8080"],
+          "affinity_timeout": 0}]]
+    # affinity given to a DesiredState built in code (not parsed), as the Kubernetes source may
+    state = dataclasses.replace(state, affinity={**state.affinity, ("10.96.0.10", 80, "tcp"): 5})
+    expected = Reconciler(dp).plan(state).to_dict()
+    assert rec.update(state).to_dict() == expected == {"services": {"add": [], "change": [
+        {"frontend": "10.96.0.10:80/tcp", "backends": ["10.244.1.5:8080"], "was": ["10.244.1.5:8080"],
+         "affinity_timeout": 5}], "remove": []}}
+    assert rec.last_kind == "delta" and not Reconciler(dp).plan(state).changed
+
+
 def test_update_with_other_sections_changed_is_a_full_apply(node):
     dp, ns = node
     rec = Reconciler(dp)
@@ -317,8 +408,8 @@ def test_update_with_other_sections_changed_is_a_full_apply(node):
     assert rec.last_kind == "full"
 
 
-@pytest.mark.parametrize("drift", ["service-changed", "service-deleted", "backend-id-taken", "lb-vip-deleted",
-                                   "prefilter-added", "prefilter-deleted"])
+@pytest.mark.parametrize("drift", ["service-changed", "service-affinity-changed", "service-deleted", "backend-id-taken",
+                                   "lb-vip-deleted", "prefilter-added", "prefilter-deleted"])
 def test_update_finding_an_entry_changed_behind_its_back_reconciles_in_full(node, drift):
     """Before changing an entry, update() checks that it holds what the last apply left there; if not
     (someone wrote the maps: another tool, `sluice apply`, the Ansible module), it applies in full, so
@@ -335,6 +426,8 @@ def test_update_finding_an_entry_changed_behind_its_back_reconciles_in_full(node
             dp.open_map(m.PrefilterMap) as pm:
         if drift == "service-changed":
             sm.put("10.96.0.10", 80, "tcp", m.Service(1, (2,)))
+        elif drift == "service-affinity-changed":
+            sm.put("10.96.0.10", 80, "tcp", m.Service(1, (1, 2), 99))
         elif drift == "service-deleted":
             sm.delete("10.96.0.10", 80, "tcp")
         elif drift == "backend-id-taken":

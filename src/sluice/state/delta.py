@@ -73,6 +73,14 @@ def apply_delta(datapath, last: Applied, state: DesiredState) -> Plan:
     plan = Plan()
     old = last.state
     services = _diff(old.services, state.services)
+    # a service whose affinity alone changed is rewritten too, as in the full plan
+    reaffined = {fe for fe in old.affinity.keys() | state.affinity.keys()
+                 if old.affinity.get(fe, 0) != state.affinity.get(fe, 0)}
+    if reaffined:
+        reaffined -= {c[0] for c in services}
+        services += [(fe, old.services[fe], state.services[fe]) for fe in reaffined
+                     if fe in old.services and fe in state.services]
+        services.sort(key=lambda c: c[0])
     # an LB VIP's backends are a set (the Maglev table), as in the full plan
     vips = _diff({fe: tuple(sorted(bs)) for fe, bs in old.lb_vips.items()},
                  {fe: tuple(sorted(bs)) for fe, bs in state.lb_vips.items()})
@@ -97,7 +105,8 @@ def apply_delta(datapath, last: Applied, state: DesiredState) -> Plan:
         live_svc = {}
         for fe, was, _want in services:
             live_svc[fe] = sm.get(*fe)
-            expect = m.Service(last.svc_ids[fe], tuple(ids[b] for b in was)) if was is not None else None
+            expect = (m.Service(last.svc_ids[fe], tuple(ids[b] for b in was), old.affinity.get(fe, 0))
+                      if was is not None else None)
             if live_svc[fe] != expect:
                 raise Drift(f"service {frontend_text(fe)} holds {live_svc[fe]}, the last apply left {expect}")
         for fe, was, _want in vips:
@@ -126,8 +135,10 @@ def apply_delta(datapath, last: Applied, state: DesiredState) -> Plan:
             else:
                 if fe not in last.svc_ids:
                     last.svc_ids[fe], last.next_svc = last.next_svc, last.next_svc + 1
-                sm.put(*fe, m.Service(last.svc_ids[fe], tuple(ids[b] for b in want)), old=live_svc[fe])
-            plan.frontend("services", fe, want, was)
+                sm.put(*fe, m.Service(last.svc_ids[fe], tuple(ids[b] for b in want), state.affinity.get(fe, 0)),
+                       old=live_svc[fe])
+            plan.frontend("services", fe, want, was, state.affinity.get(fe, 0),
+                          old.affinity.get(fe, 0) if was is not None else 0)
         for fe, was, want in vips:
             if want is None:
                 lm.delete(*fe)

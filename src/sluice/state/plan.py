@@ -35,15 +35,18 @@ class Plan:
         self.sections.setdefault(section, {"add": [], "change": [], "remove": []})[kind].append(item)
 
     def frontend(self, section: str, fe: Frontend, want: tuple[Backend, ...] | None,
-                 was: tuple[Backend, ...] | None) -> None:
-        """A service or LB VIP (`section`) added (nothing `was`), removed (nothing wanted) or changed."""
+                 was: tuple[Backend, ...] | None, affinity: int = 0, was_affinity: int = 0) -> None:
+        """A service or LB VIP (`section`) added (nothing `was`), removed (nothing wanted) or changed.
+        A service's affinity timeout is shown where it has one, or had one (0: it has none now)."""
         if want is None:
             self.add(section, "remove", {"frontend": frontend_text(fe)})
-        elif was is None:
-            self.add(section, "add", {"frontend": frontend_text(fe), "backends": _backends_text(want)})
-        else:
-            self.add(section, "change", {"frontend": frontend_text(fe), "backends": _backends_text(want),
-                                         "was": _backends_text(was)})
+            return
+        entry = {"frontend": frontend_text(fe), "backends": _backends_text(want)}
+        if was is not None:
+            entry["was"] = _backends_text(was)
+        if affinity or was_affinity:
+            entry["affinity_timeout"] = affinity
+        self.add(section, "add" if was is None else "change", entry)
 
     def prefilter(self, added: list[str], removed: list[str]) -> None:
         for cidr in added:

@@ -116,9 +116,13 @@ class Reconciler:
                                         ("lb_vips", state.lb_vips, snap.lb_vips)):
             for fe, backends in sorted(want.items()):
                 have = have_all.get(fe)
-                norm = tuple(sorted(backends)) if section == "lb_vips" else backends
-                if have != norm:
-                    plan.frontend(section, fe, backends, have)
+                if section == "lb_vips":
+                    if have != tuple(sorted(backends)):
+                        plan.frontend(section, fe, backends, have)
+                    continue
+                affinity, had = state.affinity.get(fe, 0), snap.affinity.get(fe, 0)
+                if have != backends or affinity != had:
+                    plan.frontend(section, fe, backends, have, affinity, had)
             for fe in sorted(set(have_all) - set(want)):
                 plan.frontend(section, fe, None, have_all[fe])
         plan.prefilter(sorted(state.prefilter - snap.prefilter), sorted(snap.prefilter - state.prefilter))
@@ -183,11 +187,12 @@ class Reconciler:
         next_svc = max(svc_ids.values(), default=0) + 1
         with self.dp.open_map(m.ServicesMap) as sm:
             for fe, backends in state.services.items():
-                if snap.services.get(fe) == backends:
+                affinity = state.affinity.get(fe, 0)
+                if snap.services.get(fe) == backends and snap.affinity.get(fe, 0) == affinity:
                     continue
                 if fe not in svc_ids:
                     svc_ids[fe], next_svc = next_svc, next_svc + 1
-                sm.put(*fe, m.Service(svc_ids[fe], tuple(ids[b] for b in backends)))
+                sm.put(*fe, m.Service(svc_ids[fe], tuple(ids[b] for b in backends), affinity))
             for fe in set(snap.services) - set(state.services):
                 sm.delete(*fe)
         with self.dp.open_map(m.LbVipsMap) as lm:

@@ -5,7 +5,8 @@ The document (the Ansible roles write it as JSON, default /etc/sluice/state.json
     {"node": {"name", "ip", "nic", "pod_cidr"},
      "routing": {"mode": "native"|"vxlan", "vxlan_device", "vxlan_port", "vni"},
      "routes": [{"cidr", "nexthop", "node"}],             other nodes' pod CIDRs
-     "services": [{"name", "vip", "port", "protocol", "backends": [{"ip", "port"}]}],
+     "services": [{"name", "vip", "port", "protocol", "backends": [{"ip", "port"}],
+                   "affinity_timeout"}],                  seconds of ClientIP affinity, 1..86400 (0: none)
      "prefilter": ["CIDR", ...],
      "lb_vips": [{"name", "vip", "port", "protocol", "backends": [...]}],
      "xdp": {"cpumap_cpus": [0, 1]}}
@@ -26,6 +27,7 @@ ROUTING_MODES = ("native", "vxlan")
 PROTOCOLS = ("tcp", "udp")
 DEFAULT_VXLAN_DEVICE = "sluice_vxlan"
 DEFAULT_VXLAN_PORT = 4789
+MAX_AFFINITY_TIMEOUT = 86400            # Kubernetes' limit of sessionAffinityConfig.clientIP.timeoutSeconds
 
 Frontend = tuple[str, int, str]          # (vip, port, protocol)
 Backend = m.Backend                      # (ip, port, protocol), as sl_backends holds it
@@ -98,6 +100,7 @@ class DesiredState:
     prefilter: set[str] = field(default_factory=set)
     lb_vips: dict[Frontend, tuple[Backend, ...]] = field(default_factory=dict)
     cpumap_cpus: tuple[int, ...] = ()
+    affinity: dict[Frontend, int] = field(default_factory=dict)          # service -> affinity timeout (s)
 
     @classmethod
     def from_file(cls, path: str) -> "DesiredState":
@@ -144,7 +147,7 @@ class DesiredState:
                     raise StateError(f"{where}.cidr: {net} overlaps {other} ({owner})")
             seen[net] = f"route via {r.get('nexthop')}"
             state.routes[str(net)] = _ip(r.get("nexthop"), f"{where}.nexthop")
-        state.services = _frontends(raw.get("services") or [], "services")
+        state.services = _frontends(raw.get("services") or [], "services", state.affinity)
         state.lb_vips = _frontends(raw.get("lb_vips") or [], "lb_vips")
         state.prefilter = {str(_cidr(c, f"prefilter[{i}]")) for i, c in enumerate(raw.get("prefilter") or [])}
         cpus = (raw.get("xdp") or {}).get("cpumap_cpus") or []
@@ -159,8 +162,9 @@ def _where(section: str, i: int, s) -> str:
     return f"{section}[{i}]" + (f" ({s.get('name')})" if isinstance(s, dict) and s.get("name") else "")
 
 
-def _frontends(items, section: str) -> dict[Frontend, tuple[Backend, ...]]:
-    """Locations for error messages are only formatted when there is an error."""
+def _frontends(items, section: str, affinity: dict[Frontend, int] | None = None) -> dict[Frontend, tuple[Backend, ...]]:
+    """The section's frontends; their affinity timeouts go to `affinity`, in a section that has it (the socket
+    LB's). Locations for error messages are only formatted when there is an error."""
     out: dict[Frontend, tuple[Backend, ...]] = {}
     for i, s in enumerate(items):
         if not isinstance(s, dict):
@@ -188,4 +192,12 @@ def _frontends(items, section: str) -> dict[Frontend, tuple[Backend, ...]]:
         if len(set(backends)) != len(backends):
             raise StateError(f"{_where(section, i, s)}: a backend is listed twice")
         out[key] = tuple(backends)
+        timeout = s.get("affinity_timeout", 0)
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 <= timeout <= MAX_AFFINITY_TIMEOUT:
+            raise StateError(f"{_where(section, i, s)}: affinity_timeout {timeout!r} is not an integer in "
+                             f"1..{MAX_AFFINITY_TIMEOUT} (0: no affinity)")
+        if timeout:
+            if affinity is None:
+                raise StateError(f"{_where(section, i, s)}: affinity_timeout is for services (the socket LB) only")
+            affinity[key] = timeout
     return out

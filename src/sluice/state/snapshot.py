@@ -20,6 +20,7 @@ class Snapshot:
     config: dict                                      # what ConfigMap.get() returns
     backends: dict[int, Backend]                      # backend id -> backend
     svc_ids: dict[Frontend, int]
+    affinity: dict[Frontend, int]                     # services with ClientIP affinity -> timeout (s)
 
     @classmethod
     def read(cls, datapath) -> "Snapshot":
@@ -35,7 +36,8 @@ class Snapshot:
                 ids = set(table) if count else set()
                 lb_vips[fe] = tuple(sorted(backends.get(i) or Backend("?", 0, fe[2]) for i in ids))
             return cls(routes=rm.items(), services=services, lb_vips=lb_vips, prefilter=pm.cidrs(),
-                       config=cm.get(), backends=backends, svc_ids={fe: svc.svc_id for fe, svc in svcs.items()})
+                       config=cm.get(), backends=backends, svc_ids={fe: svc.svc_id for fe, svc in svcs.items()},
+                       affinity={fe: svc.affinity_timeout for fe, svc in svcs.items() if svc.affinity_timeout})
 
     def backend_ids(self) -> dict[Backend, int]:
         """backend -> its id in sl_backends."""
