@@ -236,8 +236,7 @@ class Agent:
             # Written when the changes pause, at most once a second while they go on.
             if not saved and (not changed or time.monotonic() - last_save >= 1.0):
                 try:
-                    save_cache(self.config.kubernetes_cache, document(self.api.services, self.api.lb_vips,
-                                                                      self.api.owner))
+                    save_cache(self.config.kubernetes_cache, document(self.api))
                     saved, last_save = True, time.monotonic()
                 except OSError as e:
                     log.error("cannot write %s: %s", self.config.kubernetes_cache, e)
@@ -246,9 +245,9 @@ class Agent:
             if not source.synced:
                 self._stop.wait(0.1)
                 continue
-            sock, xdp, owner = source.frontends()
+            api = source.frontends()
             with self._lock:
-                self.api = ApiFrontends(sock, xdp, owner)
+                self.api = api
                 self._apply_api()
             saved = False
 

@@ -114,3 +114,20 @@ def test_the_inventory_wins_a_frontend_both_ask_for():
                                ("10.100.0.5", 443, "tcp"): ()}
     assert conflicts == ["Service team/web: 10.96.0.10:80/tcp is served by the inventory's services, which wins; "
                          "the Service's frontend is not programmed"]
+
+
+def test_client_ip_affinity_with_its_timeout_reaches_the_state_and_survives_the_cache(tmp_path):
+    from sluice.k8s.source import document, save_cache
+
+    svc = service(sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 30}})
+    assert ks.service_from_api(svc).affinity_timeout == 30
+    assert ks.service_from_api(service(sessionAffinity="ClientIP")).affinity_timeout == 10800
+    assert ks.service_from_api(service()).affinity_timeout == 0
+    fe = ("10.100.0.20", 80, "tcp")
+    api = ApiFrontends({fe: (Backend("10.244.1.5", 8080, "tcp"),)}, {}, {fe: "default/web"}, {fe: 30})
+    save_cache(str(tmp_path / "kubernetes.json"), document(api))
+    assert ApiFrontends.load(str(tmp_path / "kubernetes.json")) == api
+    state = DesiredState.parse({"node": {"name": "node1", "ip": "192.168.1.11", "nic": "eth0",
+                                         "pod_cidr": "10.244.1.0/24"}})
+    merged, conflicts = merge(state, api)
+    assert merged.affinity == {fe: 30} and merged.services == api.services and not conflicts

@@ -6,6 +6,7 @@ Frontends, as kube-proxy serves them:
 - NodePort: every node's InternalIP:nodePort through the socket LB, and this node's address through
   the XDP LB, for clients outside the cluster;
 - externalIPs and LoadBalancer ingress IPs: socket LB and XDP LB.
+sessionAffinity ClientIP holds in the socket LB, per client network namespace (a pod, or the node).
 Backends: the IPv4 endpoints of the Service's EndpointSlices on the port of the same name; the ready
 ones, else the serving and terminating ones (kube-proxy's fallback, so connections still land while
 every endpoint is terminating). internalTrafficPolicy Local keeps only this node's endpoints for the
@@ -21,6 +22,7 @@ from typing import NamedTuple
 from ..state import Backend, Frontend
 
 PROTOCOLS = {"TCP": "tcp", "UDP": "udp"}
+DEFAULT_AFFINITY_TIMEOUT = 10800        # the API's default for sessionAffinityConfig.clientIP.timeoutSeconds
 
 
 class ServicePort(NamedTuple):
@@ -36,6 +38,7 @@ class Service(NamedTuple):
     external_ips: tuple[str, ...]       # spec.externalIPs and status.loadBalancer.ingress[].ip
     local_internal: bool                # internalTrafficPolicy: Local
     local_external: bool                # externalTrafficPolicy: Local
+    affinity_timeout: int               # sessionAffinity ClientIP: seconds; 0: none
 
 
 class Endpoint(NamedTuple):
@@ -79,8 +82,13 @@ def service_from_api(obj: dict) -> Service | None:
     external = _ipv4(spec.get("externalIPs")) + _ipv4(ingress)
     if not (cluster_ips or external) or not ports:
         return None             # headless, or nothing to serve
+    affinity = 0
+    if spec.get("sessionAffinity") == "ClientIP":
+        config = (spec.get("sessionAffinityConfig") or {}).get("clientIP") or {}
+        affinity = config.get("timeoutSeconds") or DEFAULT_AFFINITY_TIMEOUT
     return Service(cluster_ips, ports, tuple(dict.fromkeys(external)),
-                   spec.get("internalTrafficPolicy") == "Local", spec.get("externalTrafficPolicy") == "Local")
+                   spec.get("internalTrafficPolicy") == "Local", spec.get("externalTrafficPolicy") == "Local",
+                   affinity)
 
 
 def endpoint_slice_from_api(obj: dict) -> EndpointSlice | None:

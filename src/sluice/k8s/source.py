@@ -14,6 +14,7 @@ import threading
 import time
 
 from ..state import Backend, Frontend
+from ..state.sources import ApiFrontends
 from . import services as ks
 from .client import ApiClient, Kubeconfig
 from .reflector import Reflector
@@ -94,8 +95,8 @@ class KubernetesSource:
         with self.changed:
             return self.changed.wait_for(lambda: self._dirty or self._all_dirty, timeout)
 
-    def frontends(self) -> tuple[Frontends, Frontends, dict[Frontend, str]]:
-        """(socket LB frontends, XDP LB frontends, frontend -> the Service that asks for it)."""
+    def frontends(self) -> ApiFrontends:
+        """The socket and XDP LB frontends of every Service, their affinity, and which Service asks for each."""
         with self.lock:
             services = self.reflectors[SERVICES].store
             slices = self.reflectors[ENDPOINT_SLICES].store
@@ -109,20 +110,21 @@ class KubernetesSource:
                     continue
                 owned = [slices[k] for k in sorted(self._slices_of.get(key, ()))]
                 self._per_service[key] = ks.service_frontends(svc, owned, self.node_name, self.node_ip, nodes)
-        sock: Frontends = {}
-        xdp: Frontends = {}
-        owner: dict[Frontend, str] = {}
+        api = ApiFrontends()
         for key in sorted(self._per_service):
-            s, x = self._per_service[key]
-            for fe, backends in (*s.items(), *x.items()):
-                owner.setdefault(fe, key)
-            for fe, backends in s.items():
-                if owner[fe] == key:
-                    sock[fe] = backends
-            for fe, backends in x.items():
-                if owner[fe] == key:
-                    xdp[fe] = backends
-        return sock, xdp, owner
+            sock, xdp = self._per_service[key]
+            timeout = services[key].affinity_timeout if key in services else 0
+            for fe in (*sock, *xdp):
+                api.owner.setdefault(fe, key)
+            for fe, backends in sock.items():
+                if api.owner[fe] == key:
+                    api.services[fe] = backends
+                    if timeout:
+                        api.affinity[fe] = timeout
+            for fe, backends in xdp.items():
+                if api.owner[fe] == key:
+                    api.lb_vips[fe] = backends
+        return api
 
     def health(self) -> dict:
         with self.lock:
@@ -133,13 +135,14 @@ class KubernetesSource:
                                 for name, r in self.reflectors.items()}}
 
 
-def document(sock: Frontends, xdp: Frontends, owner: dict[Frontend, str]) -> dict:
+def document(api: ApiFrontends) -> dict:
     """The API's frontends as the `services` and `lb_vips` sections of a state document."""
     def section(frontends: Frontends) -> list[dict]:
-        return [{"name": owner.get(fe, ""), "vip": fe[0], "port": fe[1], "protocol": fe[2],
-                 "backends": [{"ip": b.ip, "port": b.port} for b in backends]}
+        return [{"name": api.owner.get(fe, ""), "vip": fe[0], "port": fe[1], "protocol": fe[2],
+                 "backends": [{"ip": b.ip, "port": b.port} for b in backends],
+                 **({"affinity_timeout": api.affinity[fe]} if fe in api.affinity else {})}
                 for fe, backends in sorted(frontends.items())]
-    return {"services": section(sock), "lb_vips": section(xdp)}
+    return {"services": section(api.services), "lb_vips": section(api.lb_vips)}
 
 
 def save_cache(path: str, doc: dict) -> None:

@@ -25,14 +25,16 @@ class ApiFrontends:
     services: dict[Frontend, tuple[Backend, ...]] = field(default_factory=dict)     # socket LB
     lb_vips: dict[Frontend, tuple[Backend, ...]] = field(default_factory=dict)      # XDP LB
     owner: dict[Frontend, str] = field(default_factory=dict)                        # frontend -> namespace/name
+    affinity: dict[Frontend, int] = field(default_factory=dict)                     # ClientIP affinity (s)
 
     @classmethod
     def parse(cls, raw, where: str = "kubernetes") -> "ApiFrontends":
         """From a document with `services` and `lb_vips` sections (the cache file's form)."""
         if not isinstance(raw, dict):
             raise StateError(f"{where}: expected a JSON object")
-        api = cls(_frontends(raw.get("services") or [], f"{where}.services"),
-                  _frontends(raw.get("lb_vips") or [], f"{where}.lb_vips"))
+        api = cls()
+        api.services = _frontends(raw.get("services") or [], f"{where}.services", api.affinity)
+        api.lb_vips = _frontends(raw.get("lb_vips") or [], f"{where}.lb_vips")
         for section in ("services", "lb_vips"):
             for s in raw.get(section) or []:
                 api.owner.setdefault((s["vip"], s["port"], s.get("protocol", "tcp")), s.get("name", ""))
@@ -68,6 +70,8 @@ def merge(state: DesiredState, api: ApiFrontends | None) -> tuple[DesiredState, 
         out.update(mine)
         return out
 
+    affinity = {fe: t for fe, t in api.affinity.items() if fe not in state.services}
+    affinity.update(state.affinity)
     merged = dataclasses.replace(state, services=combine("services", state.services, api.services),
-                                 lb_vips=combine("lb_vips", state.lb_vips, api.lb_vips))
+                                 lb_vips=combine("lb_vips", state.lb_vips, api.lb_vips), affinity=affinity)
     return merged, sorted(conflicts)
