@@ -226,30 +226,26 @@ class Agent:
         threading.Thread(target=self._follow_api, name="kubernetes", daemon=True).start()
 
     def _follow_api(self) -> None:
-        """Apply the API's frontends whenever they change (after every watch has listed once)."""
+        """Apply the API's frontends whenever they change (after every watch has listed once). The cache
+        is written first: an agent restarted while the API server is away never serves older frontends
+        than the maps held."""
         from .k8s.source import document, save_cache
 
         source = self.kubernetes
-        saved, last_save = True, 0.0
         while not self._stop.is_set():
-            changed = source.wait_changed(1.0)
-            # Written when the changes pause, at most once a second while they go on.
-            if not saved and (not changed or time.monotonic() - last_save >= 1.0):
-                try:
-                    save_cache(self.config.kubernetes_cache, document(self.api))
-                    saved, last_save = True, time.monotonic()
-                except OSError as e:
-                    log.error("cannot write %s: %s", self.config.kubernetes_cache, e)
-            if not changed:
+            if not source.wait_changed(1.0):
                 continue
             if not source.synced:
                 self._stop.wait(0.1)
                 continue
             api = source.frontends()
+            try:
+                save_cache(self.config.kubernetes_cache, document(api))
+            except OSError as e:
+                log.error("cannot write %s: %s", self.config.kubernetes_cache, e)
             with self._lock:
                 self.api = api
                 self._apply_api()
-            saved = False
 
     def _apply_api(self) -> None:
         """With the lock held: the state file's state and the API's frontends, as a delta."""

@@ -152,8 +152,10 @@ def web_service() -> dict:
 
 def served(the_lab: lab.Lab, i: int, frontend: str) -> list[str] | None:
     """The backends node i's datapath serves `frontend` (ip:port/proto) with, or None."""
-    entry = node_json(the_lab, i, "services").get(frontend)
-    return None if entry is None else sorted(entry["backends"])
+    for entry in node_json(the_lab, i, "services"):
+        if entry["frontend"] == frontend and entry["kind"] == "socket-lb":
+            return sorted(entry["backends"])
+    return None
 
 
 def wait_served(the_lab: lab.Lab, frontend: str, count: int, seconds: float = 30) -> None:
