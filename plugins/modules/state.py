@@ -140,12 +140,13 @@ options:
         default: []
   kubernetes_cache:
     description:
-      - The agent's record of the frontends it last learnt from the Kubernetes API. The plan and the apply count
-        them as desired too, so this task never removes a Kubernetes Service's entries. Where a Service and the
-        state file ask for the same frontend, the state file wins (the agent reports the Service as a conflict).
-      - Absent file (no API, or the agent has not synced yet): the state file alone.
+      - The agent's record of the frontends it last learnt from the Kubernetes API (a directory, one file per
+        Service). The plan and the apply count them as desired too, so this task never removes a Kubernetes
+        Service's entries. Where a Service and the state file ask for the same frontend, the state file wins (the
+        agent reports the Service as a conflict).
+      - Absent directory (no API, or the agent has not synced yet): the state file alone.
     type: path
-    default: /var/lib/sluice/kubernetes.json
+    default: /var/lib/sluice/kubernetes
   apply:
     description:
       - Apply the state to the datapath maps now. With V(false) only the file is written and the agent applies it.
@@ -290,7 +291,7 @@ def main():
         prefilter=dict(type="list", elements="str", default=[]),
         lb_vips=dict(type="list", elements="dict", default=[], options=FRONTEND),
         xdp=dict(type="dict", options=dict(cpumap_cpus=dict(type="list", elements="int", default=[]))),
-        kubernetes_cache=dict(type="path", default="/var/lib/sluice/kubernetes.json"),
+        kubernetes_cache=dict(type="path", default="/var/lib/sluice/kubernetes"),
         apply=dict(type="bool", default=True),
     )
     argument_spec.update(datapath_argument_spec())

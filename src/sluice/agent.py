@@ -39,7 +39,7 @@ from . import agent_protocol
 from .cni.errors import INTERNAL_FAILURE, INVALID_ENVIRONMENT_VARIABLES, TRY_AGAIN_LATER, CniError
 from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, NIC_PROG, TC_MODES, Datapath, DatapathError
 from .state import DesiredState, Reconciler, StateError
-from .state.sources import DEFAULT_KUBERNETES_CACHE, ApiFrontends, merge
+from .state.sources import DEFAULT_KUBERNETES_CACHE, ApiFrontends, merge, prune_cache, save_service
 
 log = logging.getLogger("sluice.agent")
 
@@ -217,7 +217,7 @@ class Agent:
         health = self.health["kubernetes"]
         try:
             self.kubernetes = KubernetesSource.from_kubeconfig(self.config.kubeconfig, self.file_state.node_name,
-                                                               self.file_state.node_ip, self.config.kubernetes_cache)
+                                                               self.file_state.node_ip)
         except (ValueError, OSError) as e:
             health["last_error"] = str(e)
             log.error("not watching the Kubernetes API: %s", e)
@@ -226,25 +226,28 @@ class Agent:
         threading.Thread(target=self._follow_api, name="kubernetes", daemon=True).start()
 
     def _follow_api(self) -> None:
-        """Apply the API's frontends whenever they change (after every watch has listed once). The cache
-        is written first: an agent restarted while the API server is away never serves older frontends
-        than the maps held."""
-        from .k8s.source import document, save_cache
-
-        source = self.kubernetes
+        """Apply the API's frontends whenever they change (after every watch has listed once). A changed
+        Service's cache file is written first: an agent restarted while the API server is away never serves
+        older frontends than the maps held."""
+        source, cache = self.kubernetes, self.config.kubernetes_cache
+        first = True
         while not self._stop.is_set():
             if not source.wait_changed(1.0):
                 continue
             if not source.synced:
                 self._stop.wait(0.1)
                 continue
-            api = source.frontends()
-            try:
-                save_cache(self.config.kubernetes_cache, document(api))
-            except OSError as e:
-                log.error("cannot write %s: %s", self.config.kubernetes_cache, e)
             with self._lock:
-                self.api = api
+                changed = source.frontends()
+                try:
+                    for service, part in changed.items():
+                        save_service(cache, service, part)
+                    if first:
+                        prune_cache(cache, set(source.api.owner.values()))
+                        first = False
+                except OSError as e:
+                    log.error("cannot write the Kubernetes cache %s: %s", cache, e)
+                self.api = source.api
                 self._apply_api()
 
     def _apply_api(self) -> None:

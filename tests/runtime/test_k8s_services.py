@@ -7,7 +7,7 @@ import pytest
 
 from sluice.k8s import services as ks
 from sluice.state import Backend, DesiredState
-from sluice.state.sources import ApiFrontends, merge
+from sluice.state.sources import ApiFrontends, merge, prune_cache, save_service
 
 
 def service(name="web", ns="default", type_="ClusterIP", cluster_ip="10.100.0.20", ports=None, **spec):
@@ -117,17 +117,41 @@ def test_the_inventory_wins_a_frontend_both_ask_for():
 
 
 def test_client_ip_affinity_with_its_timeout_reaches_the_state_and_survives_the_cache(tmp_path):
-    from sluice.k8s.source import document, save_cache
-
     svc = service(sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 30}})
     assert ks.service_from_api(svc).affinity_timeout == 30
     assert ks.service_from_api(service(sessionAffinity="ClientIP")).affinity_timeout == 10800
     assert ks.service_from_api(service()).affinity_timeout == 0
     fe = ("10.100.0.20", 80, "tcp")
     api = ApiFrontends({fe: (Backend("10.244.1.5", 8080, "tcp"),)}, {}, {fe: "default/web"}, {fe: 30})
-    save_cache(str(tmp_path / "kubernetes.json"), document(api))
-    assert ApiFrontends.load(str(tmp_path / "kubernetes.json")) == api
+    save_service(str(tmp_path), "default/web", api)
+    assert ApiFrontends.load(str(tmp_path)) == api
     state = DesiredState.parse({"node": {"name": "node1", "ip": "192.168.1.11", "nic": "eth0",
                                          "pod_cidr": "10.244.1.0/24"}})
     merged, conflicts = merge(state, api)
     assert merged.affinity == {fe: 30} and merged.services == api.services and not conflicts
+
+
+def test_two_services_asking_for_one_frontend_the_first_wins_in_the_cache_and_in_the_watch(tmp_path):
+    """An external IP two Services claim: the one of first precedence gets it, the same after a restart
+    (the cache) as while watching, and the other takes over when it lets go."""
+    from sluice.k8s.source import KubernetesSource
+
+    shared = ("203.0.113.7", 80, "tcp")
+
+    def part(key, backend):
+        return ApiFrontends({shared: (Backend(backend, 8080, "tcp"),)}, {}, {shared: key})
+
+    a, b = part("team-a/web", "10.244.1.5"), part("team-b/web", "10.244.2.6")
+    source = KubernetesSource.__new__(KubernetesSource)
+    source.api, source._claims, source._per_service = ApiFrontends(), {}, {}
+    for key, p in (("team-b/web", b), ("team-a/web", a)):
+        source._per_service[key] = p
+        source._claim(key, p)
+        save_service(str(tmp_path), key, p)
+    assert source.api.services[shared] == a.services[shared]
+    assert ApiFrontends.load(str(tmp_path)).services == source.api.services
+    source._release("team-a/web", a)
+    del source._per_service["team-a/web"]
+    assert source.api.services[shared] == b.services[shared] and source.api.owner[shared] == "team-b/web"
+    prune_cache(str(tmp_path), {"team-b/web"})
+    assert ApiFrontends.load(str(tmp_path)) == source.api

@@ -6,15 +6,12 @@ last learnt.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 import threading
 import time
 
 from ..state import Backend, Frontend
-from ..state.sources import ApiFrontends
+from ..state.sources import ApiFrontends, precedence
 from . import services as ks
 from .client import ApiClient, Kubeconfig
 from .reflector import Reflector
@@ -37,10 +34,9 @@ class KubernetesSource:
     Reflector threads mark Services dirty; `wait_changed()` blocks until something changed and
     `frontends()` recomputes only the dirty Services. `frontends()` is only meaningful once `synced`."""
 
-    def __init__(self, client: ApiClient, node_name: str, node_ip: str, cache_file: str):
+    def __init__(self, client: ApiClient, node_name: str, node_ip: str):
         self.node_name = node_name
         self.node_ip = node_ip
-        self.cache_file = cache_file
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.reflectors = {name: Reflector(client, name, PATHS[name], TRANSFORMS[name], self._on_change, self.lock)
@@ -49,12 +45,14 @@ class KubernetesSource:
         self._slices_of: dict[str, set[str]] = {}          # Service key -> its EndpointSlices' keys
         self._dirty: set[str] = set()
         self._all_dirty = True
-        self._per_service: dict[str, tuple[Frontends, Frontends]] = {}
+        self._per_service: dict[str, ApiFrontends] = {}     # Service key -> its frontends
+        self._claims: dict[Frontend, set[str]] = {}           # frontend -> the Services asking for it
+        self.api = ApiFrontends()                               # every Service's frontends
         self.last_change: float | None = None
 
     @classmethod
-    def from_kubeconfig(cls, path: str, node_name: str, node_ip: str, cache_file: str) -> "KubernetesSource":
-        return cls(ApiClient(Kubeconfig.load(path)), node_name, node_ip, cache_file)
+    def from_kubeconfig(cls, path: str, node_name: str, node_ip: str) -> "KubernetesSource":
+        return cls(ApiClient(Kubeconfig.load(path)), node_name, node_ip)
 
     def set_node(self, node_name: str, node_ip: str) -> None:
         """This node's name and address, as the state file gives them now."""
@@ -95,36 +93,71 @@ class KubernetesSource:
         with self.changed:
             return self.changed.wait_for(lambda: self._dirty or self._all_dirty, timeout)
 
-    def frontends(self) -> ApiFrontends:
-        """The socket and XDP LB frontends of every Service, their affinity, and which Service asks for each."""
+    def frontends(self) -> dict[str, ApiFrontends | None]:
+        """Bring `api` (every Service's frontends) up to date with the changes since the last call; returns
+        the Services whose frontends changed, with their new ones (None: no frontend any more)."""
         with self.lock:
             services = self.reflectors[SERVICES].store
             slices = self.reflectors[ENDPOINT_SLICES].store
             nodes = self.reflectors[NODES].store
             dirty = set(services) | set(self._per_service) if self._all_dirty else self._dirty
             self._dirty, self._all_dirty = set(), False
+            changed = {}
             for key in dirty:
                 svc = services.get(key)
-                if svc is None:
-                    self._per_service.pop(key, None)
+                new = None if svc is None else self._service(key, svc, [slices[k] for k in
+                                                                        sorted(self._slices_of.get(key, ()))], nodes)
+                old = self._per_service.get(key)
+                if new == old:
                     continue
-                owned = [slices[k] for k in sorted(self._slices_of.get(key, ()))]
-                self._per_service[key] = ks.service_frontends(svc, owned, self.node_name, self.node_ip, nodes)
-        api = ApiFrontends()
-        for key in sorted(self._per_service):
-            sock, xdp = self._per_service[key]
-            timeout = services[key].affinity_timeout if key in services else 0
-            for fe in (*sock, *xdp):
-                api.owner.setdefault(fe, key)
-            for fe, backends in sock.items():
-                if api.owner[fe] == key:
-                    api.services[fe] = backends
-                    if timeout:
-                        api.affinity[fe] = timeout
-            for fe, backends in xdp.items():
-                if api.owner[fe] == key:
-                    api.lb_vips[fe] = backends
-        return api
+                changed[key] = new
+                if old is not None:
+                    self._release(key, old)
+                if new is None:
+                    del self._per_service[key]
+                else:
+                    self._per_service[key] = new
+                    self._claim(key, new)
+        return changed
+
+    def _service(self, key: str, svc: ks.Service, slices: list, nodes: dict) -> ApiFrontends | None:
+        sock, xdp = ks.service_frontends(svc, slices, self.node_name, self.node_ip, nodes)
+        if not (sock or xdp):
+            return None
+        owner = dict.fromkeys((*sock, *xdp), key)
+        return ApiFrontends(sock, xdp, owner, dict.fromkeys(sock, svc.affinity_timeout) if svc.affinity_timeout else {})
+
+    # Two Services may ask for one frontend (an external IP, say): the one of first precedence gets it, as
+    # when the cache is loaded; when it lets go, the next one takes over.
+
+    def _claim(self, key: str, part: ApiFrontends) -> None:
+        for fe in part.owner:
+            claims = self._claims.setdefault(fe, set())
+            claims.add(key)
+            if min(claims, key=precedence) == key:
+                self._install(fe, part)
+
+    def _release(self, key: str, part: ApiFrontends) -> None:
+        for fe in part.owner:
+            claims = self._claims[fe]
+            claims.discard(key)
+            if self.api.owner.get(fe) != key:
+                continue
+            for section in (self.api.services, self.api.lb_vips, self.api.affinity, self.api.owner):
+                section.pop(fe, None)
+            if claims:
+                self._install(fe, self._per_service[min(claims, key=precedence)])
+            else:
+                del self._claims[fe]
+
+    def _install(self, fe: Frontend, part: ApiFrontends) -> None:
+        self.api.owner[fe] = part.owner[fe]
+        for mine, theirs in ((self.api.services, part.services), (self.api.lb_vips, part.lb_vips),
+                             (self.api.affinity, part.affinity)):
+            if fe in theirs:
+                mine[fe] = theirs[fe]
+            else:
+                mine.pop(fe, None)
 
     def health(self) -> dict:
         with self.lock:
@@ -133,28 +166,3 @@ class KubernetesSource:
                                        "resource_version": r.resource_version, "relists": r.relists,
                                        "events": r.events}
                                 for name, r in self.reflectors.items()}}
-
-
-def document(api: ApiFrontends) -> dict:
-    """The API's frontends as the `services` and `lb_vips` sections of a state document."""
-    def section(frontends: Frontends) -> list[dict]:
-        return [{"name": api.owner.get(fe, ""), "vip": fe[0], "port": fe[1], "protocol": fe[2],
-                 "backends": [{"ip": b.ip, "port": b.port} for b in backends],
-                 **({"affinity_timeout": api.affinity[fe]} if fe in api.affinity else {})}
-                for fe, backends in sorted(frontends.items())]
-    return {"services": section(api.services), "lb_vips": section(api.lb_vips)}
-
-
-def save_cache(path: str, doc: dict) -> None:
-    """Atomically: a reader never sees half a file."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".kubernetes-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, separators=(",", ":"))
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

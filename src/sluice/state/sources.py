@@ -1,6 +1,7 @@
 """The node's desired state from its two sources: the state file the Ansible roles write (the
 infrastructure: node, routing, prefilter, static services and LB VIPs) and the Kubernetes API
-(Services, as sluice.k8s turns them into frontends; the agent keeps the last of them in a cache file).
+(Services, as sluice.k8s turns them into frontends; the agent keeps the last of them in a cache
+directory, one file per Service, so a change costs one small write).
 
 The one rule where they meet: the inventory wins. A frontend (address:port/protocol) the state file
 serves is never taken over by a Service; the Service's frontend is left out and named in the conflicts,
@@ -9,27 +10,38 @@ which the agent reports in its health and logs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 
 from .schema import Backend, DesiredState, Frontend, StateError, _frontends
 
-DEFAULT_KUBERNETES_CACHE = "/var/lib/sluice/kubernetes.json"
+DEFAULT_KUBERNETES_CACHE = "/var/lib/sluice/kubernetes"
 
 
 @dataclass
 class ApiFrontends:
-    """What the Kubernetes API asks of this node's datapath."""
+    """What the Kubernetes API asks of this node's datapath: of one Service, or of all of them."""
 
     services: dict[Frontend, tuple[Backend, ...]] = field(default_factory=dict)     # socket LB
     lb_vips: dict[Frontend, tuple[Backend, ...]] = field(default_factory=dict)      # XDP LB
     owner: dict[Frontend, str] = field(default_factory=dict)                        # frontend -> namespace/name
     affinity: dict[Frontend, int] = field(default_factory=dict)                     # ClientIP affinity (s)
 
+    def document(self) -> dict:
+        """As the `services` and `lb_vips` sections of a state document (the cache's form)."""
+        def section(frontends: dict) -> list[dict]:
+            return [{"name": self.owner.get(fe, ""), "vip": fe[0], "port": fe[1], "protocol": fe[2],
+                     "backends": [{"ip": b.ip, "port": b.port} for b in backends],
+                     **({"affinity_timeout": self.affinity[fe]} if fe in self.affinity else {})}
+                    for fe, backends in sorted(frontends.items())]
+        return {"services": section(self.services), "lb_vips": section(self.lb_vips)}
+
     @classmethod
     def parse(cls, raw, where: str = "kubernetes") -> "ApiFrontends":
-        """From a document with `services` and `lb_vips` sections (the cache file's form)."""
         if not isinstance(raw, dict):
             raise StateError(f"{where}: expected a JSON object")
         api = cls()
@@ -41,18 +53,73 @@ class ApiFrontends:
         return api
 
     @classmethod
-    def load(cls, path: str) -> "ApiFrontends | None":
-        """The cache file, or None when there is none."""
+    def load(cls, directory: str) -> "ApiFrontends | None":
+        """The cache: one file per Service (save_service). None when there is no cache."""
         try:
-            with open(path) as f:
-                raw = json.load(f)
+            names = sorted((n for n in os.listdir(directory) if n.endswith(".json")), key=lambda n: n[:-5])
         except FileNotFoundError:
             return None
         except OSError as e:
-            raise StateError(f"cannot read {path}: {e.strerror}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StateError(f"{path} is not valid JSON: {e}") from None
-        return cls.parse(raw, path)
+            raise StateError(f"cannot read {directory}: {e.strerror}") from None
+        api = cls()
+        for name in names:
+            path = os.path.join(directory, name)
+            try:
+                with open(path) as f:
+                    part = cls.parse(json.load(f), path)
+            except OSError as e:
+                raise StateError(f"cannot read {path}: {e.strerror}") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise StateError(f"{path} is not valid JSON: {e}") from None
+            api.add(part)
+        return api
+
+    def add(self, part: "ApiFrontends") -> None:
+        """One Service's frontends, unless a Service added before has them (Services are added in the
+        order of `precedence`: the first one wins)."""
+        for section in ("services", "lb_vips"):
+            for fe, backends in getattr(part, section).items():
+                if self.owner.setdefault(fe, part.owner[fe]) == part.owner[fe]:
+                    getattr(self, section)[fe] = backends
+                    if fe in part.affinity:
+                        self.affinity[fe] = part.affinity[fe]
+
+
+def precedence(service: str) -> str:
+    """Of two Services asking for one frontend, the one whose precedence sorts first gets it; also the
+    name of its file in the cache (Kubernetes names never hold `_`)."""
+    return service.replace("/", "_")
+
+
+def cache_file(directory: str, service: str) -> str:
+    return os.path.join(directory, precedence(service) + ".json")
+
+
+def prune_cache(directory: str, keep: set[str]) -> None:
+    """Remove the files of Services not in `keep` (deleted while the agent was away)."""
+    wanted = {os.path.basename(cache_file(directory, k)) for k in keep}
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(directory):
+            if name.endswith(".json") and name not in wanted:
+                os.unlink(os.path.join(directory, name))
+
+
+def save_service(directory: str, service: str, part: ApiFrontends | None) -> None:
+    """Write (atomically) or, with no `part`, remove one Service's file of the cache."""
+    path = cache_file(directory, service)
+    if part is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(part.document(), separators=(",", ":")))
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def merge(state: DesiredState, api: ApiFrontends | None) -> tuple[DesiredState, list[str]]:
