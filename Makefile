@@ -157,7 +157,7 @@ lint: setup
 # section measures. BENCH_ONLY=paths,services,... selects sections, BENCH_QUICK=1 shortens runs,
 # BENCH_NO_LAB=1 skips timing site.yml on a lab of its own.
 BENCH_STAMP := $(VENV)/.bench-deps-done
-bench: setup artifacts $(CNITOOL) $(BENCH_STAMP)
+bench: setup artifacts $(CNITOOL) $(BENCH_STAMP) kubernetes
 	$(PY) -m bench $(if $(BENCH_ONLY),--only $(BENCH_ONLY)) $(if $(BENCH_QUICK),--quick) $(if $(BENCH_NO_LAB),--no-lab)
 
 $(BENCH_STAMP): requirements-bench.txt $(SETUP_STAMP)
