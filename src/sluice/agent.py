@@ -39,7 +39,7 @@ from . import agent_protocol
 from .cni.errors import INTERNAL_FAILURE, INVALID_ENVIRONMENT_VARIABLES, TRY_AGAIN_LATER, CniError
 from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, NIC_PROG, TC_MODES, Datapath, DatapathError
 from .state import DesiredState, Reconciler, StateError
-from .state.sources import DEFAULT_KUBERNETES_CACHE, ApiFrontends, merge, prune_cache, save_service
+from .state.sources import DEFAULT_KUBERNETES_CACHE, ApiFrontends, merge, prune_cache, save_routes, save_service
 
 log = logging.getLogger("sluice.agent")
 
@@ -192,8 +192,8 @@ class Agent:
     # ---- the Kubernetes API ------------------------------------------------------------
 
     def _with_api(self, file_state: DesiredState) -> DesiredState:
-        """The state file's state with the API's frontends; conflicts go to health and the log."""
-        state, conflicts = merge(file_state, self.api)
+        """The state file's state with the API's frontends and routes; conflicts go to health and the log."""
+        state, conflicts = merge(file_state, self.api, Reconciler.nexthop_check(file_state))
         if self.config.kubeconfig:
             if conflicts and conflicts != self.health["kubernetes"].get("conflicts"):
                 for c in conflicts:
@@ -242,6 +242,8 @@ class Agent:
                 try:
                     for service, part in changed.items():
                         save_service(cache, service, part)
+                    if source.routes_changed:
+                        save_routes(cache, source.api.routes)
                     if first:
                         prune_cache(cache, set(source.api.owner.values()))
                         first = False

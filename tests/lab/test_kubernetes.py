@@ -263,6 +263,35 @@ def test_the_agent_serves_what_it_last_learnt_while_the_api_server_is_away_and_r
     k8s.kubectl("delete", "pod", "-n", NS, "web-1", "--wait=true", "--timeout=60s")
 
 
+def test_routes_to_other_nodes_come_from_their_node_objects_when_the_inventory_lacks_them(cluster):
+    """node1's state file loses its routes (as if node2 had joined the cluster after the last playbook run):
+    node1 keeps routing node2's pod CIDR, from node2's Node object, and its pods still reach node2's."""
+    the_lab, k8s = cluster
+    path = "/etc/sluice/state.json"
+    state = json.loads(the_lab.node_run(1, "cat", path).stdout)
+    assert state["routes"], state
+
+    def write(doc: dict) -> None:
+        the_lab.node_run(1, "python3", "-c", f"import json, os; json.dump({doc!r}, open('{path}.new', 'w')); "
+                                             f"os.replace('{path}.new', '{path}')")
+
+    before = node_json(the_lab, 1, "status")["agent"]["last_reconcile"]
+    write({**state, "routes": []})
+    try:
+        deadline = time.monotonic() + 30
+        while node_json(the_lab, 1, "status")["agent"]["last_reconcile"] == before:
+            assert time.monotonic() < deadline, "the agent did not take the new state file"
+            time.sleep(0.5)
+        agent = node_json(the_lab, 1, "status")["agent"]
+        assert agent["last_error"] is None and not agent["kubernetes"]["conflicts"], agent
+        assert node_json(the_lab, 1, "routes")[kube.node_pod_cidr(2)]["nexthop"] == the_lab.node_ip(2)
+        b = k8s.pods(NS, "app=b")[0]
+        answer = k8s.exec_in(NS, "a", "curl", "-s", "--max-time", "5", f"http://{b['ip']}:8080/hostname")
+        assert answer.stdout.strip() == "b", answer
+    finally:
+        write(state)
+
+
 def node_view(the_lab: lab.Lab, i: int) -> dict:
     """What Sluice holds for pods on node i: endpoint map entries, IPAM allocations, host veths, link pins."""
     allocations = the_lab.node_run(i, "find", "/var/lib/sluice/ipam", "-type", "f").stdout.split()

@@ -155,3 +155,22 @@ def test_two_services_asking_for_one_frontend_the_first_wins_in_the_cache_and_in
     assert source.api.services[shared] == b.services[shared] and source.api.owner[shared] == "team-b/web"
     prune_cache(str(tmp_path), {"team-b/web"})
     assert ApiFrontends.load(str(tmp_path)) == source.api
+
+
+def test_node_routes_add_what_the_inventory_lacks_and_never_override_it():
+    state = DesiredState.parse({"node": {"name": "node1", "ip": "192.168.1.11", "nic": "eth0",
+                                         "pod_cidr": "10.244.1.0/24"},
+                                "routes": [{"cidr": "10.244.2.0/24", "nexthop": "192.168.1.12"}]})
+    api = ApiFrontends(routes={"10.244.2.0/24": "192.168.1.12",      # the same: nothing to say
+                               "10.244.3.0/24": "192.168.1.13",      # a Node the inventory lacks
+                               "10.244.2.0/23": "192.168.1.14",      # overlaps the inventory's route
+                               "10.244.4.0/24": "10.9.9.9"})         # nexthop off the NIC's networks
+    merged, conflicts = merge(state, api, lambda nexthop: nexthop.startswith("192.168.1."))
+    assert merged.routes == {"10.244.2.0/24": "192.168.1.12", "10.244.3.0/24": "192.168.1.13"}
+    assert conflicts == ["Node route 10.244.2.0/23 via 192.168.1.14: overlaps 10.244.2.0/24, which the inventory "
+                         "routes; not programmed",
+                         "Node route 10.244.4.0/24 via 10.9.9.9: nexthop 10.9.9.9 is not reachable; not programmed"]
+    assert ks.node_from_api({"spec": {"podCIDRs": ["fd00:1::/64", "10.244.3.0/24"]},
+                             "status": {"addresses": [{"type": "Hostname", "address": "node3"},
+                                                      {"type": "InternalIP", "address": "192.168.1.13"}]}}) == \
+        ks.Node(("192.168.1.13",), "10.244.3.0/24")

@@ -57,7 +57,7 @@ class EndpointSlice(NamedTuple):
 
 class Node(NamedTuple):
     addresses: tuple[str, ...]          # InternalIPs (IPv4)
-    pod_cidr: str
+    pod_cidr: str                       # the IPv4 one; empty when none is set
 
 
 def _ipv4(values) -> tuple[str, ...]:
@@ -113,7 +113,14 @@ def endpoint_slice_from_api(obj: dict) -> EndpointSlice | None:
 def node_from_api(obj: dict) -> Node:
     status, spec = obj.get("status") or {}, obj.get("spec") or {}
     internal = [a.get("address") for a in status.get("addresses") or () if a.get("type") == "InternalIP"]
-    return Node(_ipv4(internal), spec.get("podCIDR") or "")
+    pod_cidr = ""
+    for cidr in spec.get("podCIDRs") or [spec.get("podCIDR")]:
+        try:
+            pod_cidr = str(ipaddress.IPv4Network(cidr))
+            break
+        except (ipaddress.AddressValueError, ipaddress.NetmaskValueError, ValueError, TypeError):
+            continue
+    return Node(_ipv4(internal), pod_cidr)
 
 
 def _backends(slices: list[EndpointSlice], port: ServicePort, node: str | None) -> tuple[Backend, ...]:

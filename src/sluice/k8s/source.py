@@ -1,6 +1,6 @@
 """The Kubernetes API as a source of the node's desired state: Services, EndpointSlices and Nodes
 watched (sluice.k8s.reflector), turned into frontends (sluice.k8s.services) one changed Service at a
-time, and kept on disk so an agent that starts while the API server is unreachable serves what it
+time and into routes to the other Nodes' pod CIDRs, and kept on disk so an agent that starts while the API server is unreachable serves what it
 last learnt.
 """
 
@@ -48,6 +48,7 @@ class KubernetesSource:
         self._per_service: dict[str, ApiFrontends] = {}     # Service key -> its frontends
         self._claims: dict[Frontend, set[str]] = {}           # frontend -> the Services asking for it
         self.api = ApiFrontends()                               # every Service's frontends
+        self.routes_changed = False
         self.last_change: float | None = None
 
     @classmethod
@@ -85,7 +86,7 @@ class KubernetesSource:
                     self._slices_of.setdefault(new.service, set()).add(key)
                     self._dirty.add(new.service)
         else:
-            self._all_dirty = True              # NodePorts answer on every node's addresses
+            self._all_dirty = True              # routes; NodePorts answer on every node's addresses
         self.last_change = time.monotonic()
         self.changed.notify_all()
 
@@ -94,14 +95,18 @@ class KubernetesSource:
             return self.changed.wait_for(lambda: self._dirty or self._all_dirty, timeout)
 
     def frontends(self) -> dict[str, ApiFrontends | None]:
-        """Bring `api` (every Service's frontends) up to date with the changes since the last call; returns
-        the Services whose frontends changed, with their new ones (None: no frontend any more)."""
+        """Bring `api` (every Service's frontends, the other Nodes' routes) up to date with the changes since
+        the last call; returns the Services whose frontends changed, with their new ones (None: no frontend
+        any more). `routes_changed` says whether the routes did."""
         with self.lock:
             services = self.reflectors[SERVICES].store
             slices = self.reflectors[ENDPOINT_SLICES].store
             nodes = self.reflectors[NODES].store
             dirty = set(services) | set(self._per_service) if self._all_dirty else self._dirty
             self._dirty, self._all_dirty = set(), False
+            routes = {n.pod_cidr: n.addresses[0] for name, n in nodes.items()
+                      if name != self.node_name and n.pod_cidr and n.addresses}
+            self.routes_changed, self.api.routes = routes != self.api.routes, routes
             changed = {}
             for key in dirty:
                 svc = services.get(key)

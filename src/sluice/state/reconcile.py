@@ -83,12 +83,25 @@ class Reconciler:
             socket.if_nametoindex(state.nic)
         except OSError:
             raise StateError(f"node.nic: interface {state.nic!r} does not exist on this node") from None
-        if state.routing_mode == "native" and state.routes:
-            connected = netlink.connected_networks(state.nic)
+        if state.routes:
+            reachable = Reconciler.nexthop_check(state)
             for cidr, nexthop in sorted(state.routes.items()):
-                if not any(ipaddress.IPv4Address(nexthop) in net for net in connected):
+                if not reachable(nexthop):
                     raise StateError(f"routes ({cidr}): nexthop {nexthop} is not on a network of {state.nic}; "
                                      "native routing needs the other nodes directly reachable through the NIC")
+
+    @staticmethod
+    def nexthop_check(state: DesiredState):
+        """Whether a route's nexthop is reachable: in native routing, only directly through the NIC."""
+        if state.routing_mode != "native":
+            return lambda _nexthop: True
+        networks = []
+
+        def on_nic(nexthop: str) -> bool:
+            if not networks:
+                networks.extend(netlink.connected_networks(state.nic))
+            return any(ipaddress.IPv4Address(nexthop) in net for net in networks)
+        return on_nic
 
     def plan(self, state: DesiredState) -> Plan:
         """What applying `state` changes, against the live maps and kernel routes."""

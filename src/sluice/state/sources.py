@@ -4,20 +4,23 @@ infrastructure: node, routing, prefilter, static services and LB VIPs) and the K
 directory, one file per Service, so a change costs one small write).
 
 The one rule where they meet: the inventory wins. A frontend (address:port/protocol) the state file
-serves is never taken over by a Service; the Service's frontend is left out and named in the conflicts,
-which the agent reports in its health and logs.
+serves is never taken over by a Service, nor a pod CIDR it routes (or overlaps) by a Node; the Service's
+frontend or the Node's route is left out and named in the conflicts, which the agent reports in its
+health and logs. The API's routes add the Nodes the inventory does not know (yet).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import os
 import tempfile
+from typing import Callable
 from dataclasses import dataclass, field
 
-from .schema import Backend, DesiredState, Frontend, StateError, _frontends
+from .schema import Backend, DesiredState, Frontend, StateError, _cidr, _frontends, _ip
 
 DEFAULT_KUBERNETES_CACHE = "/var/lib/sluice/kubernetes"
 
@@ -30,6 +33,7 @@ class ApiFrontends:
     lb_vips: dict[Frontend, tuple[Backend, ...]] = field(default_factory=dict)      # XDP LB
     owner: dict[Frontend, str] = field(default_factory=dict)                        # frontend -> namespace/name
     affinity: dict[Frontend, int] = field(default_factory=dict)                     # ClientIP affinity (s)
+    routes: dict[str, str] = field(default_factory=dict)        # other Nodes' pod CIDR -> InternalIP
 
     def document(self) -> dict:
         """As the `services` and `lb_vips` sections of a state document (the cache's form)."""
@@ -61,7 +65,7 @@ class ApiFrontends:
             return None
         except OSError as e:
             raise StateError(f"cannot read {directory}: {e.strerror}") from None
-        api = cls()
+        api = cls(routes=_load_routes(directory))
         for name in names:
             path = os.path.join(directory, name)
             try:
@@ -95,6 +99,29 @@ def cache_file(directory: str, service: str) -> str:
     return os.path.join(directory, precedence(service) + ".json")
 
 
+ROUTES_FILE = "nodes.routes"    # not *.json: no Service's file
+
+
+def _load_routes(directory: str) -> dict[str, str]:
+    path = os.path.join(directory, ROUTES_FILE)
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise StateError(f"cannot read {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StateError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("routes"), dict):
+        raise StateError(f"{path}: expected an object with a 'routes' object")
+    return {str(_cidr(c, f"{path}: routes")): _ip(nh, f"{path}: routes[{c}]") for c, nh in raw["routes"].items()}
+
+
+def save_routes(directory: str, routes: dict[str, str]) -> None:
+    _write(os.path.join(directory, ROUTES_FILE), {"routes": routes})
+
+
 def prune_cache(directory: str, keep: set[str]) -> None:
     """Remove the files of Services not in `keep` (deleted while the agent was away)."""
     wanted = {os.path.basename(cache_file(directory, k)) for k in keep}
@@ -111,23 +138,44 @@ def save_service(directory: str, service: str, part: ApiFrontends | None) -> Non
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         return
+    _write(path, part.document())
+
+
+def _write(path: str, doc: dict) -> None:
+    """Atomically: a reader never sees half a file."""
+    directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(part.document(), separators=(",", ":")))
+            f.write(json.dumps(doc, separators=(",", ":")))
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
 
 
-def merge(state: DesiredState, api: ApiFrontends | None) -> tuple[DesiredState, list[str]]:
-    """`state` with the API's frontends added, and a message for each one the state file's own entries
-    keep out (the inventory wins)."""
+def merge(state: DesiredState, api: ApiFrontends | None,
+          nexthop_ok: Callable[[str], bool] = lambda _nexthop: True) -> tuple[DesiredState, list[str]]:
+    """`state` with the API's frontends and routes added, and a message for each one the state file's own
+    entries keep out (the inventory wins). A route whose nexthop fails `nexthop_ok` (not reachable the way
+    the node routes) is left out too."""
     if api is None:
         return state, []
     conflicts = []
+    routes = dict(state.routes)
+    taken = [ipaddress.IPv4Network(c) for c in (state.pod_cidr, *state.routes)]
+    for cidr, nexthop in sorted(api.routes.items()):
+        if state.routes.get(cidr) == nexthop:
+            continue
+        net = ipaddress.IPv4Network(cidr)
+        clash = next((str(t) for t in taken if t.overlaps(net)), None)
+        if clash or not nexthop_ok(nexthop):
+            why = f"overlaps {clash}, which the inventory routes" if clash else f"nexthop {nexthop} is not reachable"
+            conflicts.append(f"Node route {cidr} via {nexthop}: {why}; not programmed")
+            continue
+        routes[cidr] = nexthop
+        taken.append(net)
 
     def combine(section: str, mine: dict, theirs: dict) -> dict:
         out = dict(theirs)
@@ -140,5 +188,6 @@ def merge(state: DesiredState, api: ApiFrontends | None) -> tuple[DesiredState, 
     affinity = {fe: t for fe, t in api.affinity.items() if fe not in state.services}
     affinity.update(state.affinity)
     merged = dataclasses.replace(state, services=combine("services", state.services, api.services),
-                                 lb_vips=combine("lb_vips", state.lb_vips, api.lb_vips), affinity=affinity)
+                                 lb_vips=combine("lb_vips", state.lb_vips, api.lb_vips), affinity=affinity,
+                                 routes=routes)
     return merged, sorted(conflicts)
