@@ -285,7 +285,10 @@ def markdown(res: dict) -> list[str]:
         return [f"Not measured: {res['reason']}."]
     lat, rss = res["latency"], res["rss_mib"]
     s, k = lat["sluice"], lat["kube_proxy"]
-    ms = lambda v: f"{v * 1000:.1f} ms"  # noqa: E731
+
+    def ms(v: float) -> str:
+        return f"{v * 1000:.1f} ms"
+
     return [
         f"{res['services']:,} Services, {res['endpoints']:,} endpoints; created through the API in "
         f"{res['create_s']:.0f} s; {res['changes']} changes.",

@@ -236,7 +236,7 @@ def kubernetes_demo(the_lab: lab.Lab) -> list[dict]:
                for i in range(1, int(NODES) + 1)]
     for name, run, url, path in probes:
         seen = set()
-        for _ in range(40):
+        for _attempt in range(40):
             answer = run("curl", "-s", "--max-time", "3", url)
             seen.add(answer.stdout.strip() if answer.returncode == 0 else f"(curl exit {answer.returncode})")
             if seen >= pods:

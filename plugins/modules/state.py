@@ -144,7 +144,7 @@ options:
         Service). The plan and the apply count them as desired too, so this task never removes a Kubernetes
         Service's entries. Where a Service and the state file ask for the same frontend, the state file wins (the
         agent reports the Service as a conflict).
-      - Absent directory (no API, or the agent has not synced yet): the state file alone.
+      - Without the directory (no API, or the agent has not synced yet), the state file alone.
     type: path
     default: /var/lib/sluice/kubernetes
   apply:

@@ -169,7 +169,7 @@ def hostnames(run, url: str, tries: int = 40) -> set[str]:
     """The backends that answered `url` through `run` (a command runner), over up to `tries` requests,
     stopping once all of WEB answered."""
     seen = set()
-    for _ in range(tries):
+    for _attempt in range(tries):
         result = run("curl", "-s", "--max-time", "3", url)
         assert result.returncode == 0, result.stderr
         seen.add(result.stdout.strip())
@@ -188,8 +188,16 @@ def test_services_from_the_api_reach_every_backend_from_pods_nodes_and_outside(c
     wait_served(the_lab, f"{cluster_ip}:80/tcp", len(WEB))
     names = {name for name, _node in WEB}
 
+    def in_pod(*argv: str) -> subprocess.CompletedProcess:
+        return k8s.exec_in(NS, "a", *argv)
+
+    def on_node(*argv: str) -> subprocess.CompletedProcess:
+        return the_lab.node_run(2, *argv, check=False)
+
+    def outside(*argv: str) -> subprocess.CompletedProcess:
+        return the_lab.ns_run(the_lab.ext_ns, *argv, check=False)
+
     # From a pod, by DNS name (CoreDNS through the kube-dns ClusterIP), TCP, on both nodes' NodePorts too.
-    in_pod = lambda *argv: k8s.exec_in(NS, "a", *argv)  # noqa: E731
     assert hostnames(in_pod, f"http://web.{NS}.svc.cluster.local/hostname") == names
     for i in (1, 2):
         assert hostnames(in_pod, f"http://{the_lab.node_ip(i)}:{node_port}/hostname") <= names
@@ -197,10 +205,8 @@ def test_services_from_the_api_reach_every_backend_from_pods_nodes_and_outside(c
     udp = k8s.exec_in(NS, "a", "sh", "-c", f"echo hostname | nc -u -w 2 {cluster_ip} 53")
     assert udp.stdout.strip() in names, udp
     # From a node itself, and from the external client through each node's NIC (XDP LB).
-    on_node = lambda *argv: the_lab.node_run(2, *argv, check=False)  # noqa: E731
     assert hostnames(on_node, f"http://{cluster_ip}/hostname") == names
     for i in (1, 2):
-        outside = lambda *argv, i=i: the_lab.ns_run(the_lab.ext_ns, *argv, check=False)  # noqa: E731
         assert hostnames(outside, f"http://{the_lab.node_ip(i)}:{node_port}/hostname") == names
 
 

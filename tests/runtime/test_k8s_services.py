@@ -56,8 +56,8 @@ def test_multiple_ports_and_protocols_and_several_slices():
     ports = [{"name": "dns", "protocol": "UDP", "port": 53}, {"name": "dns-tcp", "protocol": "TCP", "port": 53},
              {"name": "sctp", "protocol": "SCTP", "port": 9}]
     slice_ports = [{"name": "dns", "protocol": "UDP", "port": 5353}, {"name": "dns-tcp", "protocol": "TCP", "port": 5354}]
-    sock, _ = frontends(service(ports=ports), slice_([endpoint("10.244.1.5")], "a", ports=slice_ports),
-                        slice_([endpoint("10.244.2.6", "node2")], "b", ports=slice_ports))
+    sock, _xdp = frontends(service(ports=ports), slice_([endpoint("10.244.1.5")], "a", ports=slice_ports),
+                           slice_([endpoint("10.244.2.6", "node2")], "b", ports=slice_ports))
     assert sock == {("10.100.0.20", 53, "udp"): (Backend("10.244.1.5", 5353, "udp"), Backend("10.244.2.6", 5353, "udp")),
                     ("10.100.0.20", 53, "tcp"): (Backend("10.244.1.5", 5354, "tcp"), Backend("10.244.2.6", 5354, "tcp"))}
 
