@@ -245,7 +245,7 @@ class Agent:
                     if source.routes_changed:
                         save_routes(cache, source.api.routes)
                     if first:
-                        prune_cache(cache, set(source.api.owner.values()))
+                        prune_cache(cache, source.service_keys())
                         first = False
                 except OSError as e:
                     log.error("cannot write the Kubernetes cache %s: %s", cache, e)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from typing import Callable
 
 from .client import ApiClient, ApiError, Gone
@@ -115,11 +114,3 @@ class Reflector:
         thread = threading.Thread(target=self.run, args=(stop,), name=f"watch-{self.name}", daemon=True)
         thread.start()
         return thread
-
-
-def wait_synced(reflectors: list[Reflector], seconds: float, stop: threading.Event) -> bool:
-    deadline = time.monotonic() + seconds
-    while not all(r.synced for r in reflectors):
-        if stop.wait(0.05) or time.monotonic() > deadline:
-            return False
-    return True

@@ -1,22 +1,19 @@
 """The Kubernetes API as a source of the node's desired state: Services, EndpointSlices and Nodes
 watched (sluice.k8s.reflector), turned into frontends (sluice.k8s.services) one changed Service at a
-time and into routes to the other Nodes' pod CIDRs, and kept on disk so an agent that starts while the API server is unreachable serves what it
+time, and into routes to the other Nodes' pod CIDRs. The agent keeps them on disk
+(sluice.state.sources), so that when it starts while the API server is unreachable it serves what it
 last learnt.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-import time
 
-from ..state import Backend, Frontend
+from ..state import Frontend
 from ..state.sources import ApiFrontends, precedence
 from . import services as ks
 from .client import ApiClient, Kubeconfig
 from .reflector import Reflector
-
-log = logging.getLogger("sluice.k8s")
 
 SERVICES = "services"
 ENDPOINT_SLICES = "endpointslices"
@@ -24,8 +21,6 @@ NODES = "nodes"
 PATHS = {SERVICES: "/api/v1/services", ENDPOINT_SLICES: "/apis/discovery.k8s.io/v1/endpointslices",
          NODES: "/api/v1/nodes"}
 TRANSFORMS = {SERVICES: ks.service_from_api, ENDPOINT_SLICES: ks.endpoint_slice_from_api, NODES: ks.node_from_api}
-
-Frontends = dict[Frontend, tuple[Backend, ...]]
 
 
 class KubernetesSource:
@@ -45,11 +40,10 @@ class KubernetesSource:
         self._slices_of: dict[str, set[str]] = {}          # Service key -> its EndpointSlices' keys
         self._dirty: set[str] = set()
         self._all_dirty = True
-        self._per_service: dict[str, ApiFrontends] = {}     # Service key -> its frontends
-        self._claims: dict[Frontend, set[str]] = {}           # frontend -> the Services asking for it
-        self.api = ApiFrontends()                               # every Service's frontends
+        self._per_service: dict[str, ApiFrontends] = {}    # Service key -> its frontends
+        self._claims: dict[Frontend, set[str]] = {}         # frontend -> the Services asking for it
+        self.api = ApiFrontends()                           # every Service's frontends
         self.routes_changed = False
-        self.last_change: float | None = None
 
     @classmethod
     def from_kubeconfig(cls, path: str, node_name: str, node_ip: str) -> "KubernetesSource":
@@ -87,7 +81,6 @@ class KubernetesSource:
                     self._dirty.add(new.service)
         else:
             self._all_dirty = True              # routes; NodePorts answer on every node's addresses
-        self.last_change = time.monotonic()
         self.changed.notify_all()
 
     def wait_changed(self, timeout: float) -> bool:
@@ -125,12 +118,17 @@ class KubernetesSource:
                     self._claim(key, new)
         return changed
 
+    def service_keys(self) -> set[str]:
+        """The Services that have frontends (whether or not another Service holds some of them)."""
+        return set(self._per_service)
+
     def _service(self, key: str, svc: ks.Service, slices: list, nodes: dict) -> ApiFrontends | None:
         sock, xdp = ks.service_frontends(svc, slices, self.node_name, self.node_ip, nodes)
         if not (sock or xdp):
             return None
         owner = dict.fromkeys((*sock, *xdp), key)
-        return ApiFrontends(sock, xdp, owner, dict.fromkeys(sock, svc.affinity_timeout) if svc.affinity_timeout else {})
+        affinity = dict.fromkeys(sock, svc.affinity_timeout) if svc.affinity_timeout else {}
+        return ApiFrontends(sock, xdp, owner, affinity)
 
     # Two Services may ask for one frontend (an external IP, say): the one of first precedence gets it, as
     # when the cache is loaded; when it lets go, the next one takes over.
