@@ -2,8 +2,11 @@
 kube-proxy) whose only CNI is Sluice, installed by playbooks/site.yml like on any cluster.
 
 Pods created through the API (kubelet -> containerd -> Sluice's CNI plugin) get an address in their node's pod
-CIDR and reach a pod on another node through Sluice's path; deleting one leaves no link, map entry, IPAM
-allocation or pin; plan.yml refuses a node whose pod CIDR Kubernetes set differently; and the lab's own teardown
+CIDR and reach a pod on another node through Sluice's path; Services created through the API are served by
+Sluice (no kube-proxy) from pods, nodes and outside, follow their endpoints, refuse when they have none,
+and outlive an agent restarted while the API server is unreachable; routes to other nodes come from the
+Node objects where the inventory lacks them; deleting a pod leaves no link, map entry, IPAM allocation or
+pin; plan.yml refuses a node whose pod CIDR Kubernetes set differently; and the lab's own teardown
 leaves no namespace, mount, cgroup, process or containerd state. The tests run in file order on one lab."""
 
 from __future__ import annotations
@@ -14,10 +17,15 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
 import pytest
+
+from sluice.k8s import services as ks
+from sluice.k8s.client import ApiClient, ApiError, Kubeconfig
+from sluice.k8s.reflector import Reflector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "lab"))
@@ -267,6 +275,32 @@ def test_the_agent_serves_what_it_last_learnt_while_the_api_server_is_away_and_r
         time.sleep(1)
     k8s.kubectl("delete", "service", "-n", NS, "web", "late")
     k8s.kubectl("delete", "pod", "-n", NS, "web-1", "--wait=true", "--timeout=60s")
+
+
+def test_the_reflector_follows_the_api_server_and_a_relist_reports_what_it_missed(cluster):
+    """sluice.k8s against the lab's API server, with the agent's own credentials: LIST, then WATCH from the
+    list's resourceVersion (a Service created meanwhile arrives once), and a Service deleted while nothing
+    watched is reported by the next LIST."""
+    _the_lab, k8s = cluster
+    client = ApiClient(Kubeconfig.load(os.path.join(k8s.dir, "sluice-agent.conf")))
+    changes: list[set[str]] = []
+    reflector = Reflector(client, "services", "/api/v1/services", ks.service_from_api,
+                          lambda _name, keys: changes.append(keys), threading.Lock(), watch_timeout=3)
+    reflector.relist()
+    assert "default/kubernetes" in reflector.store and reflector.synced
+    probe = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "probe", "namespace": NS},
+             "spec": {"ports": [{"port": 80}]}}
+    k8s.apply(probe)
+    reflector.watch(threading.Event())            # returns when the server ends the 3 s watch
+    assert [c for c in changes if f"{NS}/probe" in c] == [{f"{NS}/probe"}]
+    assert reflector.store[f"{NS}/probe"].ports[0].port == 80
+    k8s.kubectl("delete", "service", "-n", NS, "probe")
+    changes.clear()
+    reflector.relist()
+    assert changes == [{f"{NS}/probe"}] and f"{NS}/probe" not in reflector.store
+    with pytest.raises(ApiError) as denied:         # the RBAC grants reads of what the agent uses only
+        client.list("/api/v1/secrets")
+    assert denied.value.code == 403
 
 
 def test_routes_to_other_nodes_come_from_their_node_objects_when_the_inventory_lacks_them(cluster):
