@@ -139,6 +139,7 @@ def test_host_port_reaches_the_pod_through_the_chained_portmap_plugin(cluster):
 # ---- Services from the API: the agent replaces kube-proxy -------------------------------------------
 
 WEB = ("web-1", "node1"), ("web-2", "node2"), ("web-3", "node2")
+EXTERNAL_NET, EXTERNAL_IP, INGRESS_IP = "203.0.113.0/29", "203.0.113.1", "203.0.113.2"    # TEST-NET-3
 
 
 def web_pod(name: str, node: str) -> dict:
@@ -216,6 +217,22 @@ def test_services_from_the_api_reach_every_backend_from_pods_nodes_and_outside(c
     assert hostnames(on_node, f"http://{cluster_ip}/hostname") == names
     for i in (1, 2):
         assert hostnames(outside, f"http://{the_lab.node_ip(i)}:{node_port}/hostname") == names
+    # An external IP and a LoadBalancer ingress IP, which the external client's router sends to node1.
+    lb = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web-lb", "namespace": NS},
+          "spec": {"type": "LoadBalancer", "selector": {"svc": "web"}, "externalIPs": [EXTERNAL_IP],
+                   "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}
+    k8s.apply(lb)
+    k8s.kubectl("patch", "service", "-n", NS, "web-lb", "--subresource=status", "--type=merge", "-p",
+                json.dumps({"status": {"loadBalancer": {"ingress": [{"ip": INGRESS_IP}]}}}))
+    the_lab.ns_run(the_lab.ext_ns, "ip", "route", "add", EXTERNAL_NET, "via", the_lab.node_ip(1))
+    try:
+        for ip in (EXTERNAL_IP, INGRESS_IP):
+            wait_served(the_lab, f"{ip}:80/tcp", len(WEB))
+            assert hostnames(outside, f"http://{ip}/hostname") == names
+            assert hostnames(in_pod, f"http://{ip}/hostname") == names
+    finally:
+        the_lab.ns_run(the_lab.ext_ns, "ip", "route", "del", EXTERNAL_NET, check=False)
+        k8s.kubectl("delete", "service", "-n", NS, "web-lb")
 
 
 def test_endpoint_changes_reach_the_datapath_and_no_endpoint_refuses_at_once(cluster):
