@@ -118,6 +118,11 @@ options:
         type: list
         elements: dict
         default: []
+      affinity_timeout:
+        description:
+          - Seconds of ClientIP session affinity (1 to 86400): a client keeps its backend while it reuses it within
+            this time. Services (the socket LB) only; unset for none.
+        type: int
   prefilter:
     description: CIDRs the XDP prefilter drops.
     type: list
@@ -247,6 +252,7 @@ FRONTEND = dict(
     port=dict(type="int", required=True),
     protocol=dict(type="str", default="tcp", choices=["tcp", "udp"]),
     backends=dict(type="list", elements="dict", default=[]),
+    affinity_timeout=dict(type="int"),
 )
 
 

@@ -116,6 +116,37 @@ def test_change_is_planned_exactly_then_applied(node, tmp_path):
     assert run_module(state, new)["changed"] is False
 
 
+def test_session_affinity_of_a_service_reaches_the_map_and_converges(node, tmp_path):
+    a = args(node, tmp_path / "state.json", services=[dict(SERVICES[0], affinity_timeout=30)])
+    result = run_module(state, a)
+    assert result["changed"] is True and json.loads((tmp_path / "state.json").read_text())["services"][0][
+        "affinity_timeout"] == 30
+    with node.open_map(m.ServicesMap) as sm:
+        assert sm.get("10.96.0.10", 80, "tcp").affinity_timeout == 30
+    assert run_module(state, a)["changed"] is False
+
+
+def test_the_kubernetes_api_s_frontends_count_as_desired_and_the_inventory_wins(node, tmp_path):
+    """The agent's cache of the API's frontends: applied with the file's, never removed by a run, and a
+    Service asking for a frontend the file serves does not get it."""
+    from sluice.state.sources import ApiFrontends, save_service  # pylint: disable=import-outside-toplevel
+
+    cache = tmp_path / "kubernetes"
+    api_fe, clash = ("10.100.0.20", 80, "tcp"), ("10.96.0.10", 80, "tcp")
+    save_service(str(cache), "team/api", ApiFrontends(
+        {api_fe: (m.Backend("10.244.1.9", 8080, "tcp"),), clash: (m.Backend("10.244.1.9", 8080, "tcp"),)},
+        {}, {api_fe: "team/api", clash: "team/api"}))
+    a = args(node, tmp_path / "state.json", kubernetes_cache=str(cache))
+    result = run_module(state, a)
+    assert {e["frontend"] for e in result["plan"]["services"]["add"]} == {"10.100.0.20:80/tcp", "10.96.0.10:80/tcp"}
+    with node.open_map(m.ServicesMap) as sm, node.open_map(m.BackendsMap) as bm:
+        assert [bm.get(b).ip for b in sm.get(*api_fe).backend_ids] == ["10.244.1.9"]
+        assert sorted(bm.get(b).ip for b in sm.get(*clash).backend_ids) == ["10.244.1.5", "10.244.2.7"]
+    assert "10.100.0.20" not in (tmp_path / "state.json").read_text()   # the file stays the inventory's
+    again = run_module(state, a)
+    assert again["changed"] is False and again["plan"] == {}
+
+
 def test_apply_false_writes_only_the_file(node, tmp_path):
     path = tmp_path / "state.json"
     empty = maps_now(node)
