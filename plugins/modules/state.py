@@ -120,7 +120,7 @@ options:
         default: []
       affinity_timeout:
         description:
-          - Seconds of ClientIP session affinity (1 to 86400): a client keeps its backend while it reuses it within
+          - Seconds of ClientIP session affinity (1 to 86400). A client keeps its backend while it reuses it within
             this time. Services (the socket LB) only; unset for none.
         type: int
   prefilter:
