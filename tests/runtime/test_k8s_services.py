@@ -174,3 +174,13 @@ def test_node_routes_add_what_the_inventory_lacks_and_never_override_it():
                              "status": {"addresses": [{"type": "Hostname", "address": "node3"},
                                                       {"type": "InternalIP", "address": "192.168.1.13"}]}}) == \
         ks.Node(("192.168.1.13",), "10.244.3.0/24")
+
+
+def test_an_external_ip_that_is_a_node_address_is_never_served():
+    """externalIPs: [a node's address] with port 22 would take the node's SSH away (CVE-2020-8554's class)."""
+    ports = [{"name": "ssh", "protocol": "TCP", "port": 22}]
+    svc = service(ports=ports, externalIPs=["192.168.1.12", "203.0.113.9"])
+    sock, xdp = frontends(svc, slice_([endpoint("10.244.1.5")], ports=[{"name": "ssh", "protocol": "TCP",
+                                                                        "port": 2222}]))
+    assert set(sock) == {("10.100.0.20", 22, "tcp"), ("203.0.113.9", 22, "tcp")}
+    assert set(xdp) == {("203.0.113.9", 22, "tcp")}

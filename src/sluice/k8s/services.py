@@ -5,7 +5,8 @@ Frontends, as kube-proxy serves them:
 - every IPv4 cluster IP:port, through the socket LB (pods and the node itself);
 - NodePort: every node's InternalIP:nodePort through the socket LB, and this node's address through
   the XDP LB, for clients outside the cluster;
-- externalIPs and LoadBalancer ingress IPs: socket LB and XDP LB.
+- externalIPs and LoadBalancer ingress IPs: socket LB and XDP LB, except a node's own address: an
+  application team's Service must not be able to take a node's SSH or kubelet port away from it.
 sessionAffinity ClientIP holds in the socket LB, per client network namespace (a pod, or the node).
 Backends: the IPv4 endpoints of the Service's EndpointSlices on the port of the same name; the ready
 ones, else the serving and terminating ones (kube-proxy's fallback, so connections still land while
@@ -162,6 +163,8 @@ def service_frontends(svc: Service, slices: list[EndpointSlice], node_name: str,
                 sock[(ip, port.node_port, port.protocol)] = backends
             xdp[(node_ip, port.node_port, port.protocol)] = external
         for ip in svc.external_ips:
+            if ip in node_addresses:
+                continue        # a Service never takes over a node's own address (its SSH, its kubelet)
             sock[(ip, port.port, port.protocol)] = external
             xdp[(ip, port.port, port.protocol)] = external
     return sock, xdp
