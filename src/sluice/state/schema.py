@@ -38,6 +38,17 @@ class StateError(ValueError):
     """The desired state is invalid; the message names the bad value."""
 
 
+def read_json(path: str, what: str = ""):
+    """The JSON document in `path`; StateError names the file (`what` says what it is) and the reason."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise StateError(f"cannot read {what}{path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StateError(f"{what}{path} is not valid JSON: {e}") from None
+
+
 def _canonical_ip(value) -> bool:
     """Whether `value` is already the text _ip() returns for it: inet_pton takes exactly a dotted quad
     of decimal octets without leading zeros, which ipaddress writes back unchanged. The common case,
@@ -104,14 +115,7 @@ class DesiredState:
 
     @classmethod
     def from_file(cls, path: str) -> "DesiredState":
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except OSError as e:
-            raise StateError(f"cannot read state file {path}: {e.strerror}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StateError(f"state file {path} is not valid JSON: {e}") from None
-        return cls.parse(raw)
+        return cls.parse(read_json(path, "state file "))
 
     @classmethod
     def parse(cls, raw) -> "DesiredState":

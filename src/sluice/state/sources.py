@@ -20,7 +20,7 @@ import tempfile
 from typing import Callable
 from dataclasses import dataclass, field
 
-from .schema import Backend, DesiredState, Frontend, StateError, _cidr, _frontends, _ip
+from .schema import Backend, DesiredState, Frontend, StateError, _cidr, _frontends, _ip, read_json
 
 DEFAULT_KUBERNETES_CACHE = "/var/lib/sluice/kubernetes"
 
@@ -68,14 +68,7 @@ class ApiFrontends:
         api = cls(routes=_load_routes(directory))
         for name in names:
             path = os.path.join(directory, name)
-            try:
-                with open(path) as f:
-                    part = cls.parse(json.load(f), path)
-            except OSError as e:
-                raise StateError(f"cannot read {path}: {e.strerror}") from None
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise StateError(f"{path} is not valid JSON: {e}") from None
-            api.add(part)
+            api.add(cls.parse(read_json(path), path))
         return api
 
     def add(self, part: "ApiFrontends") -> None:
@@ -104,15 +97,9 @@ ROUTES_FILE = "nodes.routes"    # not *.json: no Service's file
 
 def _load_routes(directory: str) -> dict[str, str]:
     path = os.path.join(directory, ROUTES_FILE)
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
+    if not os.path.exists(path):
         return {}
-    except OSError as e:
-        raise StateError(f"cannot read {path}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StateError(f"{path} is not valid JSON: {e}") from None
+    raw = read_json(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("routes"), dict):
         raise StateError(f"{path}: expected an object with a 'routes' object")
     return {str(_cidr(c, f"{path}: routes")): _ip(nh, f"{path}: routes[{c}]") for c, nh in raw["routes"].items()}
