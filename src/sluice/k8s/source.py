@@ -96,10 +96,12 @@ class KubernetesSource:
             slices = self.reflectors[ENDPOINT_SLICES].store
             nodes = self.reflectors[NODES].store
             dirty = set(services) | set(self._per_service) if self._all_dirty else self._dirty
+            self.routes_changed = False
+            if self._all_dirty:         # only a Node (or this node's own) change moves the routes
+                routes = {n.pod_cidr: n.addresses[0] for name, n in nodes.items()
+                          if name != self.node_name and n.pod_cidr and n.addresses}
+                self.routes_changed, self.api.routes = routes != self.api.routes, routes
             self._dirty, self._all_dirty = set(), False
-            routes = {n.pod_cidr: n.addresses[0] for name, n in nodes.items()
-                      if name != self.node_name and n.pod_cidr and n.addresses}
-            self.routes_changed, self.api.routes = routes != self.api.routes, routes
             changed = {}
             for key in dirty:
                 svc = services.get(key)
