@@ -15,7 +15,9 @@
  *     FIB: out of another device         XDP_REDIRECT  SL_OUT_XDP_REDIRECT
  *     FIB incomplete (no neighbour...)   XDP_PASS      SL_OUT_LB_TO_STACK
  *   fragment of a flow to a VIP          XDP_DROP      SL_DROP_FRAGMENT
- *   VIP without backends                 XDP_DROP      SL_DROP_NO_BACKEND
+ *   VIP without backends: the frame
+ *     becomes ICMP port unreachable      XDP_TX        SL_OUT_LB_REJECT
+ *     (IPv4 options, or reshaping fails) XDP_DROP      SL_DROP_NO_BACKEND
  *   no free NAT port for a new flow      XDP_DROP      SL_DROP_NAT_EXHAUSTED
  *   cpumap spreading on                  XDP_REDIRECT  SL_OUT_XDP_CPUMAP
  *   anything else                        XDP_PASS      SL_OUT_PASS
@@ -28,12 +30,22 @@
 #include "parse.h"
 #include "lb.h"
 #include "fib.h"
+#include "reject.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 static __always_inline int verdict(struct xdp_md *ctx, int action, enum sl_outcome outcome)
 {
 	sl_count(SL_HOOK_XDP_NIC, outcome, ctx->data_end - ctx->data);
+	return action;
+}
+
+/* A new flow to a VIP that has no backend is refused at once. */
+static __always_inline int reject(struct xdp_md *ctx, enum sl_outcome *outcome)
+{
+	int action = sl_xdp_reject(ctx);
+
+	*outcome = action == XDP_TX ? SL_OUT_LB_REJECT : SL_DROP_NO_BACKEND;
 	return action;
 }
 
@@ -49,6 +61,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct ethhdr *eth, str
 	struct sl_lb_vip *vip;
 	struct sl_config *cfg;
 	struct sl_nat *nat, new;
+	bool keep_source;
 	__u32 zero = 0;
 
 	/* One lookup serves both directions: the forward entry of a known
@@ -61,19 +74,20 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct ethhdr *eth, str
 		vip = bpf_map_lookup_elem(&sl_lb_vips, &vk);
 		if (!vip)
 			return -1;
-		if (!vip->backend_count) {
-			*outcome = SL_DROP_NO_BACKEND;
-			return XDP_DROP;
-		}
+		if (!vip->backend_count)
+			return reject(ctx, outcome);
 		cfg = bpf_map_lookup_elem(&sl_config, &zero);
 		if (!cfg || !cfg->node_ip)
 			return -1;      /* not configured: the stack decides */
-		be = sl_lb_select_backend(vip, hash);
-		if (!be) {
-			*outcome = SL_DROP_NO_BACKEND;
-			return XDP_DROP;
-		}
-		if (sl_lb_nat_create(t, be, cfg->node_ip, hash, &new)) {
+		be = sl_lb_select_backend(vip, t, hash);
+		if (!be)
+			return reject(ctx, outcome);
+		/* The client's address is kept only towards a pod of this node:
+		 * only there does tc_from_pod see the reply to translate back. */
+		ek.ip = be->ip;
+		keep_source = (vip->flags & SL_LB_KEEP_SOURCE) && bpf_map_lookup_elem(&sl_endpoints, &ek);
+		if ((!keep_source || sl_lb_dnat_create(t, be, &new)) &&
+		    sl_lb_nat_create(t, be, cfg->node_ip, hash, &new)) {
 			*outcome = SL_DROP_NAT_EXHAUSTED;
 			return XDP_DROP;
 		}

@@ -120,8 +120,8 @@ options:
         default: []
       affinity_timeout:
         description:
-          - Seconds of ClientIP session affinity (1 to 86400). A client keeps its backend while it reuses it within
-            this time. Services (the socket LB) only; unset for none.
+          - Seconds of ClientIP session affinity (1 to 86400). A client (a pod or a node for a service, an address
+            for an LB VIP) keeps its backend while it reuses it within this time. Unset for none.
         type: int
   prefilter:
     description: CIDRs the XDP prefilter drops.
@@ -129,11 +129,18 @@ options:
     elements: str
     default: []
   lb_vips:
-    description: External load-balancer VIPs (XDP, Maglev), same shape as O(services).
+    description: External load-balancer VIPs (XDP, Maglev), same shape as O(services), and O(lb_vips[].keep_source).
     type: list
     elements: dict
     default: []
-    suboptions: *frontend
+    suboptions:
+      <<: *frontend
+      keep_source:
+        description:
+          - A backend that is a pod of this node sees the client's address and port (Kubernetes'
+            C(externalTrafficPolicy=Local)); other backends are reached with the node's address, as without it.
+        type: bool
+        default: false
   xdp:
     description: XDP settings.
     type: dict
@@ -254,6 +261,7 @@ FRONTEND = dict(
     backends=dict(type="list", elements="dict", default=[]),
     affinity_timeout=dict(type="int"),
 )
+LB_VIP = dict(FRONTEND, keep_source=dict(type="bool", default=False))
 
 
 def build_state(p):
@@ -295,7 +303,7 @@ def main():
         )),
         services=dict(type="list", elements="dict", default=[], options=FRONTEND),
         prefilter=dict(type="list", elements="str", default=[]),
-        lb_vips=dict(type="list", elements="dict", default=[], options=FRONTEND),
+        lb_vips=dict(type="list", elements="dict", default=[], options=LB_VIP),
         xdp=dict(type="dict", options=dict(cpumap_cpus=dict(type="list", elements="int", default=[]))),
         kubernetes_cache=dict(type="path", default="/var/lib/sluice/kubernetes"),
         apply=dict(type="bool", default=True),

@@ -28,7 +28,8 @@ from lib.pods import add_pod
 from sluice.bpf import libbpf as lb
 from sluice.bpf.btf import Btf
 from sluice.bpf.object import BpfObject
-from sluice.maps import Backend, BackendsMap, ConfigMap, EndpointsMap, LbVipsMap, MetricsMap, NatMap, Route, RoutesMap
+from sluice.maps import (Backend, BackendsMap, ConfigMap, EndpointsMap, LbOptions, LbVipsMap, MetricsMap, NatMap, Route,
+                         RoutesMap)
 
 pytestmark = pytest.mark.kernel
 
@@ -391,11 +392,13 @@ def received(frames: list[Ether], src: str, dst: str) -> list[Ether]:
     return checked
 
 
+@pytest.mark.parametrize("keep_source", [False, True], ids=["snat", "keep-source"])
 @pytest.mark.parametrize("xdp_mode", [lb.XDP_FLAGS_SKB_MODE, lb.XDP_FLAGS_DRV_MODE], ids=["generic", "native"])
-def test_xdp_lb_to_local_pod(pin_root, xdp_mode):
+def test_xdp_lb_to_local_pod(pin_root, xdp_mode, keep_source):
     """client -> VIP -> node NIC (xdp_nic, tc_from_nic) -> backend pod (its veth
     with tc_from_pod) and back. XDP rewrites client -> VIP into
-    node:natport -> pod and passes it up, tc_from_nic delivers it with
+    node:natport -> pod (client -> pod when the VIP keeps the client's source,
+    externalTrafficPolicy Local) and passes it up, tc_from_nic delivers it with
     redirect_peer; the pod's reply is translated back to VIP -> client by
     tc_from_pod and sent out of the NIC with redirect_neigh. Forwarding stays
     off on the node: nothing reaches the other side unless the programs carry
@@ -431,17 +434,20 @@ def test_xdp_lb_to_local_pod(pin_root, xdp_mode):
             backends = {1: Backend(POD1, TCP_BPORT), 2: Backend(POD1, UDP_BPORT, "udp")}
             BackendsMap(dp.pod.map_fd("sl_backends")).put_many(backends)
             vips = LbVipsMap(dp.pod.map_fd("sl_lb_vips"))
-            vips.put(VIP, TCP_VPORT, "tcp", {1: backends[1]})
-            vips.put(VIP, UDP_VPORT, "udp", {2: backends[2]})
+            options = LbOptions(keep_source=keep_source)
+            vips.put(VIP, TCP_VPORT, "tcp", {1: backends[1]}, options)
+            vips.put(VIP, UDP_VPORT, "udp", {2: backends[2]}, options)
+            backend_sees = CLIENT_IP if keep_source else NIC_IP
 
             with capture(cli, "eth0") as to_client, capture(pod1, "eth0") as to_pod:
                 for _attempt in range(2):
                     seen_by_client, seen_by_backend = lb_tcp_exchange(pod1, cli)
                     assert seen_by_client == (VIP, TCP_VPORT)
-                    assert seen_by_backend[0] == NIC_IP and seen_by_backend[1] in NAT_PORTS
+                    assert seen_by_backend[0] == backend_sees
+                    assert (seen_by_backend[1] in NAT_PORTS) != keep_source
                 source, peer = lb_udp_exchange(pod1, cli)
                 assert source == (VIP, UDP_VPORT)
-                assert peer[0] == NIC_IP and peer[1] in NAT_PORTS
+                assert peer[0] == backend_sees and (peer[1] in NAT_PORTS) != keep_source
             flows = NatMap(dp.pod.map_fd("sl_lb_nat")).flows()
             counters = dp.packets()
 
@@ -456,5 +462,5 @@ def test_xdp_lb_to_local_pod(pin_root, xdp_mode):
     # the first frames of each link, its buffer is read at the end), and nothing on the
     # client's link but VIP <-> client (no reset from the node, no NAT port).
     assert len(received(to_client, VIP, CLIENT_IP)) >= 3
-    assert len(received(to_pod, NIC_IP, POD1)) >= 3
+    assert len(received(to_pod, backend_sees, POD1)) >= 3
     assert {(f[IP].src, f[IP].dst) for f in to_client if IP in f} == {(VIP, CLIENT_IP), (CLIENT_IP, VIP)}

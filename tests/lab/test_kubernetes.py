@@ -3,8 +3,9 @@ kube-proxy) whose only CNI is Sluice, installed by playbooks/site.yml like on an
 
 Pods created through the API (kubelet -> containerd -> Sluice's CNI plugin) get an address in their node's pod
 CIDR and reach a pod on another node through Sluice's path; Services created through the API are served by
-Sluice (no kube-proxy) from pods, nodes and outside, follow their endpoints, refuse when they have none,
-and outlive an agent restarted while the API server is unreachable; routes to other nodes come from the
+Sluice (no kube-proxy) from pods, nodes and outside (the client's source kept under a Local traffic
+policy, ClientIP affinity), follow their endpoints, refuse when they have none, lose no packet while both
+agents are killed, and outlive an agent restarted while the API server is unreachable; routes to other nodes come from the
 Node objects where the inventory lacks them; deleting a pod leaves no link, map entry, IPAM allocation or
 pin; plan.yml refuses a node whose pod CIDR Kubernetes set differently; and the lab's own teardown
 leaves no namespace, mount, cgroup, process or containerd state. The tests run in file order on one lab."""
@@ -235,6 +236,47 @@ def test_services_from_the_api_reach_every_backend_from_pods_nodes_and_outside(c
         k8s.kubectl("delete", "service", "-n", NS, "web-lb")
 
 
+def test_outside_clients_keep_their_source_under_local_policy_keep_their_backend_and_are_refused_at_once(cluster):
+    """From the external client through the nodes' NICs (XDP LB): externalTrafficPolicy Local leads to the
+    node's own endpoints, which see the client's address; sessionAffinity ClientIP keeps the client on one of
+    them; a NodePort Service without endpoints refuses the connection at once (ICMP port unreachable)."""
+    the_lab, k8s = cluster
+    local = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web-local", "namespace": NS},
+             "spec": {"type": "NodePort", "selector": {"svc": "web"}, "externalTrafficPolicy": "Local",
+                      "sessionAffinity": "ClientIP",
+                      "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}
+    empty = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "empty", "namespace": NS},
+             "spec": {"type": "NodePort", "selector": {"svc": "nothing"}, "ports": [{"port": 80}]}}
+    k8s.apply([local, empty])
+
+    def outside(*argv: str) -> subprocess.CompletedProcess:
+        return the_lab.ns_run(the_lab.ext_ns, *argv, check=False)
+
+    def node_port(name: str) -> int:
+        return int(k8s.kubectl("get", "service", "-n", NS, name, "-o", "jsonpath={.spec.ports[0].nodePort}").stdout)
+
+    try:
+        port = node_port("web-local")
+        wait_served(the_lab, f"{the_lab.node_ip(1)}:{port}/tcp", 1)
+        for i, here in ((1, {"web-1"}), (2, {"web-2", "web-3"})):
+            url = f"http://{the_lab.node_ip(i)}:{port}"
+            answered = hostnames(outside, f"{url}/hostname", tries=20)
+            assert len(answered) == 1 and answered <= here, answered    # this node's, and always the same
+            seen = outside("curl", "-s", "--max-time", "3", f"{url}/clientip")
+            assert seen.stdout.strip().rsplit(":", 1)[0] == the_lab.ext_ip, seen
+        port = node_port("empty")
+        before = node_json(the_lab, 1, "metrics")
+        started = time.monotonic()
+        refused = outside("curl", "-s", "--max-time", "5", f"http://{the_lab.node_ip(1)}:{port}/")
+        assert refused.returncode == 7, refused      # curl: could not connect
+        assert time.monotonic() - started < 3, "refused at once, not after a timeout"
+        rejects = [sum(m["packets"] for m in metrics if (m["hook"], m["outcome"]) == ("xdp_nic", "lb_reject"))
+                   for metrics in (before, node_json(the_lab, 1, "metrics"))]
+        assert rejects[1] > rejects[0]
+    finally:
+        k8s.kubectl("delete", "service", "-n", NS, "web-local", "empty")
+
+
 def test_endpoint_changes_reach_the_datapath_and_no_endpoint_refuses_at_once(cluster):
     the_lab, k8s = cluster
     cluster_ip = k8s.kubectl("get", "service", "-n", NS, "web", "-o", "jsonpath={.spec.clusterIP}").stdout
@@ -249,6 +291,87 @@ def test_endpoint_changes_reach_the_datapath_and_no_endpoint_refuses_at_once(clu
     refused = k8s.exec_in(NS, "a", "/agnhost", "connect", "--timeout=5s", f"{cluster_ip}:80")
     assert "REFUSED" in refused.stdout + refused.stderr, refused
     assert time.monotonic() - started < 4, "refused at once, not after a timeout"
+
+
+FLOW_SERVERS = {1: "slflow-srv1", 2: "slflow-srv2"}
+FLOW_CLIENT = "slflow-cli"
+
+
+def test_agents_killed_under_traffic_to_a_service_from_the_api_lose_nothing(cluster):
+    """Sequence-numbered TCP streams and UDP flows (`sluice connectivity flow`) run to a Service from the
+    API whose endpoints are flow servers on both nodes (an EndpointSlice of its own, as for backends outside
+    the Service's selector): from a pod on node1 to its cluster IP (socket LB), from the external client to
+    node1's NodePorts (XDP LB). Both agents are killed with SIGKILL meanwhile and restarted by their
+    supervisor: no datagram lost, no stream reset, no error."""
+    the_lab, k8s = cluster
+    cnitool = os.path.join(ROOT, "build", "cnitool")
+    servers = {i: str(ipaddress.ip_network(kube.node_pod_cidr(i))[250]) for i in FLOW_SERVERS}
+    flows = None
+    try:
+        for i, name in FLOW_SERVERS.items():
+            the_lab.node_run(i, SLUICE, "connectivity", "pod-add", name, "--ip", servers[i], "--server", "flow",
+                             "--cnitool", cnitool)
+        the_lab.node_run(1, SLUICE, "connectivity", "pod-add", FLOW_CLIENT,
+                         "--ip", str(ipaddress.ip_network(kube.node_pod_cidr(1))[251]), "--cnitool", cnitool)
+        svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "flows", "namespace": NS},
+               "spec": {"type": "NodePort", "ports": [{"name": "tcp", "port": 80, "protocol": "TCP"},
+                                                      {"name": "udp", "port": 53, "protocol": "UDP"}]}}
+        endpoints = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                     "metadata": {"name": "flows-1", "namespace": NS,
+                                  "labels": {"kubernetes.io/service-name": "flows"}},
+                     "addressType": "IPv4",
+                     "ports": [{"name": "tcp", "port": 8080, "protocol": "TCP"},
+                               {"name": "udp", "port": 5353, "protocol": "UDP"}],
+                     "endpoints": [{"addresses": [ip], "nodeName": f"node{i}"} for i, ip in servers.items()]}
+        k8s.apply([svc, endpoints])
+        found = json.loads(k8s.kubectl("get", "service", "-n", NS, "flows", "-o", "json").stdout)
+        cluster_ip = found["spec"]["clusterIP"]
+        tcp_port, udp_port = (p["nodePort"] for p in found["spec"]["ports"])
+        wait_served(the_lab, f"{cluster_ip}:80/tcp", 2)
+        wait_served(the_lab, f"{the_lab.node_ip(1)}:{udp_port}/udp", 2)
+        duration = 20
+        flows = {
+            "pod": subprocess.Popen([sys.executable, os.path.join(ROOT, "lab", "lab.py"), "--name", the_lab.name,
+                                     "exec", "node1", "--", SLUICE, "connectivity", "flow",
+                                     "--netns", f"/run/netns/{FLOW_CLIENT}", "--tcp", f"{cluster_ip}:80",
+                                     "--udp", f"{cluster_ip}:53", "--duration", str(duration)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+            "outside": subprocess.Popen([os.path.join(VENV_BIN, "sluice"), "connectivity", "flow",
+                                         "--netns", f"/run/netns/{the_lab.ext_ns}",
+                                         "--tcp", f"{the_lab.node_ip(1)}:{tcp_port}",
+                                         "--udp", f"{the_lab.node_ip(1)}:{udp_port}", "--duration", str(duration)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)}
+        time.sleep(3)
+        agents = {i: node_json(the_lab, i, "status")["agent"]["pid"] for i in FLOW_SERVERS}
+        for pid in agents.values():         # the lab shares this host's PIDs
+            os.kill(pid, 9)
+        deadline = time.monotonic() + 60
+        for i, old in agents.items():
+            while True:
+                status = node_json(the_lab, i, "status") if the_lab.node_run(i, SLUICE, "status", check=False) \
+                    .returncode == 0 else {}
+                agent = status.get("agent") or {}
+                if agent.get("pid") not in (None, old) and (agent.get("kubernetes") or {}).get("synced"):
+                    break
+                assert time.monotonic() < deadline, status
+                time.sleep(0.5)
+        for where, proc in flows.items():
+            out, err = proc.communicate(timeout=duration + 60)
+            assert proc.returncode == 0, (where, err)
+            report = json.loads(out)
+            for flow in report["flows"]:
+                assert flow["sent"] > duration * 50 and flow["received"] == flow["sent"], (where, flow)
+                assert flow["lost"] == 0 and flow["resets"] == 0 and not flow["errors"], (where, flow)
+            assert report["ok"], (where, report)
+    finally:
+        for proc in (flows or {}).values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        k8s.kubectl("delete", "service", "-n", NS, "flows", "--ignore-not-found")
+        k8s.kubectl("delete", "endpointslice", "-n", NS, "flows-1", "--ignore-not-found")
+        for i, name in (*FLOW_SERVERS.items(), (1, FLOW_CLIENT)):
+            the_lab.node_run(i, SLUICE, "connectivity", "pod-del", name, "--cnitool", cnitool, check=False)
 
 
 def test_the_agent_serves_what_it_last_learnt_while_the_api_server_is_away_and_resyncs(cluster):

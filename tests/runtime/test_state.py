@@ -58,7 +58,9 @@ BAD = [
     ("services.0.affinity_timeout", "60", "services[0] (web): affinity_timeout '60' is not"),
     ("services.0.affinity_timeout", True, "services[0] (web): affinity_timeout True is not"),
     ("services.0.affinity_timeout", 1.5, "services[0] (web): affinity_timeout 1.5 is not"),
-    ("lb_vips.0.affinity_timeout", 60, "lb_vips[0] (ext): affinity_timeout is for services (the socket LB) only"),
+    ("lb_vips.0.affinity_timeout", 86401, "lb_vips[0] (ext): affinity_timeout 86401 is not an integer"),
+    ("lb_vips.0.keep_source", "yes", "lb_vips[0] (ext): keep_source 'yes' is not true or false"),
+    ("services.0.keep_source", True, "services[0] (web): keep_source is for lb_vips (the XDP LB) only"),
 ]
 
 
@@ -313,8 +315,8 @@ def test_current_reads_every_map_once_and_decodes_like_the_typed_getters(node):
         for fe, svc in sm.items().items():
             assert sm.get(*fe) == svc
             assert cur.services[fe] == tuple(backends[i] for i in svc.backend_ids)
-        for fe, (count, table) in lm.tables().items():
-            assert (count, table) == (lm.items()[fe], lm.table(*fe))
+        for fe, (count, table, options) in lm.tables().items():
+            assert (count, table, options) == (lm.items()[fe], lm.table(*fe), lm.entry(*fe)[2])
 
 
 # ---- the agent's path: update() applies the delta from the state applied last ------------------------
@@ -327,7 +329,8 @@ def _random_state(rnd: random.Random, pool: list[dict]) -> dict:
                           "backends": rnd.sample(pool, rnd.randint(0, 4))}
                          for i in range(1, 40) if rnd.random() < 0.7]
     state["lb_vips"] = [{"vip": f"192.168.90.{200 + i}", "port": 443, "protocol": "tcp",
-                         "backends": rnd.sample(pool, rnd.randint(1, 3))} for i in range(6) if rnd.random() < 0.6]
+                         "backends": rnd.sample(pool, rnd.randint(1, 3)), "keep_source": rnd.random() < 0.3,
+                         "affinity_timeout": rnd.choice((0, 0, 30, 60))} for i in range(6) if rnd.random() < 0.6]
     state["prefilter"] = [f"198.51.{i}.0/24" for i in range(12) if rnd.random() < 0.5]
     for s in state["services"]:
         if s["protocol"] == "udp":

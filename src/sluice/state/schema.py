@@ -8,7 +8,9 @@ The document (the Ansible roles write it as JSON, default /etc/sluice/state.json
      "services": [{"name", "vip", "port", "protocol", "backends": [{"ip", "port"}],
                    "affinity_timeout"}],                  seconds of ClientIP affinity, 1..86400 (0: none)
      "prefilter": ["CIDR", ...],
-     "lb_vips": [{"name", "vip", "port", "protocol", "backends": [...]}],
+     "lb_vips": [{"name", "vip", "port", "protocol", "backends": [...],
+                  "affinity_timeout",                     as for services, per client address
+                  "keep_source"}],                        true: a local pod backend sees the client's address
      "xdp": {"cpumap_cpus": [0, 1]}}
 
 An invalid value raises StateError naming the value and where it stands in the document.
@@ -112,6 +114,7 @@ class DesiredState:
     lb_vips: dict[Frontend, tuple[Backend, ...]] = field(default_factory=dict)
     cpumap_cpus: tuple[int, ...] = ()
     affinity: dict[Frontend, int] = field(default_factory=dict)          # service -> affinity timeout (s)
+    lb_options: dict[Frontend, m.LbOptions] = field(default_factory=dict)  # LB VIP -> options, where not default
 
     @classmethod
     def from_file(cls, path: str) -> "DesiredState":
@@ -152,7 +155,7 @@ class DesiredState:
             seen[net] = f"route via {r.get('nexthop')}"
             state.routes[str(net)] = _ip(r.get("nexthop"), f"{where}.nexthop")
         state.services = _frontends(raw.get("services") or [], "services", state.affinity)
-        state.lb_vips = _frontends(raw.get("lb_vips") or [], "lb_vips")
+        state.lb_vips = _frontends(raw.get("lb_vips") or [], "lb_vips", lb_options=state.lb_options)
         state.prefilter = {str(_cidr(c, f"prefilter[{i}]")) for i, c in enumerate(raw.get("prefilter") or [])}
         cpus = (raw.get("xdp") or {}).get("cpumap_cpus") or []
         for c in cpus:
@@ -166,9 +169,11 @@ def _where(section: str, i: int, s) -> str:
     return f"{section}[{i}]" + (f" ({s.get('name')})" if isinstance(s, dict) and s.get("name") else "")
 
 
-def _frontends(items, section: str, affinity: dict[Frontend, int] | None = None) -> dict[Frontend, tuple[Backend, ...]]:
-    """The section's frontends; their affinity timeouts go to `affinity`, in a section that has it (the socket
-    LB's). Locations for error messages are only formatted when there is an error."""
+def _frontends(items, section: str, affinity: dict[Frontend, int] | None = None,
+               lb_options: dict[Frontend, m.LbOptions] | None = None) -> dict[Frontend, tuple[Backend, ...]]:
+    """The section's frontends; their affinity timeouts go to `affinity` in the socket LB's section, their
+    options to `lb_options` in the XDP LB's. Locations for error messages are only formatted when there is
+    an error."""
     out: dict[Frontend, tuple[Backend, ...]] = {}
     for i, s in enumerate(items):
         if not isinstance(s, dict):
@@ -200,8 +205,14 @@ def _frontends(items, section: str, affinity: dict[Frontend, int] | None = None)
         if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 <= timeout <= MAX_AFFINITY_TIMEOUT:
             raise StateError(f"{_where(section, i, s)}: affinity_timeout {timeout!r} is not an integer in "
                              f"1..{MAX_AFFINITY_TIMEOUT} (0: no affinity)")
-        if timeout:
-            if affinity is None:
-                raise StateError(f"{_where(section, i, s)}: affinity_timeout is for services (the socket LB) only")
+        keep_source = s.get("keep_source", False)
+        if not isinstance(keep_source, bool):
+            raise StateError(f"{_where(section, i, s)}: keep_source {keep_source!r} is not true or false")
+        if lb_options is not None:
+            if timeout or keep_source:
+                lb_options[key] = m.LbOptions(keep_source, timeout)
+        elif keep_source:
+            raise StateError(f"{_where(section, i, s)}: keep_source is for lb_vips (the XDP LB) only")
+        elif timeout:
             affinity[key] = timeout
     return out

@@ -21,6 +21,7 @@ class Snapshot:
     backends: dict[int, Backend]                      # backend id -> backend
     svc_ids: dict[Frontend, int]
     affinity: dict[Frontend, int]                     # services with ClientIP affinity -> timeout (s)
+    lb_options: dict[Frontend, m.LbOptions]           # LB VIPs whose options are not the default
 
     @classmethod
     def read(cls, datapath) -> "Snapshot":
@@ -31,13 +32,16 @@ class Snapshot:
             svcs = sm.items()
             services = {fe: tuple(backends.get(i) or Backend("?", 0, fe[2]) for i in svc.backend_ids)
                         for fe, svc in svcs.items()}
-            lb_vips = {}
-            for fe, (count, table) in lm.tables().items():
+            lb_vips, lb_options = {}, {}
+            for fe, (count, table, options) in lm.tables().items():
                 ids = set(table) if count else set()
                 lb_vips[fe] = tuple(sorted(backends.get(i) or Backend("?", 0, fe[2]) for i in ids))
+                if options != m.LbOptions():
+                    lb_options[fe] = options
             return cls(routes=rm.items(), services=services, lb_vips=lb_vips, prefilter=pm.cidrs(),
                        config=cm.get(), backends=backends, svc_ids={fe: svc.svc_id for fe, svc in svcs.items()},
-                       affinity={fe: svc.affinity_timeout for fe, svc in svcs.items() if svc.affinity_timeout})
+                       affinity={fe: svc.affinity_timeout for fe, svc in svcs.items() if svc.affinity_timeout},
+                       lb_options=lb_options)
 
     def backend_ids(self) -> dict[Backend, int]:
         """backend -> its id in sl_backends."""

@@ -42,11 +42,11 @@ def args(dp, path, **kw):
 
 def document(a):
     """The state file the module writes for args `a` (the options as given, defaults filled in)."""
-    def frontend(s):
-        return dict({"protocol": "tcp", "backends": []}, **s)
+    def frontend(s, **defaults):
+        return dict({"protocol": "tcp", "backends": []}, **defaults, **s)
 
     return {"node": a["node"], "routes": a["routes"], "services": [frontend(s) for s in a["services"]],
-            "prefilter": a["prefilter"], "lb_vips": [frontend(s) for s in a.get("lb_vips", [])]}
+            "prefilter": a["prefilter"], "lb_vips": [frontend(s, keep_source=False) for s in a.get("lb_vips", [])]}
 
 
 def maps_now(dp):
@@ -124,6 +124,24 @@ def test_session_affinity_of_a_service_reaches_the_map_and_converges(node, tmp_p
     with node.open_map(m.ServicesMap) as sm:
         assert sm.get("10.96.0.10", 80, "tcp").affinity_timeout == 30
     assert run_module(state, a)["changed"] is False
+
+
+def test_an_lb_vip_s_keep_source_and_affinity_reach_the_map_and_converge(node, tmp_path):
+    vip = {"name": "ext", "vip": "192.0.2.80", "port": 443, "backends": [{"ip": "10.244.1.9", "port": 8443}],
+           "keep_source": True, "affinity_timeout": 600}
+    a = args(node, tmp_path / "state.json", lb_vips=[vip])
+    result = run_module(state, a)
+    assert result["changed"] is True
+    assert result["plan"]["lb_vips"]["add"] == [{"frontend": "192.0.2.80:443/tcp", "backends": ["10.244.1.9:8443"],
+                                                 "affinity_timeout": 600, "keep_source": True}]
+    with node.open_map(m.LbVipsMap) as lm:
+        assert lm.entry("192.0.2.80", 443, "tcp")[2] == m.LbOptions(keep_source=True, affinity_timeout=600)
+    assert run_module(state, a)["changed"] is False
+    a["lb_vips"] = [dict(vip, keep_source=False)]
+    result = run_module(state, a)
+    assert result["plan"]["lb_vips"]["change"][0]["keep_source"] is False
+    with node.open_map(m.LbVipsMap) as lm:
+        assert lm.entry("192.0.2.80", 443, "tcp")[2] == m.LbOptions(affinity_timeout=600)
 
 
 def test_the_kubernetes_api_s_frontends_count_as_desired_and_the_inventory_wins(node, tmp_path):
