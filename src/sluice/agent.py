@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from . import agent_protocol
+from . import agent_protocol, package_fingerprint
 from .cni.errors import INTERNAL_FAILURE, INVALID_ENVIRONMENT_VARIABLES, TRY_AGAIN_LATER, CniError
 from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, NIC_PROG, TC_MODES, Datapath, DatapathError
 from .state import DesiredState, Reconciler, StateError
@@ -90,7 +90,8 @@ class Agent:
         self.api: ApiFrontends | None = None            # the Kubernetes API's frontends, as last learnt
         self.kubernetes = None                          # sluice.k8s.source.KubernetesSource, once started
         self.reconciler = Reconciler(self.dp)   # keeps what it applied last, for delta reconciles
-        self.health = {"ready": False, "pid": os.getpid(), "state_file": config.state_file,
+        self.health = {"ready": False, "pid": os.getpid(), "package": package_fingerprint(),
+                       "state_file": config.state_file,
                        "last_reconcile": None, "last_error": None, "last_plan": None,
                        "last_reconcile_kind": None, "last_full_reconcile": None, "last_drift_repair": None}
         self._state_stamp = None

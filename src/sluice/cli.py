@@ -8,6 +8,7 @@ import os
 import sys
 
 from . import maps as m
+from . import package_fingerprint
 from .agent_protocol import DEFAULT_SOCKET, request
 from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, TC_MODES, Datapath, DatapathError
 from .state import DesiredState, Reconciler, Snapshot, StateError
@@ -35,6 +36,7 @@ def cmd_status(dp: Datapath, args) -> tuple[dict, str]:
     status = dp.status()
     status["tc_mode"]["source"] = source
     status["agent"] = agent
+    status["package"] = package_fingerprint()
     nic_modes = {}
     for link in status["links"]:
         if link["kind"] == "xdp":

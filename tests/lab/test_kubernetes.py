@@ -501,6 +501,24 @@ def test_deleting_a_pod_leaves_no_link_map_entry_allocation_or_pin(cluster):
     assert node_view(the_lab, 1) == empty
 
 
+def test_site_restarts_an_agent_whose_code_was_replaced_under_it_and_only_that_one(cluster):
+    """New code installed under a running agent (here: node1's package RECORD, which lists every file with
+    its hash, changed) is what the agent runs after site.yml; node2's agent, on the code it started with,
+    is left running."""
+    the_lab, _k8s = cluster
+    before = {i: node_json(the_lab, i, "status")["agent"]["pid"] for i in (1, 2)}
+    the_lab.node_run(1, "sh", "-c", "for f in /opt/sluice/venv/lib/python3*/site-packages/sluice-*.dist-info/RECORD;"
+                     " do echo 'sluice/replaced.py,,' >> $f; done")
+    result = playbook(the_lab, "site.yml")
+    assert result.returncode == 0, result.stdout[-3000:]
+    task = result.stdout.split("TASK [sluice.network.agent : Find whether the agent runs the installed code]")[1]
+    task = task.split("TASK [", 1)[0]
+    assert "changed: [node1]" in task and "ok: [node2]" in task, task
+    after = {i: node_json(the_lab, i, "status") for i in (1, 2)}
+    assert after[1]["agent"]["pid"] != before[1] and after[2]["agent"]["pid"] == before[2]
+    assert after[1]["agent"]["package"] == after[1]["package"] and after[1]["agent"]["ready"]
+
+
 def test_site_refuses_nodes_whose_kubernetes_pod_cidr_differs_and_touches_nothing(cluster):
     the_lab, _k8s = cluster
     before = {i: node_json(the_lab, i, "routes") for i in (1, 2)}
