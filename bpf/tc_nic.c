@@ -7,6 +7,8 @@
  *   shorter than Ethernet, truncated
  *   or malformed IPv4 (ihl < 5, ...)   TC_ACT_SHOT                  SL_DROP_INVALID
  *   destination is a local pod         redirect_peer into it        SL_OUT_REDIRECT_PEER
+ *   a management flow of the node
+ *   (failsafe.h)                       pass                         SL_OUT_FAILSAFE
  *   TCP/UDP flow in sl_lb_nat (either
  *   direction), or new flow to an LB
  *   VIP with backends: the load
@@ -29,6 +31,7 @@
 #include "maps.h"
 #include "l3.h"
 #include "lb_tc.h"
+#include "failsafe.h"
 
 /* The load balancer for a packet that is not for a local pod, as xdp_nic
  * balances (lb.h): what a NIC without XDP still gets (traffic to the node
@@ -47,6 +50,10 @@ static __always_inline bool lb_from_nic(struct __sk_buff *skb, struct iphdr *ip,
 
 	if (!sl_tc_flow_tuple(skb, ip, &t))
 		return false;
+	if (sl_failsafe_flow(skb, &t, skb->ingress_ifindex)) {
+		*verdict = sl_tc_count_pass(skb, hook, SL_OUT_FAILSAFE);
+		return true;
+	}
 	cfg = bpf_map_lookup_elem(&sl_config, &zero);
 	if (!cfg || !cfg->node_ip || !cfg->nic_ifindex)
 		return false;   /* not configured: the stack decides */

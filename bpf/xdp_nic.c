@@ -5,6 +5,8 @@
  *   not IPv4 (ARP, IPv6, VLAN...)        XDP_PASS      SL_OUT_PASS
  *   truncated frame, bad IPv4 header,
  *   TCP/UDP header cut short             XDP_DROP      SL_DROP_INVALID
+ *   a management flow of the node
+ *   (failsafe.h)                         XDP_PASS      SL_OUT_FAILSAFE
  *   source in sl_prefilter               XDP_DROP      SL_DROP_PREFILTER
  *   TCP/UDP flow in sl_lb_nat (either
  *   direction), or new flow to a VIP     rewritten, then
@@ -31,6 +33,7 @@
 #include "lb.h"
 #include "fib.h"
 #include "reject.h"
+#include "failsafe.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -141,10 +144,6 @@ int xdp_nic(struct xdp_md *ctx)
 		return verdict(ctx, XDP_DROP, SL_DROP_INVALID);
 	}
 
-	pk.ip = ip->saddr;
-	if (bpf_map_lookup_elem(&sl_prefilter, &pk))
-		return verdict(ctx, XDP_DROP, SL_DROP_PREFILTER);
-
 	t.saddr = ip->saddr;
 	t.daddr = ip->daddr;
 	t.proto = ip->protocol;
@@ -171,6 +170,15 @@ int xdp_nic(struct xdp_md *ctx)
 			return verdict(ctx, XDP_DROP, SL_DROP_INVALID);
 		t.sport = l4->sport;
 		t.dport = l4->dport;
+		if (sl_failsafe_flow(ctx, &t, ctx->ingress_ifindex))
+			return verdict(ctx, XDP_PASS, SL_OUT_FAILSAFE);
+	}
+
+	pk.ip = ip->saddr;
+	if (bpf_map_lookup_elem(&sl_prefilter, &pk))
+		return verdict(ctx, XDP_DROP, SL_DROP_PREFILTER);
+
+	if (l4) {
 		if (sl_ipv4_is_fragment(ip)) {
 			if (fragment_to_vip(&t))
 				return verdict(ctx, XDP_DROP, SL_DROP_FRAGMENT);

@@ -9,10 +9,16 @@
 #include "parse.h"
 #include "csum.h"
 
+/* To the stack (or the next program), counted as `outcome`. */
+static __always_inline int sl_tc_count_pass(struct __sk_buff *skb, enum sl_hook hook, enum sl_outcome outcome)
+{
+	sl_count(hook, outcome, skb->len);
+	return SL_TC_PASS;
+}
+
 static __always_inline int sl_tc_pass(struct __sk_buff *skb, enum sl_hook hook)
 {
-	sl_count(hook, SL_OUT_PASS, skb->len);
-	return SL_TC_PASS;
+	return sl_tc_count_pass(skb, hook, SL_OUT_PASS);
 }
 
 static __always_inline int sl_tc_drop(struct __sk_buff *skb, enum sl_hook hook, enum sl_outcome reason)

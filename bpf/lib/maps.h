@@ -24,6 +24,7 @@
 #define SL_MAX_SOCK_AFFINITY 65536
 #define SL_MAX_SOCKS       65536
 #define SL_MAX_CPUS        64
+#define SL_MAX_FAILSAFE    64
 #define SL_MAGLEV_SIZE     1021     /* prime: Maglev lookup table size per LB VIP */
 
 /* ---- node configuration (single slot array, written by the agent) ---- */
@@ -191,6 +192,21 @@ struct {
 	__type(value, struct sl_sock_affinity);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sl_sock_affinity SEC(".maps");
+
+/* ---- failsafe: the node's management flows (lib/failsafe.h) ---- */
+struct sl_failsafe_key {
+	__be16 port;
+	__u8 proto;                 /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SL_MAX_FAILSAFE);
+	__type(key, struct sl_failsafe_key);
+	__type(value, __u32);       /* 1 */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_failsafe_ports SEC(".maps");
 
 /* ---- XDP: prefilter (source CIDRs dropped at the NIC) ---- */
 struct sl_prefilter_key {

@@ -128,6 +128,16 @@ options:
     type: list
     elements: str
     default: []
+  failsafe:
+    description:
+      - The node's management ports, C(PROTOCOL:PORT) or C(PROTOCOL:FIRST-LAST): a packet to the node on one of them,
+        or from one of them to the node (the reply to its own connection), passes before the prefilter, the load
+        balancers or any later filter see it, whatever else the state says.
+      - Unset or empty, the node's default, C(sluice.state.DEFAULT_FAILSAFE) (SSH C(tcp:22), the Kubernetes API
+        C(tcp:6443), etcd C(tcp:2379-2380), kubelet C(tcp:10250), DNS C(tcp:53) and C(udp:53), DHCP C(udp:67-68)):
+        a node always keeps a failsafe. At most 64 ports.
+    type: list
+    elements: str
   lb_vips:
     description: External load-balancer VIPs (XDP, Maglev), same shape as O(services), and O(lb_vips[].keep_source).
     type: list
@@ -275,6 +285,8 @@ def build_state(p):
     raw["routes"] = [clean(r) for r in p["routes"]]
     raw["services"] = [clean(s) for s in p["services"]]
     raw["prefilter"] = list(p["prefilter"])
+    if p["failsafe"]:
+        raw["failsafe"] = list(p["failsafe"])
     raw["lb_vips"] = [clean(s) for s in p["lb_vips"]]
     if p["xdp"]:
         raw["xdp"] = clean(p["xdp"])
@@ -303,6 +315,7 @@ def main():
         )),
         services=dict(type="list", elements="dict", default=[], options=FRONTEND),
         prefilter=dict(type="list", elements="str", default=[]),
+        failsafe=dict(type="list", elements="str"),
         lb_vips=dict(type="list", elements="dict", default=[], options=LB_VIP),
         xdp=dict(type="dict", options=dict(cpumap_cpus=dict(type="list", elements="int", default=[]))),
         kubernetes_cache=dict(type="path", default="/var/lib/sluice/kubernetes"),

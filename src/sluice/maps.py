@@ -122,6 +122,10 @@ class sl_sock_affinity(Structure):
     _fields_ = [("backend_id", c_uint32), ("slot", c_uint16), ("pad", c_uint16), ("last_used_ns", c_uint64)]
 
 
+class sl_failsafe_key(Structure):
+    _fields_ = [("port", c_uint16), ("proto", c_uint8), ("pad", c_uint8)]
+
+
 class sl_prefilter_key(Structure):
     _fields_ = [("prefixlen", c_uint32), ("ip", c_uint32)]
 
@@ -176,7 +180,8 @@ PACKED = {
 
 # Every struct that maps.h defines, for the layout test.
 LAYOUTS = [sl_config, sl_endpoint_key, sl_endpoint, sl_route_key, sl_route, sl_service_key, sl_service,
-           sl_backend, sl_sock_revnat_key, sl_sock_revnat, sl_sock_affinity_key, sl_sock_affinity, sl_prefilter_key,
+           sl_backend, sl_sock_revnat_key, sl_sock_revnat, sl_sock_affinity_key, sl_sock_affinity, sl_failsafe_key,
+           sl_prefilter_key,
            sl_lb_vip_key, sl_lb_vip, sl_lb_affinity_key, sl_lb_affinity, sl_flow_tuple, sl_nat, sl_sock_key,
            sl_metric]
 
@@ -588,6 +593,26 @@ def maglev_table(backends: dict[int, Backend], size: int = MAGLEV_SIZE) -> list[
                 return table
 
 
+class FailsafeMap(Map):
+    """The node's management ports (protocol, port), passed before any filter (bpf/lib/failsafe.h)."""
+
+    name = "sl_failsafe_ports"
+    key_type, value_type = sl_failsafe_key, c_uint32
+
+    @staticmethod
+    def _key(proto: str, port: int):
+        return sl_failsafe_key(be16(port), IPPROTO[proto], 0)
+
+    def put(self, proto: str, port: int) -> None:
+        self.update(self._key(proto, port), c_uint32(1))
+
+    def delete(self, proto: str, port: int) -> bool:
+        return self.remove(self._key(proto, port))
+
+    def ports(self) -> set[tuple[str, int]]:
+        return {(PROTO_NAME.get(k.proto, str(k.proto)), port_int(k.port)) for k in self.raw_keys()}
+
+
 class LbOptions(NamedTuple):
     """How the XDP LB serves a VIP, besides its backends."""
 
@@ -764,5 +789,5 @@ class MetricsMap(Map):
             lb.bpf_map_update_elem(self.fd, byref(c_uint32(slot)), byref(zero), lb.BPF_ANY)
 
 
-ALL_MAPS = [ConfigMap, EndpointsMap, RoutesMap, ServicesMap, BackendsMap, SockRevNatMap, SockAffinityMap, PrefilterMap,
-            LbVipsMap, LbAffinityMap, NatMap, CpuMap, CpuListMap, SockHash, MetricsMap]
+ALL_MAPS = [ConfigMap, EndpointsMap, RoutesMap, ServicesMap, BackendsMap, SockRevNatMap, SockAffinityMap, FailsafeMap,
+            PrefilterMap, LbVipsMap, LbAffinityMap, NatMap, CpuMap, CpuListMap, SockHash, MetricsMap]

@@ -26,7 +26,7 @@ from lib import netns, packets
 from sluice.bpf import libbpf as lb
 from sluice.bpf.btf import Btf
 from sluice.maps import (MAGLEV_SIZE, Backend, BackendsMap, ConfigMap, CpuListMap, CpuMap, Endpoint, EndpointsMap,
-                         LbAffinityMap, LbOptions, LbVipsMap, MetricsMap, NatMap, PrefilterMap, be16, be32, ip_str,
+                         FailsafeMap, LbAffinityMap, LbOptions, LbVipsMap, MetricsMap, NatMap, PrefilterMap, be16, be32, ip_str,
                          sl_flow_tuple, sl_lb_affinity, sl_nat)
 
 pytestmark = pytest.mark.kernel
@@ -508,6 +508,23 @@ def test_prefilter_before_lb(node):
     assert node.counters() == {"SL_DROP_PREFILTER": 1}
 
 
+def test_failsafe_passes_the_nodes_management_flows_before_prefilter_and_lb(node):
+    """A listed port to the node (SSH), or from a listed port to the node (the answer to the node's own DNS
+    query), passes though the source is prefiltered and an LB VIP claims the node's SSH port; the same ports
+    to an address the node forwards to, and other ports of the node, do not."""
+    node.map(FailsafeMap).put("tcp", 22)
+    node.map(FailsafeMap).put("udp", 53)
+    node.map(PrefilterMap).put("198.51.100.0/24")
+    install_vip(node, BACKENDS, vip=NODE_IP, port=22)
+    assert node.run(packets.tcp(CLIENT, NODE_IP, CPORT, 22))[0] == XDP_PASS
+    assert node.run(packets.udp(CLIENT, NODE_IP, 53, CPORT))[0] == XDP_PASS
+    assert node.run(packets.tcp(CLIENT, NODE_IP, CPORT, 80))[0] == XDP_DROP
+    assert node.run(packets.tcp(CLIENT, "10.0.0.77", CPORT, 22))[0] == XDP_DROP     # forwarded, not the node's
+    assert node.run(packets.udp(CLIENT, NODE_NET1_IP, 53, CPORT))[0] == XDP_PASS    # another address of the node
+    assert len(node.map(NatMap)) == 0
+    assert node.counters() == {"SL_OUT_FAILSAFE": 3, "SL_DROP_PREFILTER": 2}
+
+
 # ---- cpumap spreading ------------------------------------------------------------------
 
 
@@ -589,6 +606,31 @@ def test_real_prefilter_on_veth(xdp):
             listener.close()
     assert counters.get("SL_DROP_PREFILTER", 0) >= 1      # the SYN and its retransmissions
     assert counters.get("SL_OUT_PASS", 0) >= 3            # ARP and the accepted connection
+
+
+def test_real_failsafe_port_reaches_the_node_from_a_prefiltered_source(xdp):
+    """Native XDP on the node's veth, the peer's whole network prefiltered: a connection to the node's
+    failsafe port gets through (and its replies back), another port of the node does not."""
+    xdp.map(PrefilterMap).put("10.0.0.0/24")
+    xdp.map(FailsafeMap).put("tcp", 7022)
+    with netns.namespaces("node", "peer") as (node_ns, peer_ns):
+        _veth(node_ns, "nic0", peer_ns, "eth0")
+        netns.ns_exec(node_ns, "ip", "addr", "add", "10.0.0.1/24", "dev", "nic0")
+        netns.ns_exec(node_ns, "ip", "link", "set", "nic0", "up")
+        netns.ns_exec(peer_ns, "ip", "addr", "add", "10.0.0.2/24", "dev", "eth0")
+        netns.ns_exec(peer_ns, "ip", "link", "set", "eth0", "up")
+        xdp.map(ConfigMap).set("10.0.0.1", netns.ifindex(node_ns, "nic0"))
+        listeners = [_in_ns(node_ns, socket.create_server, ("10.0.0.1", port)) for port in (7022, 7777)]
+        try:
+            with _xdp_link(xdp.prog, node_ns, "nic0", lb.XDP_FLAGS_DRV_MODE):
+                assert _in_ns(peer_ns, _connects, "10.0.0.2", "10.0.0.1", 7022)
+                assert not _in_ns(peer_ns, _connects, "10.0.0.2", "10.0.0.1", 7777)
+                counters = xdp.counters()
+        finally:
+            for listener in listeners:
+                listener.close()
+    assert counters.get("SL_OUT_FAILSAFE", 0) >= 2          # SYN, ACK
+    assert counters.get("SL_DROP_PREFILTER", 0) >= 1
 
 
 def test_real_lb_traffic(xdp):

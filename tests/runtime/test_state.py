@@ -61,6 +61,11 @@ BAD = [
     ("lb_vips.0.affinity_timeout", 86401, "lb_vips[0] (ext): affinity_timeout 86401 is not an integer"),
     ("lb_vips.0.keep_source", "yes", "lb_vips[0] (ext): keep_source 'yes' is not true or false"),
     ("services.0.keep_source", True, "services[0] (web): keep_source is for lb_vips (the XDP LB) only"),
+    ("failsafe", ["tcp:22", "sctp:9"], "failsafe[1]: 'sctp:9' is not PROTOCOL:PORT or PROTOCOL:FIRST-LAST"),
+    ("failsafe", ["tcp:22-21"], "failsafe[0]: 'tcp:22-21' is not PROTOCOL:PORT"),
+    ("failsafe", ["udp:0"], "failsafe[0]: 'udp:0' is not"),
+    ("failsafe", ["tcp:1000-1100"], "failsafe[0]: 'tcp:1000-1100' makes more than 64 ports"),
+    ("failsafe", "tcp:22", "failsafe: expected a list of 'PROTOCOL:PORT' entries, not 'tcp:22'"),
 ]
 
 
@@ -499,3 +504,18 @@ def test_addresses_parse_as_ipaddress_says(value):
 def test_bad_backend_ports_are_named(port):
     with pytest.raises(StateError, match=r"services\[0\] \(web\)\.backends\[1\]: port .* is not an integer"):
         DesiredState.parse(with_change("services.0.backends.1.port", port))
+
+
+def test_failsafe_defaults_to_the_management_ports_and_follows_the_state(node):
+    """A state without a failsafe gets the default (SSH, API, etcd, kubelet, DNS, DHCP); a list replaces it,
+    in the plan and in the map, ranges expanded."""
+    dp, _ns = node
+    rec = Reconciler(dp)
+    rec.apply(DesiredState.parse(BASE))
+    assert rec.current().failsafe == {("tcp", 22), ("tcp", 6443), ("tcp", 2379), ("tcp", 2380), ("tcp", 10250),
+                                      ("tcp", 53), ("udp", 53), ("udp", 67), ("udp", 68)}
+    raw = dict(copy.deepcopy(BASE), failsafe=["tcp:2222", "udp:67-68"])
+    plan = rec.update(DesiredState.parse(raw)).to_dict()
+    assert plan["failsafe"]["add"] == ["tcp:2222"] and "tcp:22" in plan["failsafe"]["remove"]
+    assert rec.current().failsafe == {("tcp", 2222), ("udp", 67), ("udp", 68)}
+    assert not Reconciler(dp).plan(DesiredState.parse(raw)).changed

@@ -19,8 +19,9 @@ from .plan import Plan, frontend_options, frontend_text
 from .schema import Backend, DesiredState, Frontend
 from .snapshot import Snapshot
 
-# What a delta leaves to a full apply when it changes: the node, routing and routes sections.
-STRUCTURAL = ("node_ip", "nic", "routing_mode", "vxlan_device", "vxlan_port", "vni", "routes", "cpumap_cpus")
+# What a delta leaves to a full apply when it changes: the node, routing, routes, xdp and failsafe sections.
+STRUCTURAL = ("node_ip", "nic", "routing_mode", "vxlan_device", "vxlan_port", "vni", "routes", "cpumap_cpus",
+              "failsafe")
 
 
 class Drift(Exception):

@@ -136,6 +136,9 @@ class Reconciler:
             for fe in sorted(set(have_all) - set(want)):
                 plan.frontend(section, fe, None, have_all[fe])
         plan.prefilter(sorted(state.prefilter - snap.prefilter), sorted(snap.prefilter - state.prefilter))
+        for kind, ports in (("add", state.failsafe - snap.failsafe), ("remove", snap.failsafe - state.failsafe)):
+            for proto, port in sorted(ports):
+                plan.add("failsafe", kind, f"{proto}:{port}")
         nic_ifindex = socket.if_nametoindex(state.nic)
         want_cfg = {"node_ip": state.node_ip, "nic_ifindex": nic_ifindex,
                     "cpumap": bool(state.cpumap_cpus), "cpu_count": len(state.cpumap_cpus)}
@@ -168,6 +171,12 @@ class Reconciler:
             for cidr in (set(snap.routes) | set(kernel)) - set(state.routes):
                 rm.delete(cidr)
                 netlink.delete_route(cidr, ROUTE_PROTO)
+        # The failsafe first: a change that adds a port and a prefilter entry never drops the port between them.
+        with self.dp.open_map(m.FailsafeMap) as fm:
+            for proto, port in state.failsafe - snap.failsafe:
+                fm.put(proto, port)
+            for proto, port in snap.failsafe - state.failsafe:
+                fm.delete(proto, port)
         with self.dp.open_map(m.PrefilterMap) as pm:
             pm.put_many({c: i + 1 for i, c in enumerate(sorted(state.prefilter - snap.prefilter))})
             for cidr in snap.prefilter - state.prefilter:

@@ -7,6 +7,8 @@ The document (the Ansible roles write it as JSON, default /etc/sluice/state.json
      "routes": [{"cidr", "nexthop", "node"}],             other nodes' pod CIDRs
      "services": [{"name", "vip", "port", "protocol", "backends": [{"ip", "port"}],
                    "affinity_timeout"}],                  seconds of ClientIP affinity, 1..86400 (0: none)
+     "failsafe": ["tcp:22", "udp:67-68", ...],            the node's management ports, passed before any
+                                                          filter (absent or empty: DEFAULT_FAILSAFE)
      "prefilter": ["CIDR", ...],
      "lb_vips": [{"name", "vip", "port", "protocol", "backends": [...],
                   "affinity_timeout",                     as for services, per client address
@@ -30,6 +32,9 @@ PROTOCOLS = ("tcp", "udp")
 DEFAULT_VXLAN_DEVICE = "sluice_vxlan"
 DEFAULT_VXLAN_PORT = 4789
 MAX_AFFINITY_TIMEOUT = 86400            # Kubernetes' limit of sessionAffinityConfig.clientIP.timeoutSeconds
+# SSH, the Kubernetes API, etcd, kubelet, DNS, DHCP (the roles' sluice_failsafe declares the same list)
+DEFAULT_FAILSAFE = ("tcp:22", "tcp:6443", "tcp:2379-2380", "tcp:10250", "tcp:53", "udp:53", "udp:67-68")
+MAX_FAILSAFE_PORTS = 64                 # SL_MAX_FAILSAFE, the size of sl_failsafe_ports
 
 Frontend = tuple[str, int, str]          # (vip, port, protocol)
 Backend = m.Backend                      # (ip, port, protocol), as sl_backends holds it
@@ -111,6 +116,7 @@ class DesiredState:
     routes: dict[str, str] = field(default_factory=dict)                  # cidr -> nexthop
     services: dict[Frontend, tuple[Backend, ...]] = field(default_factory=dict)
     prefilter: set[str] = field(default_factory=set)
+    failsafe: frozenset[tuple[str, int]] = field(default_factory=lambda: failsafe_ports(DEFAULT_FAILSAFE))
     lb_vips: dict[Frontend, tuple[Backend, ...]] = field(default_factory=dict)
     cpumap_cpus: tuple[int, ...] = ()
     affinity: dict[Frontend, int] = field(default_factory=dict)          # service -> affinity timeout (s)
@@ -157,12 +163,35 @@ class DesiredState:
         state.services = _frontends(raw.get("services") or [], "services", state.affinity)
         state.lb_vips = _frontends(raw.get("lb_vips") or [], "lb_vips", lb_options=state.lb_options)
         state.prefilter = {str(_cidr(c, f"prefilter[{i}]")) for i, c in enumerate(raw.get("prefilter") or [])}
+        if raw.get("failsafe"):     # absent or empty: the default; the node always keeps a failsafe
+            state.failsafe = failsafe_ports(raw["failsafe"])
         cpus = (raw.get("xdp") or {}).get("cpumap_cpus") or []
         for c in cpus:
             if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < m.possible_cpus():
                 raise StateError(f"xdp.cpumap_cpus: CPU {c!r} does not exist on this node")
         state.cpumap_cpus = tuple(sorted(set(cpus)))
         return state
+
+
+def failsafe_ports(entries, where: str = "failsafe") -> frozenset[tuple[str, int]]:
+    """The (protocol, port) pairs of failsafe entries "PROTOCOL:PORT" or "PROTOCOL:FIRST-LAST"."""
+    if not isinstance(entries, (list, tuple)):
+        raise StateError(f"{where}: expected a list of 'PROTOCOL:PORT' entries, not {entries!r}")
+    ports = set()
+    for i, entry in enumerate(entries):
+        proto, _colon, ports_text = str(entry).partition(":")
+        first, _dash, last = ports_text.partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            low = high = 0
+        if proto not in PROTOCOLS or not 1 <= low <= high <= 65535:
+            raise StateError(f"{where}[{i}]: {entry!r} is not PROTOCOL:PORT or PROTOCOL:FIRST-LAST "
+                             f"(protocol {' or '.join(PROTOCOLS)}, ports 1..65535)")
+        ports.update((proto, p) for p in range(low, high + 1))
+        if len(ports) > MAX_FAILSAFE_PORTS:
+            raise StateError(f"{where}[{i}]: {entry!r} makes more than {MAX_FAILSAFE_PORTS} ports")
+    return frozenset(ports)
 
 
 def _where(section: str, i: int, s) -> str:

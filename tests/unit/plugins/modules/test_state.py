@@ -77,7 +77,7 @@ def test_apply_then_idempotent(node, tmp_path):
     a = args(node, path)
     result = run_module(state, a, diff=True)
     assert result["changed"] is True and result["file_changed"] is True and result["applied"] is True
-    assert set(result["plan"]) == {"routes", "services", "prefilter", "config"}
+    assert set(result["plan"]) == {"routes", "services", "prefilter", "failsafe", "config"}
     assert path.read_text() == result["diff"]["after"] and json.loads(path.read_text()) == document(a)
     assert oct(path.stat().st_mode & 0o777) == "0o644"
     assert not Reconciler(node).plan(DesiredState.from_file(str(path))).changed
