@@ -42,11 +42,12 @@ NS = "sltest"
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 
 
-def playbook(the_lab: lab.Lab, name: str, *args: str) -> subprocess.CompletedProcess:
+def playbook(the_lab: lab.Lab, name: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([os.path.join(VENV_BIN, "ansible-playbook"), "-i", the_lab.inventory,
                            os.path.join(ROOT, "playbooks", name), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
-                          env=dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", ANSIBLE_FORCE_COLOR="0"))
+                          env=dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", ANSIBLE_FORCE_COLOR="0",
+                                   **env))
 
 
 @pytest.fixture(scope="module")
@@ -517,6 +518,96 @@ def test_site_restarts_an_agent_whose_code_was_replaced_under_it_and_only_that_o
     after = {i: node_json(the_lab, i, "status") for i in (1, 2)}
     assert after[1]["agent"]["pid"] != before[1] and after[2]["agent"]["pid"] == before[2]
     assert after[1]["agent"]["package"] == after[1]["package"] and after[1]["agent"]["ready"]
+
+
+def ansible_ping(the_lab: lab.Lab, host: str) -> subprocess.CompletedProcess:
+    """A new SSH connection to `host` (no shared master that an earlier connection left)."""
+    return subprocess.run([os.path.join(VENV_BIN, "ansible"), "-i", the_lab.inventory, host, "-m",
+                           "ansible.builtin.ping"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False, env=dict(os.environ, ANSIBLE_SSH_ARGS="-o ControlMaster=no"))
+
+
+def test_a_state_file_prefiltering_the_controller_and_the_control_plane_cuts_neither(cluster):
+    """Past every plan check (the state file written by hand), a prefilter of node1's whole underlay, where
+    the controller, the API server and the other nodes are: the failsafe keeps SSH to node1, the API
+    server's connections to node1's kubelet (kubectl exec) and node1's own to the API server working,
+    while everything else from there is dropped."""
+    the_lab, k8s = cluster
+    path = os.path.join(the_lab.node_dir(1), "root", "etc", "sluice", "state.json")
+    with open(path) as f:
+        doc = json.load(f)
+    before = {(m["hook"], m["outcome"]): m["packets"] for m in node_json(the_lab, 1, "metrics")}
+
+    def write(state: dict) -> None:
+        with open(path + ".tmp", "w") as f:
+            json.dump(state, f)
+        os.replace(path + ".tmp", path)
+
+    def dropped() -> bool:
+        """A connection from outside to a closed port of node1 times out (28), not refused at once (7)."""
+        probe = the_lab.ns_run(the_lab.ext_ns, "curl", "-s", "--max-time", "2", f"http://{the_lab.node_ip(1)}:9/",
+                               check=False)
+        assert probe.returncode in (7, 28), probe
+        return probe.returncode == 28
+
+    assert not dropped()
+    write(dict(doc, prefilter=[*doc.get("prefilter", []), SUBNET]))
+    try:
+        deadline = time.monotonic() + 30
+        while not dropped():
+            assert time.monotonic() < deadline, "the prefilter comes in force"
+        assert ansible_ping(the_lab, "node1").returncode == 0
+        exec_ = k8s.exec_in(NS, "a", "true")
+        assert exec_.returncode == 0, exec_.stderr
+        lease = k8s.kubectl("get", "lease", "-n", "kube-node-lease", "node1", "-o",
+                            "jsonpath={.spec.renewTime}").stdout
+        deadline = time.monotonic() + 30
+        while k8s.kubectl("get", "lease", "-n", "kube-node-lease", "node1", "-o",
+                          "jsonpath={.spec.renewTime}").stdout == lease:
+            assert time.monotonic() < deadline, "node1's kubelet renews its lease through the API server"
+            time.sleep(1)
+        after = {(m["hook"], m["outcome"]): m["packets"] for m in node_json(the_lab, 1, "metrics")}
+        moved = {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
+        assert moved.get(("xdp_nic", "failsafe")) and moved.get(("xdp_nic", "drop_prefilter")), sorted(moved.items())
+    finally:
+        write(doc)
+    deadline = time.monotonic() + 30
+    while dropped():
+        assert time.monotonic() < deadline, "the prefilter is gone again"
+
+
+def test_a_change_that_cuts_the_controller_off_fails_the_play_in_bounded_time_and_is_reverted(cluster, tmp_path):
+    """A change no plan foresees (here a route that sends node1's answers to the controller to an address
+    nobody has): the agent role's task ends within agent_confirm_timeout with a message naming the node, and
+    node1's agent, unconfirmed, restores and applies the state before the change: SSH answers again, routes
+    and state file as they were."""
+    the_lab, _k8s = cluster
+    doc = json.loads(the_lab.node_run(1, "cat", "/etc/sluice/state.json").stdout)
+    routes = node_json(the_lab, 1, "routes")
+    nowhere = str(ipaddress.ip_address(the_lab.host_ip) + 249)
+    cut = {"cidr": f"{the_lab.host_ip}/32", "nexthop": nowhere, "node": "nowhere"}
+    plan = {"node1": {"ip": doc["node"]["ip"], "pod_cidr": doc["node"]["pod_cidr"], "routes": doc["routes"] + [cut]}}
+    play = tmp_path / "cut.yml"
+    play.write_text(json.dumps([{"name": "Apply node1's state with a route that cuts the controller off",
+                                 "hosts": "node1", "vars": {"sluice_cluster": plan},
+                                 "roles": ["sluice.network.agent"]}]))
+    started = time.monotonic()
+    # No shared SSH master: the one the cut stalls would hold the later tests' connections.
+    result = playbook(the_lab, str(play), "-e", "agent_confirm_timeout=20", ANSIBLE_SSH_ARGS="-o ControlMaster=no")
+    took = time.monotonic() - started
+    assert result.returncode != 0, result.stdout[-3000:]
+    assert "node1 did not answer within 20 s while its new state was applied: its agent restores the state " \
+           "before the change within 20 s of applying it" in " ".join(result.stdout.split()), result.stdout[-3000:]
+    assert took < 120, took
+    deadline = time.monotonic() + 60
+    while not (node_json(the_lab, 1, "status")["agent"].get("last_revert") or {}).get("restored"):
+        assert time.monotonic() < deadline, node_json(the_lab, 1, "status")["agent"]
+        time.sleep(1)
+    assert node_json(the_lab, 1, "routes") == routes
+    assert json.loads(the_lab.node_run(1, "cat", "/etc/sluice/state.json").stdout) == doc
+    assert not the_lab.node_run(1, "ip", "route", "show", f"{the_lab.host_ip}/32").stdout.strip()
+    ping = ansible_ping(the_lab, "node1")
+    assert ping.returncode == 0, ping.stdout + ping.stderr
 
 
 def test_site_refuses_nodes_whose_kubernetes_pod_cidr_differs_and_touches_nothing(cluster):

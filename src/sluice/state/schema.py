@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from .. import maps as m
 
+DEFAULT_STATE_FILE = "/etc/sluice/state.json"
 ROUTING_MODES = ("native", "vxlan")
 PROTOCOLS = ("tcp", "udp")
 DEFAULT_VXLAN_DEVICE = "sluice_vxlan"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -240,3 +241,22 @@ def test_apply_false_without_a_datapath_writes_and_warns(pin_root, bpf_objects, 
     assert json.loads(path.read_text())["node"] == NODE
     assert run_module(state, a)["changed"] is False
     assert not os.path.exists(pin_root)
+
+
+def test_confirm_timeout_keeps_the_state_in_force_as_the_checkpoint_until_confirmed(node, tmp_path):
+    """A change of an existing state file is armed: the file before it is the checkpoint the agent would
+    restore; a first state file (nothing to go back to) and an unchanged one are not armed."""
+    from sluice.state import confirm  # pylint: disable=import-outside-toplevel
+
+    path = tmp_path / "state.json"
+    first = run_module(state, args(node, path, confirm_timeout=30))
+    assert first["changed"] is True and first["confirm_pending"] is False and first["confirm_deadline"] is None
+    before = path.read_text()
+    changed = run_module(state, args(node, path, prefilter=["198.51.100.0/24"], confirm_timeout=30))
+    assert changed["confirm_pending"] is True and changed["confirm_deadline"] > time.time() + 25
+    assert (tmp_path / "state.json.checkpoint").read_text() == before
+    assert confirm.pending(str(path))["plan"]["prefilter"]["add"] == ["198.51.100.0/24"]
+    assert confirm.confirm(str(path), changed["confirm_deadline"]) == {"confirmed": True}
+    assert not (tmp_path / "state.json.checkpoint").exists() and confirm.pending(str(path)) is None
+    again = run_module(state, args(node, path, prefilter=["198.51.100.0/24"], confirm_timeout=30))
+    assert again["changed"] is False and again["confirm_pending"] is False
