@@ -527,6 +527,30 @@ def ansible_ping(the_lab: lab.Lab, host: str) -> subprocess.CompletedProcess:
                           check=False, env=dict(os.environ, ANSIBLE_SSH_ARGS="-o ControlMaster=no"))
 
 
+def test_site_refuses_lockout_inputs_against_running_nodes_and_touches_nothing(cluster):
+    """An inventory that would lock the operators out (a prefilter over the nodes' network, an LB VIP on a
+    node's SSH port, a failsafe without SSH): site.yml ends with the reason before any node changes, and
+    SSH still answers."""
+    the_lab, _k8s = cluster
+    ssh_vip = [{"name": "ssh", "vip": the_lab.node_ip(1), "port": 22, "protocol": "tcp",
+                "backends": [{"ip": "10.244.2.10", "port": 22}]}]
+    cases = [({"sluice_prefilter": [SUBNET]},
+              f"node1: sluice_prefilter[0] {SUBNET} covers node1's address {the_lab.node_ip(1)}: node1 would drop "
+              "its packets at the NIC"),
+             ({"sluice_lb_vips": ssh_vip},
+              f"node1: sluice_lb_vips[0] (ssh) {the_lab.node_ip(1)}:22/tcp is node1's address {the_lab.node_ip(1)}"),
+             ({"sluice_failsafe": ["tcp:6443"]}, "node1: sluice_failsafe lacks tcp:22, the port Ansible reaches node1 on")]
+    before = {i: (the_lab.node_run(i, "cat", "/etc/sluice/state.json").stdout, node_json(the_lab, i, "routes"),
+                  node_json(the_lab, i, "services")) for i in (1, 2)}
+    for extra, message in cases:
+        result = playbook(the_lab, "site.yml", "-e", json.dumps(extra))
+        assert result.returncode != 0 and message in " ".join(result.stdout.split()), result.stdout[-3000:]
+        assert "TASK [sluice.network.node" not in result.stdout, "no node was touched"
+    assert {i: (the_lab.node_run(i, "cat", "/etc/sluice/state.json").stdout, node_json(the_lab, i, "routes"),
+                node_json(the_lab, i, "services")) for i in (1, 2)} == before
+    assert ansible_ping(the_lab, "node1").returncode == 0
+
+
 def test_a_state_file_prefiltering_the_controller_and_the_control_plane_cuts_neither(cluster):
     """Past every plan check (the state file written by hand), a prefilter of node1's whole underlay, where
     the controller, the API server and the other nodes are: the failsafe keeps SSH to node1, the API
