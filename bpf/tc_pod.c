@@ -59,7 +59,6 @@ int tc_from_pod(struct __sk_buff *skb)
 {
 	const enum sl_hook hook = SL_HOOK_TC_FROM_POD;
 	struct sl_endpoint *ep;
-	struct sl_route *route;
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	int verdict;
@@ -78,13 +77,8 @@ int tc_from_pod(struct __sk_buff *skb)
 	if (lb_reply(skb, ip, hook, &verdict))
 		return verdict;
 
-	ep = sl_lookup_endpoint(ip->daddr);
-	if (ep)
-		return sl_deliver_local(skb, eth, ip, ep, hook);
-
-	route = sl_lookup_route(ip->daddr);
-	if (route)
-		return sl_forward_route(skb, ip, route, hook);
+	if (sl_forward_to_pods(skb, eth, ip, hook, &verdict))
+		return verdict;
 
 	return sl_tc_pass(skb, hook);
 }

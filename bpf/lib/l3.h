@@ -128,3 +128,23 @@ static __always_inline int sl_forward_route(struct __sk_buff *skb, struct iphdr 
 		return sl_forward_tunnel(skb, route, hook);
 	return sl_forward_native(skb, route, hook);
 }
+
+/* Into a pod of this node, or towards another node's pod CIDR: true with
+ * *verdict final; false for any other destination, left to the caller. */
+static __always_inline bool sl_forward_to_pods(struct __sk_buff *skb, struct ethhdr *eth, struct iphdr *ip,
+					       enum sl_hook hook, int *verdict)
+{
+	struct sl_endpoint *ep = sl_lookup_endpoint(ip->daddr);
+	struct sl_route *route;
+
+	if (ep) {
+		*verdict = sl_deliver_local(skb, eth, ip, ep, hook);
+		return true;
+	}
+	route = sl_lookup_route(ip->daddr);
+	if (route) {
+		*verdict = sl_forward_route(skb, ip, route, hook);
+		return true;
+	}
+	return false;
+}

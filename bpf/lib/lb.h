@@ -92,14 +92,35 @@ sl_lb_select_backend(const struct sl_lb_vip *vip, const struct sl_flow_tuple *t,
 	return be;
 }
 
+/* Insert the two entries of flow `fwd`: itself, rewritten to `out`, and its
+ * reply `rev`, rewritten back to VIP -> client. The reply's entry goes first,
+ * with BPF_NOEXIST: it claims `rev` atomically against other CPUs. */
+static __always_inline int sl_lb_nat_insert(const struct sl_flow_tuple *fwd, const struct sl_flow_tuple *rev,
+					    const struct sl_nat *out)
+{
+	struct sl_nat back = {
+		.saddr = fwd->daddr,
+		.daddr = fwd->saddr,
+		.sport = fwd->dport,
+		.dport = fwd->sport,
+	};
+
+	if (bpf_map_update_elem(&sl_lb_nat, rev, &back, BPF_NOEXIST))
+		return -1;
+	if (bpf_map_update_elem(&sl_lb_nat, fwd, out, BPF_ANY)) {
+		bpf_map_delete_elem(&sl_lb_nat, rev);
+		return -1;
+	}
+	return 0;
+}
+
 /* Both NAT entries of a new flow `fwd` (client -> VIP) towards `be`, keeping
  * the client's address (SL_LB_KEEP_SOURCE, for a backend that is a local pod,
  * whose replies tc_from_pod sees):
  *   forward: client:cport -> VIP:vport     becomes client:cport -> backend:bport
  *   reverse: backend:bport -> client:cport becomes VIP:vport -> client:cport
- * The reverse entry is inserted with BPF_NOEXIST: should another flow of the
- * client's address and port hold it (through another VIP), the caller falls
- * back to sl_lb_nat_create. */
+ * Should another flow of the client's address and port hold the reverse entry
+ * (through another VIP), the caller falls back to sl_lb_nat_create. */
 static __always_inline int sl_lb_dnat_create(const struct sl_flow_tuple *fwd, const struct sl_backend *be,
 					     struct sl_nat *out)
 {
@@ -110,31 +131,19 @@ static __always_inline int sl_lb_dnat_create(const struct sl_flow_tuple *fwd, co
 		.dport = fwd->sport,
 		.proto = fwd->proto,
 	};
-	struct sl_nat back = {
-		.saddr = fwd->daddr,
-		.daddr = fwd->saddr,
-		.sport = fwd->dport,
-		.dport = fwd->sport,
-	};
 
-	if (bpf_map_update_elem(&sl_lb_nat, &rev, &back, BPF_NOEXIST))
-		return -1;
 	out->saddr = fwd->saddr;
 	out->daddr = be->ip;
 	out->sport = fwd->sport;
 	out->dport = be->port;
-	if (bpf_map_update_elem(&sl_lb_nat, fwd, out, BPF_ANY)) {
-		bpf_map_delete_elem(&sl_lb_nat, &rev);
-		return -1;
-	}
-	return 0;
+	return sl_lb_nat_insert(fwd, &rev, out);
 }
 
 /* Create both NAT entries of a new flow `fwd` (client -> VIP) towards `be`:
  *   forward: client:cport -> VIP:vport   becomes node:natport -> backend:bport
  *   reverse: backend:bport -> node:natport becomes VIP:vport -> client:cport
- * The NAT port comes from the flow hash; a port is claimed by inserting the
- * reverse entry with BPF_NOEXIST, which is atomic against other CPUs. */
+ * The NAT port comes from the flow hash; the first of SL_NAT_PROBES candidates
+ * whose reverse entry is free is the flow's. */
 static __always_inline int sl_lb_nat_create(const struct sl_flow_tuple *fwd, const struct sl_backend *be,
 					    __be32 node_ip, __u32 hash, struct sl_nat *out)
 {
@@ -144,29 +153,16 @@ static __always_inline int sl_lb_nat_create(const struct sl_flow_tuple *fwd, con
 		.sport = be->port,
 		.proto = fwd->proto,
 	};
-	struct sl_nat back = {
-		.saddr = fwd->daddr,
-		.daddr = fwd->saddr,
-		.sport = fwd->dport,
-		.dport = fwd->sport,
-	};
 	__u32 i;
 
+	out->saddr = node_ip;
+	out->daddr = be->ip;
+	out->dport = be->port;
 	for (i = 0; i < SL_NAT_PROBES; i++) {
-		__u16 port = SL_NAT_PORT_MIN + (hash + i) % SL_NAT_PORT_RANGE;
-
-		rev.dport = bpf_htons(port);
-		if (bpf_map_update_elem(&sl_lb_nat, &rev, &back, BPF_NOEXIST))
-			continue;
-		out->saddr = node_ip;
-		out->daddr = be->ip;
+		rev.dport = bpf_htons(SL_NAT_PORT_MIN + (hash + i) % SL_NAT_PORT_RANGE);
 		out->sport = rev.dport;
-		out->dport = be->port;
-		if (bpf_map_update_elem(&sl_lb_nat, fwd, out, BPF_ANY)) {
-			bpf_map_delete_elem(&sl_lb_nat, &rev);
-			return -1;
-		}
-		return 0;
+		if (!sl_lb_nat_insert(fwd, &rev, out))
+			return 0;
 	}
 	return -1;
 }

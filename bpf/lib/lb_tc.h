@@ -42,8 +42,6 @@ static __always_inline int sl_tc_lb_send(struct __sk_buff *skb, struct iphdr *ip
 					 const struct sl_nat *to, __u32 nic, enum sl_hook hook,
 					 enum sl_outcome outcome)
 {
-	struct sl_endpoint *ep;
-	struct sl_route *route;
 	struct ethhdr *eth;
 	int verdict;
 
@@ -52,12 +50,8 @@ static __always_inline int sl_tc_lb_send(struct __sk_buff *skb, struct iphdr *ip
 	/* The helpers invalidated every packet pointer. */
 	if (!sl_tc_parse_ipv4(skb, hook, &eth, &ip, &verdict))
 		return verdict;
-	ep = sl_lookup_endpoint(ip->daddr);
-	if (ep)
-		return sl_deliver_local(skb, eth, ip, ep, hook);
-	route = sl_lookup_route(ip->daddr);
-	if (route)
-		return sl_forward_route(skb, ip, route, hook);
+	if (sl_forward_to_pods(skb, eth, ip, hook, &verdict))
+		return verdict;
 	if (!sl_ipv4_dec_ttl(ip))
 		return sl_tc_pass(skb, hook);
 	return sl_tc_redirected(skb, hook, bpf_redirect_neigh(nic, NULL, 0, 0), outcome);
