@@ -573,6 +573,16 @@ def _veth(a_ns: str, a: str, b_ns: str, b: str) -> None:
     netns.ns_exec(a_ns, "ip", "link", "add", a, "type", "veth", "peer", "name", b, "netns", b_ns)
 
 
+def _node_and_peer(node_ns: str, peer_ns: str, *peer_addrs: str) -> None:
+    """The node's nic0 (10.0.0.1/24) wired to the peer's eth0 (`peer_addrs`, /24 each)."""
+    _veth(node_ns, "nic0", peer_ns, "eth0")
+    netns.ns_exec(node_ns, "ip", "addr", "add", "10.0.0.1/24", "dev", "nic0")
+    netns.ns_exec(node_ns, "ip", "link", "set", "nic0", "up")
+    for addr in peer_addrs:
+        netns.ns_exec(peer_ns, "ip", "addr", "add", f"{addr}/24", "dev", "eth0")
+    netns.ns_exec(peer_ns, "ip", "link", "set", "eth0", "up")
+
+
 @contextlib.contextmanager
 def _xdp_link(prog: int, ns: str, dev: str, flags: int):
     ifindex = netns.ifindex(ns, dev)
@@ -588,12 +598,7 @@ def test_real_prefilter_on_veth(xdp):
     address of the same peer still reaches a listening socket on the node."""
     xdp.map(PrefilterMap).put("10.0.0.2/32")
     with netns.namespaces("node", "peer") as (node_ns, peer_ns):
-        _veth(node_ns, "nic0", peer_ns, "eth0")
-        netns.ns_exec(node_ns, "ip", "addr", "add", "10.0.0.1/24", "dev", "nic0")
-        netns.ns_exec(node_ns, "ip", "link", "set", "nic0", "up")
-        for addr in ("10.0.0.2/24", "10.0.0.3/24"):
-            netns.ns_exec(peer_ns, "ip", "addr", "add", addr, "dev", "eth0")
-        netns.ns_exec(peer_ns, "ip", "link", "set", "eth0", "up")
+        _node_and_peer(node_ns, peer_ns, "10.0.0.2", "10.0.0.3")
         listener = _in_ns(node_ns, socket.create_server, ("10.0.0.1", 7777))
         try:
             with _xdp_link(xdp.prog, node_ns, "nic0", lb.XDP_FLAGS_DRV_MODE):
@@ -614,11 +619,7 @@ def test_real_failsafe_port_reaches_the_node_from_a_prefiltered_source(xdp):
     xdp.map(PrefilterMap).put("10.0.0.0/24")
     xdp.map(FailsafeMap).put("tcp", 7022)
     with netns.namespaces("node", "peer") as (node_ns, peer_ns):
-        _veth(node_ns, "nic0", peer_ns, "eth0")
-        netns.ns_exec(node_ns, "ip", "addr", "add", "10.0.0.1/24", "dev", "nic0")
-        netns.ns_exec(node_ns, "ip", "link", "set", "nic0", "up")
-        netns.ns_exec(peer_ns, "ip", "addr", "add", "10.0.0.2/24", "dev", "eth0")
-        netns.ns_exec(peer_ns, "ip", "link", "set", "eth0", "up")
+        _node_and_peer(node_ns, peer_ns, "10.0.0.2")
         xdp.map(ConfigMap).set("10.0.0.1", netns.ifindex(node_ns, "nic0"))
         listeners = [_in_ns(node_ns, socket.create_server, ("10.0.0.1", port)) for port in (7022, 7777)]
         try:
@@ -691,11 +692,7 @@ def test_real_vip_without_backends_refuses_at_once(xdp):
     """A client of a VIP that has no backend learns it at once: its TCP connect and its next UDP receive
     fail with ECONNREFUSED (the ICMP port unreachable XDP sends back), no timeout."""
     with netns.namespaces("node", "cli") as (node_ns, cli_ns):
-        _veth(node_ns, "nic0", cli_ns, "eth0")
-        netns.ns_exec(node_ns, "ip", "addr", "add", "10.0.0.1/24", "dev", "nic0")
-        netns.ns_exec(node_ns, "ip", "link", "set", "nic0", "up")
-        netns.ns_exec(cli_ns, "ip", "addr", "add", "10.0.0.2/24", "dev", "eth0")
-        netns.ns_exec(cli_ns, "ip", "link", "set", "eth0", "up")
+        _node_and_peer(node_ns, cli_ns, "10.0.0.2")
         netns.ns_exec(cli_ns, "ip", "route", "add", "default", "via", "10.0.0.1")
         xdp.map(ConfigMap).set("10.0.0.1", netns.ifindex(node_ns, "nic0"))
         install_vip(xdp, {})
