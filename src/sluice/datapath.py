@@ -61,6 +61,12 @@ SOCKMAP_PROG = "sk_msg_redir"   # on the sockhash (attach_sockmap)
 # the cgroup socket hooks and sockops (attach_cgroup), the sk_msg program (attach_sockmap).
 NODE_HOOKS = {"nic": (NIC_PROG,), "cgroup": tuple(CGROUP_HOOKS), "sockhash": (SOCKMAP_PROG,)}
 XDP_MODES = ("native", "generic", "best-effort", "disabled")
+
+
+def xdp_wanted(policy: str) -> list[str]:
+    """XDP modes in force that satisfy an xdp_mode policy (none for `disabled`), in order of preference."""
+    return {"best-effort": ["native", "generic"], "disabled": []}.get(policy, [policy])
+
 XDP_FLAGS = {"native": lb.XDP_FLAGS_DRV_MODE, "generic": lb.XDP_FLAGS_SKB_MODE}
 TC_MODES = tc.TC_MODES          # auto (tcx if the kernel has it, else legacy), tcx, legacy (clsact + cls_bpf)
 
@@ -347,7 +353,7 @@ class Datapath:
         if xdp_mode not in XDP_MODES:
             raise DatapathError(f"XDP mode {xdp_mode!r} is not one of {', '.join(XDP_MODES)}")
         changed = self.attach_tc(ifname, NIC_PROG)
-        wanted = {"best-effort": ["native", "generic"], "disabled": []}.get(xdp_mode, [xdp_mode])
+        wanted = xdp_wanted(xdp_mode)
         current = self.xdp_mode(ifname)
         errors = {}
         if current in wanted or (not wanted and current == "none"):

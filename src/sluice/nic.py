@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import netlink
-from .datapath import NIC_PROG
+from .datapath import NIC_PROG, xdp_wanted
 
 MTU_MIN, MTU_MAX = 68, 65535
 CHANNEL_KEYS = ("combined", "rx", "tx", "other")
@@ -366,11 +366,6 @@ def modprobe_argv(name: str, options: dict, modprobe: str = "modprobe") -> list:
 
 
 # ---- the whole NIC: plan every change, then apply it ----------------------------------------
-
-def xdp_wanted(policy: str) -> list:
-    """XDP modes in force that satisfy an xdp_mode policy (none for `disabled`)."""
-    return {"best-effort": ["native", "generic"], "disabled": []}.get(policy, [policy])
-
 
 @dataclass
 class NicPlan:

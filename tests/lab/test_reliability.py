@@ -356,7 +356,8 @@ def test_failed_upgrade_stops_at_the_first_node_and_changes_nothing(rlab, flow_t
     assert result.returncode != 0, out
     play = upgrade_play(out)
     # node1 fails in the verification of the new objects, with the verifier's own words
-    assert_failed_in(play, "Load the staged objects into the kernel (check mode, nothing pinned or attached)", "node1")
+    assert_failed_in(play, "sluice.network.datapath : Load the staged objects into the kernel (check mode, nothing pinned "
+                           "or attached)", "node1")
     assert "the verifier rejected the datapath" in play and VERIFIER_SAYS in play, play
     # the rollout stops there: nothing ran on node2 (the plan plays only read its login environment)
     assert "node2" not in play, play
