@@ -19,9 +19,10 @@ Reconciler takes a DesiredState and does not know where it came from.
 
 from .plan import Plan
 from .reconcile import ROUTE_PROTO, Reconciler
-from .schema import (DEFAULT_FAILSAFE, DEFAULT_STATE_FILE, DEFAULT_VXLAN_DEVICE, DEFAULT_VXLAN_PORT, PROTOCOLS, ROUTING_MODES, Backend,
-                     DesiredState, Frontend, StateError)
+from .schema import (DEFAULT_FAILSAFE, DEFAULT_STATE_FILE, DEFAULT_VXLAN_DEVICE, DEFAULT_VXLAN_PORT, PROTOCOLS,
+                     ROUTING_MODES, Backend, DesiredState, Frontend, StateError)
 from .snapshot import Snapshot
 
-__all__ = ["DEFAULT_FAILSAFE", "DEFAULT_STATE_FILE", "DEFAULT_VXLAN_DEVICE", "DEFAULT_VXLAN_PORT", "PROTOCOLS", "ROUTE_PROTO", "ROUTING_MODES", "Backend",
-           "DesiredState", "Frontend", "Plan", "Reconciler", "Snapshot", "StateError"]
+__all__ = ["DEFAULT_FAILSAFE", "DEFAULT_STATE_FILE", "DEFAULT_VXLAN_DEVICE", "DEFAULT_VXLAN_PORT", "PROTOCOLS",
+           "ROUTE_PROTO", "ROUTING_MODES", "Backend", "DesiredState", "Frontend", "Plan", "Reconciler", "Snapshot",
+           "StateError"]

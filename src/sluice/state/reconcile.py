@@ -216,10 +216,10 @@ class Reconciler:
                 sm.delete(*fe)
         with self.dp.open_map(m.LbVipsMap) as lm, self.dp.open_map(m.LbAffinityMap) as am:
             for fe, backends in state.lb_vips.items():
-                options = state.lb_options.get(fe, m.LbOptions())
-                if snap.lb_vips.get(fe) != tuple(sorted(backends)) or snap.lb_options.get(fe, m.LbOptions()) != options:
+                options, had = state.lb_options.get(fe, m.LbOptions()), snap.lb_options.get(fe, m.LbOptions())
+                if snap.lb_vips.get(fe) != tuple(sorted(backends)) or had != options:
                     lm.put(*fe, {ids[b]: b for b in backends}, options)
-                    if snap.lb_options.get(fe, m.LbOptions()).affinity_timeout:
+                    if had.affinity_timeout:     # no client sticks to a backend the VIP lost
                         am.forget(*fe, {ids[b] for b in backends} if options.affinity_timeout else None)
             for fe in set(snap.lb_vips) - set(state.lb_vips):
                 lm.delete(*fe)
