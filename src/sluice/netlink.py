@@ -3,8 +3,8 @@
 What runs per pod (the CNI commands) and per reconcile (routes Sluice owns, which networks a NIC is on)
 goes through `Rtnl`, a plain rtnetlink socket of the netns it was opened in: one request and its
 answer per operation, a few tens of microseconds each. pyroute2 (an asyncio event loop per handle,
-~1 ms to open one and ~0.5 ms per request) is left to what runs rarely: the VXLAN device, link details
-with XDP state, and tc requests (sluice.tc). Errors are pyroute2's NetlinkError either way (`.code` is
+~1 ms to open one and ~0.5 ms per request) is left to what runs rarely: the VXLAN device and link
+details with XDP state. Errors are pyroute2's NetlinkError either way (`.code` is
 the errno), so callers catch one type.
 """
 
@@ -210,7 +210,7 @@ def attr(kind: int, data: bytes) -> bytes:
     return _NLATTR.pack(size, kind) + data + b"\0" * (-size % 4)
 
 
-def _nest(kind: int, *attrs: bytes) -> bytes:
+def nest(kind: int, *attrs: bytes) -> bytes:
     return attr(kind | NLA_F_NESTED, b"".join(attrs))
 
 
@@ -368,8 +368,8 @@ class Rtnl:
         self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
                      _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, IFF_UP, IFF_UP) + attr(IFLA_IFNAME, _str(name))
                      + attr(IFLA_MTU, _U32.pack(mtu))
-                     + _nest(IFLA_LINKINFO, attr(IFLA_INFO_KIND, _str("veth")),
-                             _nest(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer_info))))
+                     + nest(IFLA_LINKINFO, attr(IFLA_INFO_KIND, _str("veth")),
+                            nest(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer_info))))
 
     def delete_link(self, name: str) -> bool:
         try:
