@@ -56,7 +56,7 @@ class AgentConfig:
     ipam_dir: str = "/var/lib/sluice/ipam"
     mtu: int = 1500
     xdp_mode: str = "best-effort"
-    tc_mode: str = "auto"                       # auto (tcx where the kernel has it), tcx, legacy (cls_bpf)
+    tc_mode: str = "auto"                       # auto (NIC: tcx where the kernel has it; pods: cls_bpf), tcx, legacy
     cgroup: str = ""                            # empty: the cgroup2 root
     poll_interval: float = 1.0
     full_reconcile_interval: float = 60.0       # seconds between full reconciles (drift repair); 0: always full

@@ -223,10 +223,15 @@ class Node:
     def link_pins(self) -> set[str]:
         return {name for name in os.listdir(self.dp.links_dir) if podnet.HOST_IFNAME.fullmatch(name)}
 
+    def pod_attachments(self) -> set[str]:
+        """Host veths with tc_from_pod on their ingress: a cls_bpf filter or a live tcx link."""
+        with netns.entered(self.ns):
+            return {lk["target"] for lk in self.dp.links() if lk["program"] == "tc_from_pod" and lk["attached"]}
+
     def assert_consistent(self, live: dict[tuple[str, str], str]) -> None:
         """The node holds exactly the attachments in `live` ({(container ID, ifname): netns path}):
         one address each, none shared, and IPAM records == endpoints == host veths == node routes ==
-        tc link pins == pod interfaces."""
+        tc attachments == pod interfaces, and no link pin of a veth that is gone."""
         allocations = self.ipam.allocations()
         held = {(r["container_id"], r["ifname"]): str(a) for a, r in allocations.items()}
         assert len(held) == len(allocations), f"an attachment holds two addresses: {allocations}"
@@ -240,7 +245,8 @@ class Node:
                                              f"allocations without endpoint: {sorted(addresses - set(endpoints))}")
         assert self.host_veths() == set(hosts), f"host veths {sorted(self.host_veths() ^ set(hosts))} differ"
         assert self.pod_routes() == {address: host for host, address in hosts.items()}
-        assert self.link_pins() == set(hosts)
+        assert self.pod_attachments() == set(hosts)
+        assert self.link_pins() <= set(hosts), f"stale link pins {sorted(self.link_pins() - set(hosts))}"
         with netns.entered(self.ns):
             for (cid, ifname), netns_path in live.items():
                 host = podnet.host_ifname(cid, ifname)

@@ -424,7 +424,7 @@ def test_del_leaves_nothing_and_can_be_repeated(node, agent, pods, cni_bin):
     cid, netns = pods.pod()
     address = pod_address(handle(node, "ADD", cid, netns))
     host = podnet.host_ifname(cid, "eth0")
-    assert os.path.exists(os.path.join(node.datapath.links_dir, host, "tc_from_pod"))
+    assert node.datapath.tc_attached(host, "tc_from_pod")
     assert address in endpoints(node)
 
     assert exec_plugin(plugin, "DEL", config(agent), cid, netns) == (0, None)

@@ -209,8 +209,10 @@ def _teardown(node: NodeContext, container_id: str, ifname: str, address: IPAddr
         address = node.ipam.lookup(container_id, ifname)
     if address is not None:
         _delete_endpoint(node, str(address))
+    # The veth first: deleting it takes the pod end, the node route and the tc attachments with it, so
+    # detach_device only unpins (detaching a tcx link of a live device would wait for an RCU grace period).
+    netlink.delete_link(host)
     node.datapath.detach_device(host)
-    netlink.delete_link(host)  # takes the pod end and the node route with it
     node.ipam.release(container_id, ifname)
 
 
@@ -232,8 +234,8 @@ def _gc(req: Request, node: NodeContext) -> None:
     pinned = set(os.listdir(links_dir)) if os.path.isdir(links_dir) else set()
     for host in sorted(set(podnet.host_veths()) | {name for name in pinned if podnet.HOST_IFNAME.fullmatch(name)}):
         if host not in keep:
+            netlink.delete_link(host)   # (first, as in _teardown)
             node.datapath.detach_device(host)
-            netlink.delete_link(host)
     allocated = {str(address) for address in node.ipam.allocations()}
     with node.datapath.open_map(EndpointsMap) as endpoints:
         for address in endpoints.items():
