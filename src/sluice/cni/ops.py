@@ -104,9 +104,9 @@ def _add_with(req: Request, node: NodeContext, nl: podnet.Sockets) -> dict:
         requested = _requested_address(req.conf)
         mtu = _mtu(req.conf, node.mtu)
         with _step("allocating an address", IPAM_FAILURE):
-            held = node.ipam.lookup(req.container_id, req.ifname)
-            address = str(node.ipam.allocate(req.container_id, req.ifname, requested))
-        if held is None:
+            claimed, new = node.ipam.claim(req.container_id, req.ifname, requested)
+            address = str(claimed)
+        if new:
             undo.append((f"releasing {address}", lambda: node.ipam.release(req.container_id, req.ifname)))
         with _step(f"creating veth pair {host} - {req.ifname} in {req.netns}"):
             left = podnet.host_link(host, nl)
