@@ -1,7 +1,8 @@
 """The CNI commands, executed inside the agent.
 
-The agent runs them one at a time under its lock. handle() raises CniError and
-nothing else, so the agent can always answer the plugin with a CNI error.
+The agent runs them concurrently, one at a time per attachment, GC alone
+(sluice.agent.CniLocks). handle() raises CniError and nothing else, so the
+agent can always answer the plugin with a CNI error.
 """
 
 from __future__ import annotations
