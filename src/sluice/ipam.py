@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import chain
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from netaddr import AddrFormatError, IPAddress, IPNetwork, IPRange, IPSet, valid_ipv4
 
@@ -275,11 +275,17 @@ class Ipam:
             raise IpamError(f"requested address {address} was allocated concurrently by another process")
         return address
 
-    def release(self, container_id: str, ifname: str) -> IPAddress | None:
-        """Free every address the attachment holds; the one in the current pool is returned."""
+    def release(self, container_id: str, ifname: str,
+                before: Callable[[list[IPAddress]], object] | None = None) -> IPAddress | None:
+        """Free every address the attachment holds; the one in the current pool is returned. `before` is
+        called with those addresses under the lock, before they are freed: what must not outlive an
+        address's allocation (its endpoint entry) goes with it, and no other attachment can have been
+        given the address in between."""
         key = _check_key(container_id, ifname)
         with self._locked(fcntl.LOCK_EX):
             mine = [allocation for allocation in self._scan() if allocation.key == key]
+            if before is not None and mine:
+                before([allocation.address for allocation in mine])
             for allocation in mine:
                 # No fsync: a release lost in a crash only leaks the address until the next GC.
                 os.unlink(allocation.path)

@@ -204,17 +204,16 @@ def _del(req: Request, node: NodeContext) -> None:
     _teardown(node, req.container_id, req.ifname)
 
 
-def _teardown(node: NodeContext, container_id: str, ifname: str, address: IPAddress | None = None) -> None:
+def _teardown(node: NodeContext, container_id: str, ifname: str) -> None:
     host = podnet.host_ifname(container_id, ifname)
-    if address is None:
-        address = node.ipam.lookup(container_id, ifname)
-    if address is not None:
-        _delete_endpoint(node, str(address))
     # The veth first: deleting it takes the pod end, the node route and the tc attachments with it, so
     # detach_device only unpins (detaching a tcx link of a live device would wait for an RCU grace period).
     netlink.delete_link(host)
     node.datapath.detach_device(host)
-    node.ipam.release(container_id, ifname)
+    # The endpoint entries go with the allocation, under IPAM's lock: one scan of the records, and no
+    # ADD of another pod can be given the address before its entry is gone.
+    node.ipam.release(container_id, ifname,
+                      before=lambda addresses: [_delete_endpoint(node, str(address)) for address in addresses])
 
 
 def _delete_endpoint(node: NodeContext, address: str) -> None:
@@ -224,10 +223,10 @@ def _delete_endpoint(node: NodeContext, address: str) -> None:
 
 def _gc(req: Request, node: NodeContext) -> None:
     valid = _valid_attachments(req.conf)
-    for address, record in node.ipam.allocations().items():
-        key = (record.get("container_id"), record.get("ifname"))
-        if key not in valid and all(isinstance(part, str) and part for part in key):
-            _teardown(node, *key, address=address)
+    held = {(record.get("container_id"), record.get("ifname")) for record in node.ipam.allocations().values()}
+    for key in sorted(held - valid, key=str):
+        if all(isinstance(part, str) and part for part in key):
+            _teardown(node, *key)
     node.ipam.gc(valid)  # also records too damaged to name their attachment
     keep = {podnet.host_ifname(*key) for key in valid}
     # Veths an interrupted ADD left without an allocation, and pins of veths already gone.
