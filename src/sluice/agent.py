@@ -344,7 +344,7 @@ class Agent:
     def _handle_cni(self, request: dict) -> dict:
         from .cni import ops
 
-        command, env = request.get("command", ""), request.get("env") or {}
+        command, env, stdin = request.get("command", ""), request.get("env") or {}, request.get("stdin", "")
         if command == "GC":
             locked = self._cni.gc()
         else:
@@ -358,12 +358,13 @@ class Agent:
                                    self.health["last_error"] or "")
                 node = ops.NodeContext(datapath=self.dp, ipam=self._ipam_of(state.pod_cidr), mtu=self.config.mtu,
                                        ready=lambda: bool(self.health["ready"]))
-                return agent_protocol.cni_reply(ops.handle(command, env, request.get("stdin", ""), node))
+                return agent_protocol.cni_reply(ops.handle(command, env, stdin, node))
             except CniError as e:
-                return agent_protocol.error_reply(e)
+                return agent_protocol.cni_error_reply(e, command, stdin)
             except Exception as e:  # noqa: BLE001 - a CNI caller must always get an answer
                 log.exception("CNI %s failed", command)
-                return agent_protocol.error_reply(CniError(INTERNAL_FAILURE, f"sluice-agent internal error: {e}"))
+                return agent_protocol.cni_error_reply(CniError(INTERNAL_FAILURE, f"sluice-agent internal error: {e}"),
+                                                      command, stdin)
 
     def _ipam_of(self, pod_cidr: str):
         """The node's Ipam for `pod_cidr`, made once per CIDR (it holds no state of its own: the records

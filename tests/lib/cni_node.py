@@ -1,6 +1,6 @@
 """A node for CNI tests that need the real sluice-agent: an `sltest-` node namespace with NIC sleth0,
 a throwaway cgroup, a state file, a private pin root and IPAM directory, the agent process, the CNI
-plugin launcher a runtime would execute, and pod namespaces. Everything is removed on exit.
+plugin a runtime would execute, and pod namespaces. Everything is removed on exit.
 
 The node has a network namespace of its own (unlike tests/runtime/test_cni.py, whose node is the test
 process's netns) so that a snapshot of its links and routes sees this test's work only, and so that a
@@ -9,7 +9,7 @@ GC here can never remove another test's veths.
 `failpoint` starts the agent with one of its ADD steps wrapped: the first time the agent reaches that
 step it creates <pause dir>/reached and waits, without doing the step, until <pause dir>/release
 exists. A test can then kill the agent (or the plugin waiting for it) at exactly that point. Only the
-launcher differs: the agent runs its own code (sluice.agent.main) with its own configuration.
+agent's launcher differs: it runs its own code (sluice.agent.main) with its own configuration.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import uuid
 from lib import netns
 from lib.agent import VENV_BIN, AgentProcess
 from lib.cgroup import cgroup
+from lib.cni_exec import SLUICE_PLUGIN
 from sluice.cni import podnet
 from sluice.datapath import Datapath
 from sluice.ipam import Ipam
@@ -36,14 +37,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BPF_BUILD = os.path.join(ROOT, "build", "bpf")
 NODE_IP = "192.168.94.11"
 PYTHON = os.path.join(VENV_BIN, "python")
-
-# What a node's CNI bin dir holds: the plugin started the cheap way (as tests/runtime/test_cni.py does).
-LAUNCHER = f"""#!{PYTHON} -IS
-import sys
-sys.path.insert(0, {os.path.join(ROOT, "src")!r})
-from sluice.cni.plugin import main
-sys.exit(main())
-"""
 
 # The agent's ADD steps a failpoint can stop before, in the order ADD takes them, and what each wraps.
 FAILPOINTS = {
@@ -122,9 +115,7 @@ class Node:
                       "prefilter": ["203.0.113.0/24"]}
         self.write_state(self.state)
         os.makedirs(self.bin_dir)
-        with open(self.plugin_path, "w") as f:
-            f.write(LAUNCHER)
-        os.chmod(self.plugin_path, 0o755)
+        shutil.copy(SLUICE_PLUGIN, self.plugin_path)     # what a node's CNI bin dir holds
         self.agent = Agent(ns, {"state_file": self.state_file, "pin_root": pin_root, "obj_dir": BPF_BUILD,
                                 "socket": os.path.join(workdir, "run", "agent.sock"), "metrics_address": "",
                                 "ipam_dir": self.ipam_dir, "cgroup": cgroup_path, "poll_interval": 0.2},
