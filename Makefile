@@ -70,6 +70,8 @@ WHEELS := $(BUILD)/wheels
 artifacts: setup bpf cni
 	@mkdir -p $(WHEELS)
 	@rm -f $(WHEELS)/sluice-*.whl
+	@# setuptools builds in build/lib and keeps what it copied there before: a module removed from src/ would ship
+	@rm -rf $(BUILD)/lib $(BUILD)/bdist.*
 	SOURCE_DATE_EPOCH=315532800 $(PY) -m pip wheel -q --disable-pip-version-check --no-deps -w $(WHEELS) .
 	$(PY) -m pip download -q --disable-pip-version-check --only-binary=:all: -d $(WHEELS) -r requirements.txt
 	cp requirements.txt $(WHEELS)/requirements.txt
