@@ -7,6 +7,7 @@ agent can always answer the plugin with a CNI error.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 from dataclasses import dataclass
@@ -206,14 +207,22 @@ def _del(req: Request, node: NodeContext) -> None:
 
 def _teardown(node: NodeContext, container_id: str, ifname: str) -> None:
     host = podnet.host_ifname(container_id, ifname)
-    # The veth first: deleting it takes the pod end, the node route and the tc attachments with it, so
-    # detach_device only unpins (detaching a tcx link of a live device would wait for an RCU grace period).
-    netlink.delete_link(host)
+    # Deleting the veth takes the pod end, the node route and the tc attachments with it, so detach_device
+    # only unpins (detaching a tcx link of a live device would wait for an RCU grace period). The kernel's
+    # deletion waits ~16-20 ms for RCU callbacks, with the GIL released: IPAM's part runs meanwhile, on this
+    # thread (a thread started here is in this thread's netns, the node's). An address freed before its old
+    # veth is gone is harmless: a new pod gets a veth, route and endpoint entry of its own, and the old veth
+    # is out of the node's maps already.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="veth-delete") as pool:
+        deleting = pool.submit(netlink.delete_link, host)
+        try:
+            # The endpoint entries go with the allocation, under IPAM's lock: one scan of the records, and no
+            # ADD of another pod can be given the address before its entry is gone.
+            node.ipam.release(container_id, ifname,
+                              before=lambda addresses: [_delete_endpoint(node, str(a)) for a in addresses])
+        finally:
+            deleting.result()   # the DEL answers once the veth is gone (and fails if it could not go)
     node.datapath.detach_device(host)
-    # The endpoint entries go with the allocation, under IPAM's lock: one scan of the records, and no
-    # ADD of another pod can be given the address before its entry is gone.
-    node.ipam.release(container_id, ifname,
-                      before=lambda addresses: [_delete_endpoint(node, str(address)) for address in addresses])
 
 
 def _delete_endpoint(node: NodeContext, address: str) -> None:
