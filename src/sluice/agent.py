@@ -86,10 +86,10 @@ class CniLocks:
     """CNI commands run concurrently, one at a time per attachment (container ID, ifname); GC runs alone.
 
     Nothing else needs them in sequence: each attachment has its own veth, node route, endpoint entry
-    and tc filter, and IPAM takes its own lock. Run one at a time (as they were), concurrent ADDs
-    queued behind each other's kernel waits (a veth's deletion waits for RCU callbacks, ~16 ms here)
-    and behind each other's Python. GC reads every attachment and removes what it finds unlisted,
-    which an ADD in progress would be."""
+    and tc filter, and IPAM takes its own lock. One at a time, as they ran before, concurrent ADDs and
+    DELs queued behind each other's kernel waits (a veth's deletion waits ~16-20 ms for RCU callbacks)
+    and each other's Python. GC reads every attachment and removes what it finds unlisted, which an
+    ADD in progress would be."""
 
     def __init__(self):
         self._cond = threading.Condition()
@@ -125,6 +125,16 @@ class CniLocks:
             with self._cond:
                 self._gc = False
                 self._cond.notify_all()
+
+
+def _attachment(env) -> tuple[str, str] | None:
+    """The attachment a CNI request's environment names, if it names one (ops.handle checks the rest)."""
+    if not isinstance(env, dict):
+        return None
+    container_id, ifname = env.get("CNI_CONTAINERID"), env.get("CNI_IFNAME")
+    if isinstance(container_id, str) and isinstance(ifname, str) and container_id and ifname:
+        return container_id, ifname
+    return None
 
 
 class Agent:
@@ -345,12 +355,7 @@ class Agent:
         from .cni import ops
 
         command, env, stdin = request.get("command", ""), request.get("env") or {}, request.get("stdin", "")
-        if command == "GC":
-            locked = self._cni.gc()
-        else:
-            container_id, ifname = env.get("CNI_CONTAINERID"), env.get("CNI_IFNAME")
-            locked = self._cni.command((container_id, ifname) if container_id and ifname else None)
-        with locked:
+        with self._cni.gc() if command == "GC" else self._cni.command(_attachment(env)):
             try:
                 state = self.state
                 if state is None:

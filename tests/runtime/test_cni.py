@@ -492,6 +492,18 @@ def test_the_agent_answers_a_malformed_request_with_a_cni_error(agent, line, cod
     assert named in reply["error"]["msg"]
 
 
+@pytest.mark.parametrize("request_", [
+    {"op": "cni", "command": "ADD", "env": ["CNI_CONTAINERID"], "stdin": json.dumps(config())},
+    {"op": "cni", "command": "DEL", "env": {"CNI_CONTAINERID": ["c"], "CNI_IFNAME": {}}, "stdin": json.dumps(config())},
+    {"op": "cni", "command": ["GC"], "env": {}, "stdin": 7},
+])
+def test_the_agent_answers_a_cni_request_of_the_wrong_shape(agent, request_):
+    """Whatever a client puts in a "cni" request, it gets an error result to print, not a closed socket."""
+    reply = agent_protocol.request(agent, request_, timeout=30)
+    assert reply["ok"] is False and reply["error"]["code"] in (4, 6, 999), reply
+    assert json.loads(reply["output"])["code"] == reply["error"]["code"]
+
+
 def test_missing_netns_is_an_unknown_container(node, agent, pods, cni_bin):
     cid = pods.container_id()
     netns = f"/run/netns/{PREFIX}absent-{uuid.uuid4().hex[:6]}"
