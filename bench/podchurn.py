@@ -1,12 +1,13 @@
 """Pod churn through kubelet, on a Kubernetes lab of the benchmark's own (lab/lab.py `--kubernetes`, name
 `slbchurn`, 2 nodes, converged by playbooks/site.yml): a Deployment of pause pods pinned to one node, scaled
 from 0 to 100 replicas and timed until every pod is Ready, then scaled back to 0 and timed until every pod
-is gone from the API. node1 runs pods through Sluice (its conflist, the plugin and agent site.yml
-installed); node2 through Debian's reference `bridge` + `host-local` plugins (a conflist of its own put
-first in its CNI directory, on its pod CIDR). Both nodes are alike otherwise (containerd, kubelet, the same
-images); rounds alternate which node goes first. What is timed is everything kubelet and containerd do
-for a pod (the sandbox, the CNI ADD or DEL, the container), so the CNI's share shows as a difference
-between the nodes, not as the whole. The lab is taken down at the end, also on failure.
+is gone from the API. In each round one node runs its pods through Sluice (the conflist, plugin and agent
+site.yml installed) and the other through Debian's reference `bridge` + `host-local` plugins (a conflist
+of its own put first in the node's CNI directory, on its pod CIDR); the nodes swap plugins every two
+rounds and the order alternates every round, so neither node nor order favours a plugin. What is timed
+is everything kubelet and containerd do for a pod (the sandbox, the CNI ADD or DEL, the container), so
+the CNI's share shows as a difference, not as the whole. The lab is taken down at the end, also on
+failure.
 `python -m bench --no-lab` skips it."""
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ LAB = "slbchurn"
 SUBNET = "192.168.98.0/24"
 PLAYBOOK = os.path.join(ROOT, ".venv", "bin", "ansible-playbook")
 NS = "churn"
-NODES = {"sluice": "node1", "bridge": "node2"}
 REFERENCE = ("bridge", "host-local")
+REFERENCE_CONFLIST = "00-bench-bridge.conflist"
 TARGETS: list = []
 
 
@@ -55,17 +56,25 @@ def _play(name: str) -> None:
         raise RuntimeError(f"{name} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-1000:]}")
 
 
-def _reference_cni(the_lab: lab.Lab, index: int) -> None:
-    """node<index> runs its pods through bridge + host-local: the plugins, and a conflist the runtime picks
-    before Sluice's (the lexically first; containerd watches the directory)."""
+def _install_reference(the_lab: lab.Lab, index: int) -> None:
     root = os.path.join(the_lab.node_dir(index), "root")
     for plugin in REFERENCE:
         shutil.copy2(os.path.join(kube.REFERENCE_PLUGIN_DIR, plugin), f"{root}/opt/cni/bin/{plugin}")
+
+
+def _use(the_lab: lab.Lab, index: int, plugin: str) -> None:
+    """node<index> runs its pods through `plugin`: bridge + host-local by a conflist the runtime picks
+    before Sluice's (the lexically first), Sluice once that is gone. containerd watches the directory."""
+    path = os.path.join(the_lab.node_dir(index), "root", "etc", "cni", "net.d", REFERENCE_CONFLIST)
+    if plugin == "sluice":
+        if os.path.exists(path):
+            os.unlink(path)
+        return
     conflist = {"cniVersion": "1.0.0", "name": "bench-bridge", "plugins": [
         {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False,
          "ipam": {"type": "host-local", "ranges": [[{"subnet": kube.node_pod_cidr(index)}]]}},
         {"type": "portmap", "capabilities": {"portMappings": True}}]}
-    with open(f"{root}/etc/cni/net.d/00-bench-bridge.conflist", "w") as f:
+    with open(path, "w") as f:
         json.dump(conflist, f, indent=2)
 
 
@@ -145,29 +154,35 @@ def run(opts) -> dict:
     if not opts.lab:
         return {"measured": False, "reason": "skipped (--no-lab)"}
     pods = 30 if opts.quick else 100
-    rounds = 1 if opts.quick else 3
+    rounds = 1 if opts.quick else 4
     res: dict = {"measured": True, "pods": pods, "rounds": rounds,
-                 "raw": {side: {"up": [], "down": []} for side in NODES}}
+                 "raw": {side: {"up": [], "down": [], "node": []} for side in ("sluice", "bridge")}}
     try:
         _lab_cli("up", "--kubernetes", "--nodes", "2", "--subnet", SUBNET)
         _play("site.yml")
         the_lab = lab.Lab(LAB)
         k8s = kube.Cluster(the_lab)
-        _reference_cni(the_lab, 2)
+        for index in (1, 2):
+            _install_reference(the_lab, index)
         k8s.kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=180s")
         k8s.kubectl("create", "namespace", NS)
-        k8s.apply([_deployment(node) for node in NODES.values()])
+        k8s.apply([_deployment(f"node{index}") for index in (1, 2)])
         api = Api(k8s.admin_conf)
-        for node in NODES.values():     # untimed: images and page cache warm, each node's first sandbox made
-            _churn(api, node, 2)
         for r in range(rounds):
-            for side in (NODES if r % 2 == 0 else list(NODES)[::-1]):
-                up, down = _churn(api, NODES[side], pods)
-                res["raw"][side]["up"].append(up)
-                res["raw"][side]["down"].append(down)
-                print(f"  {side:6} ({NODES[side]}): 0 → {pods} Ready in {up:.1f} s, back to 0 in {down:.1f} s",
+            nodes = {"sluice": 1, "bridge": 2} if r // 2 % 2 == 0 else {"sluice": 2, "bridge": 1}
+            for side, index in nodes.items():
+                _use(the_lab, index, side)
+            time.sleep(2)                # containerd picks the configuration up
+            if r % 2 == 0:              # untimed: each node's first sandbox through its new plugin
+                for index in (1, 2):
+                    _churn(api, f"node{index}", 2)
+            for side in (("sluice", "bridge") if r % 2 == 0 else ("bridge", "sluice")):
+                up, down = _churn(api, f"node{nodes[side]}", pods)
+                for key, value in (("up", up), ("down", down), ("node", nodes[side])):
+                    res["raw"][side][key].append(value)
+                print(f"  {side:6} (node{nodes[side]}): 0 → {pods} Ready in {up:.1f} s, back to 0 in {down:.1f} s",
                       flush=True)
-        res["summary"] = {side: {k: summary(v) for k, v in raw.items()} for side, raw in res["raw"].items()}
+        res["summary"] = {side: {k: summary(raw[k]) for k in ("up", "down")} for side, raw in res["raw"].items()}
         res["ratios"] = {k: ratio(res["summary"]["sluice"][k]["median"], res["summary"]["bridge"][k]["median"])
                          for k in ("up", "down")}
     finally:
@@ -180,8 +195,9 @@ def markdown(res: dict) -> list[str]:
         return [f"Not measured: {res['reason']}."]
     s, b, r = res["summary"]["sluice"], res["summary"]["bridge"], res["ratios"]
     return [
-        f"{res['rounds']} round(s), nodes alternated; {res['pods']} pause pods per Deployment, one node each.", "",
-        "| | Sluice (node1) | bridge + host-local (node2) | Sluice / bridge |", "|---|---|---|---|",
+        f"{res['rounds']} round(s), the nodes swapping plugins every two rounds and the order alternating; "
+        f"{res['pods']} pause pods per Deployment, on one node.", "",
+        "| | Sluice | bridge + host-local | Sluice / bridge |", "|---|---|---|---|",
         f"| scale 0 → {res['pods']}, until every pod is Ready | {fmt_spread(s['up'], ' s', digits=1)} | "
         f"{fmt_spread(b['up'], ' s', digits=1)} | {fmt_ratio(r['up'])} |",
         f"| scale {res['pods']} → 0, until no pod is left | {fmt_spread(s['down'], ' s', digits=1)} | "
