@@ -1,9 +1,12 @@
 """XDP: the per-packet cost of xdp_nic measured with BPF_PROG_TEST_RUN
 (sluice.bpf.libbpf.test_run, as tests/bpf/test_xdp.py calls it, from inside a
 node namespace with the NIC as ingress_ifindex):
-prefilter with 10,000 CIDRs (a listed source dropped, an unlisted one passed)
-and the L4 load balancer (an established flow rewritten and sent with XDP_TX),
-each relative to an unfiltered packet passing an empty prefilter. Then a
+the failsafe (the default management ports loaded: a packet to another port
+pays its two lookups, one to the node's SSH port also the FIB lookup that
+tells the node's own address), prefilter with 10,000 CIDRs (a listed source
+dropped, an unlisted one passed) and the L4 load balancer (an established flow
+rewritten and sent with XDP_TX), each relative to an unfiltered packet passing
+an empty failsafe and an empty prefilter. Then a
 flood: trafgen (netsniff-ng) in an attacker namespace sends 64-byte UDP
 frames from sources spread over the 10,000 CIDRs into a victim namespace's
 veth, where either xdp_nic (native XDP, prefilter) or an iptables raw-table
@@ -26,7 +29,8 @@ import time
 from lib import netns, packets
 from sluice.bpf import libbpf as lb
 from sluice.datapath import Datapath
-from sluice.maps import Backend, BackendsMap, ConfigMap, LbVipsMap, MetricsMap, PrefilterMap
+from sluice.maps import Backend, BackendsMap, ConfigMap, FailsafeMap, LbVipsMap, MetricsMap, PrefilterMap
+from sluice.state.schema import DEFAULT_FAILSAFE, failsafe_ports
 
 from .common import (BPF_BUILD, CPU, fmt_spread, namespaces, paired_ratios, pin_root, sh, spawn, stop,
                      summary, sysctl, iptables_restore)
@@ -139,20 +143,29 @@ def run(opts) -> dict:
             cfg.set(NODE_IP, nic0)
             bm.put_many(BACKENDS)
             vips.put(VIP, VPORT, "tcp", BACKENDS)
-        frames = {
-            "pass": (packets.udp("203.0.113.9", NODE_IP), XDP_PASS),
-            "prefilter_drop": (packets.udp("16.19.136.1", NODE_IP), XDP_DROP),      # listed: CIDR #5000
-            "prefilter_pass": (packets.udp("203.0.113.9", NODE_IP), XDP_PASS),
+        frames = {      # UDP to port 9999: no failsafe port
+            "pass": (packets.udp("203.0.113.9", NODE_IP, dport=9999), XDP_PASS),
+            "failsafe_miss": (packets.udp("203.0.113.9", NODE_IP, dport=9999), XDP_PASS),
+            "failsafe_hit": (packets.tcp("203.0.113.9", NODE_IP, 40000, 22, flags="A"), XDP_PASS),
+            "prefilter_drop": (packets.udp("16.19.136.1", NODE_IP, dport=9999), XDP_DROP),    # listed: CIDR #5000
+            "prefilter_pass": (packets.udp("203.0.113.9", NODE_IP, dport=9999), XDP_PASS),
             "lb_tx": (packets.tcp(CLIENT, VIP, 40000, VPORT, flags="A"), XDP_TX),
         }
         raw = {k: [] for k in frames}              # mean of repeat=N (packet-preserving cases)
         single = {k: [] for k in frames}           # median of single runs (all cases)
-        with dp.open_map(PrefilterMap) as pf:
-            for _rep in range(reps):      # empty prefilter first, then 10,000 CIDRs
+        with dp.open_map(PrefilterMap) as pf, dp.open_map(FailsafeMap) as fs:
+            for _rep in range(reps):      # empty failsafe and prefilter first, then the failsafe, then 10,000 CIDRs
                 pf.clear()
+                fs.clear()
                 frame, expect = frames["pass"]
                 raw["pass"].append(_test_run(prog, node, nic0, frame, repeat, expect))
                 single["pass"].append(_test_run_single(prog, node, nic0, frame, singles, expect))
+                for proto, port in failsafe_ports(DEFAULT_FAILSAFE):
+                    fs.put(proto, port)
+                for k in ("failsafe_miss", "failsafe_hit"):
+                    frame, expect = frames[k]
+                    raw[k].append(_test_run(prog, node, nic0, frame, repeat, expect))
+                    single[k].append(_test_run_single(prog, node, nic0, frame, singles, expect))
                 pf.put_many({cidr(i): i + 1 for i in range(CIDRS)})
                 for k in ("prefilter_drop", "prefilter_pass", "lb_tx"):
                     frame, expect = frames[k]
@@ -227,7 +240,9 @@ def run(opts) -> dict:
 def markdown(res: dict) -> list[str]:
     p, vs = res["per_packet_ns"], res["per_packet_vs_pass"]
     q, qs = res["per_packet_single_ns"], res["per_packet_single_vs_pass"]
-    labels = {"pass": "unlisted source, empty prefilter (reference)",
+    labels = {"pass": "unlisted source, empty failsafe and prefilter (reference)",
+              "failsafe_miss": "the default failsafe loaded, a port not in it (every packet's cost)",
+              "failsafe_hit": "the default failsafe loaded, TCP to the node's SSH port → XDP_PASS",
               "prefilter_drop": f"listed source, {res['cidrs']:,} CIDRs → XDP_DROP",
               "prefilter_pass": f"unlisted source, {res['cidrs']:,} CIDRs → XDP_PASS",
               "lb_tx": f"LB VIP, established flow → NAT rewrite + XDP_TX ({res['cidrs']:,} CIDRs loaded)"}
@@ -260,9 +275,9 @@ def markdown(res: dict) -> list[str]:
 def plot(res: dict, plt):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     p = res["per_packet_single_ns"]
-    keys = ["pass", "prefilter_drop", "prefilter_pass", "lb_tx"]
+    keys = ["pass", "failsafe_miss", "failsafe_hit", "prefilter_drop", "prefilter_pass", "lb_tx"]
     med = [p[k]["median"] for k in keys]
-    axes[0].bar(["empty\nprefilter", "10k CIDRs\ndrop", "10k CIDRs\npass", "LB\nXDP_TX"], med,
+    axes[0].bar(["empty", "failsafe\nmiss", "failsafe\nhit", "10k CIDRs\ndrop", "10k CIDRs\npass", "LB\nXDP_TX"], med,
                 yerr=[[m - p[k]["min"] for k, m in zip(keys, med)], [p[k]["max"] - m for k, m in zip(keys, med)]],
                 capsize=4, color="tab:green")
     axes[0].set_ylabel("ns per packet (test_run, single runs)")

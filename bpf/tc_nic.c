@@ -7,6 +7,22 @@
  *   shorter than Ethernet, truncated
  *   or malformed IPv4 (ihl < 5, ...)   TC_ACT_SHOT                  SL_DROP_INVALID
  *   destination is a local pod         redirect_peer into it        SL_OUT_REDIRECT_PEER
+ *   a management flow of the node
+ *   (failsafe.h)                       pass                         SL_OUT_FAILSAFE
+ *   TCP/UDP flow in sl_lb_nat (either
+ *   direction), or new flow to an LB
+ *   VIP with backends: the load
+ *   balancer where xdp_nic does not
+ *   run (a packet it translated does
+ *   not match any more)                rewritten, then
+ *     to a local pod                   redirect_peer into it        SL_OUT_REDIRECT_PEER
+ *     to another node's pod CIDR       as tc_from_pod forwards      SL_OUT_REDIRECT_NEIGH/_TUNNEL
+ *     elsewhere                        redirect_neigh out the NIC   SL_OUT_LB_NEIGH
+ *     a rewrite helper failing         TC_ACT_SHOT                  SL_DROP_REWRITE_FAILED
+ *   no free NAT port for a new flow    TC_ACT_SHOT                  SL_DROP_NAT_EXHAUSTED
+ *   LB VIP without backends: the
+ *     node's own address (a NodePort)  pass (the stack refuses it)  SL_OUT_PASS
+ *     another address                  TC_ACT_SHOT                  SL_DROP_NO_BACKEND
  *   TTL would expire on forwarding     pass (stack sends ICMP)      SL_OUT_PASS
  *   anything else (node, VXLAN outer)  pass                         SL_OUT_PASS
  *   redirect_peer refusing             TC_ACT_SHOT                  SL_DROP_REDIRECT_FAILED
@@ -14,6 +30,62 @@
 #include "common.h"
 #include "maps.h"
 #include "l3.h"
+#include "lb_tc.h"
+#include "failsafe.h"
+
+/* The load balancer for a packet that is not for a local pod, as xdp_nic
+ * balances (lb.h): what a NIC without XDP still gets (traffic to the node
+ * itself pays two lookups; pods' traffic is delivered before). True with
+ * *verdict final when the packet was load-balanced traffic. */
+static __always_inline bool lb_from_nic(struct __sk_buff *skb, struct iphdr *ip, enum sl_hook hook, int *verdict)
+{
+	struct sl_flow_tuple t = {};
+	struct sl_lb_vip_key vk = {};
+	const struct sl_backend *be;
+	struct sl_lb_vip *vip;
+	struct sl_config *cfg;
+	struct sl_nat *nat, to;
+	bool keep_source;
+	__u32 zero = 0, hash;
+
+	if (!sl_tc_flow_tuple(skb, ip, &t))
+		return false;
+	if (sl_failsafe_flow(skb, &t, skb->ingress_ifindex)) {
+		*verdict = sl_tc_count_pass(skb, hook, SL_OUT_FAILSAFE);
+		return true;
+	}
+	cfg = bpf_map_lookup_elem(&sl_config, &zero);
+	if (!cfg || !cfg->node_ip || !cfg->nic_ifindex)
+		return false;   /* not configured: the stack decides */
+	nat = bpf_map_lookup_elem(&sl_lb_nat, &t);
+	if (nat) {
+		to = *nat;      /* a copy: the LRU entry may change under us */
+	} else {
+		vk.vip = t.daddr;
+		vk.port = t.dport;
+		vk.proto = t.proto;
+		vip = bpf_map_lookup_elem(&sl_lb_vips, &vk);
+		if (!vip)
+			return false;
+		hash = sl_flow_hash(&t);
+		be = vip->backend_count ? sl_lb_select_backend(vip, &t, hash) : NULL;
+		if (!be) {
+			/* The stack refuses a port of its own (reset, port unreachable). */
+			if (t.daddr == cfg->node_ip)
+				return false;
+			*verdict = sl_tc_drop(skb, hook, SL_DROP_NO_BACKEND);
+			return true;
+		}
+		keep_source = (vip->flags & SL_LB_KEEP_SOURCE) && sl_lookup_endpoint(be->ip);
+		if ((!keep_source || sl_lb_dnat_create(&t, be, &to)) &&
+		    sl_lb_nat_create(&t, be, cfg->node_ip, hash, &to)) {
+			*verdict = sl_tc_drop(skb, hook, SL_DROP_NAT_EXHAUSTED);
+			return true;
+		}
+	}
+	*verdict = sl_tc_lb_send(skb, ip, &t, &to, cfg->nic_ifindex, hook, SL_OUT_LB_NEIGH);
+	return true;
+}
 
 SEC("tc")
 int tc_from_nic(struct __sk_buff *skb)
@@ -30,6 +102,9 @@ int tc_from_nic(struct __sk_buff *skb)
 	ep = sl_lookup_endpoint(ip->daddr);
 	if (ep)
 		return sl_deliver_local(skb, eth, ip, ep, hook);
+
+	if (lb_from_nic(skb, ip, hook, &verdict))
+		return verdict;
 
 	return sl_tc_pass(skb, hook);
 }

@@ -24,65 +24,33 @@
 #include "common.h"
 #include "maps.h"
 #include "l3.h"
-#include "lb.h"
+#include "lb_tc.h"
 
-/* The reply of a pod that is the backend of a flow xdp_nic balanced to it:
- * backend:bport -> node:natport, keyed in sl_lb_nat by the reverse entry
- * xdp_nic created with the flow. That reply leaves the pod through this veth
- * and never crosses the NIC's XDP, and the node has no socket for the NAT
- * port (its stack would answer with a reset), so it is translated here to
- * VIP:vport -> client:cport and sent out of the NIC the flow came in through
- * (sl_config.nic_ifindex); bpf_redirect_neigh looks up the route to the
- * client on that NIC and resolves the next hop's MAC.
- * Fragments are left alone, as xdp_nic does: only a first one has ports.
+/* The reply of a pod that is the backend of a flow xdp_nic (or tc_from_nic)
+ * balanced to it: backend:bport -> node:natport (client:cport when the VIP keeps
+ * the client's source), keyed in sl_lb_nat by the reverse entry the flow
+ * created. That reply leaves the pod through this veth and never crosses the
+ * NIC's XDP, and the node has no socket for the NAT port (its stack would
+ * answer with a reset), so it is translated here to VIP:vport -> client:cport
+ * and sent out of the NIC the flow came in through (sl_config.nic_ifindex).
  * True with *verdict final when the packet was such a reply. */
 static __always_inline bool lb_reply(struct __sk_buff *skb, struct iphdr *ip, enum sl_hook hook, int *verdict)
 {
-	void *data_end = (void *)(long)skb->data_end;
 	struct sl_flow_tuple t = {};
-	struct sl_l4_ports *l4;
 	struct sl_config *cfg;
 	struct sl_nat *nat, to;
-	__u32 zero = 0, nic;
-	bool expiring;
+	__u32 zero = 0;
 
-	if (sl_ipv4_is_fragment(ip))
+	if (!sl_tc_flow_tuple(skb, ip, &t))
 		return false;
-	/* The whole L4 header, not just the ports: the helpers write its checksum. */
-	if (ip->protocol == IPPROTO_TCP)
-		l4 = sl_l4_header(ip, data_end, sizeof(struct tcphdr));
-	else if (ip->protocol == IPPROTO_UDP)
-		l4 = sl_l4_header(ip, data_end, sizeof(struct udphdr));
-	else
-		return false;
-	if (!l4)
-		return false;
-
-	t.saddr = ip->saddr;
-	t.daddr = ip->daddr;
-	t.sport = l4->sport;
-	t.dport = l4->dport;
-	t.proto = ip->protocol;
 	nat = bpf_map_lookup_elem(&sl_lb_nat, &t);
 	if (!nat)
 		return false;
 	cfg = bpf_map_lookup_elem(&sl_config, &zero);
 	if (!cfg || !cfg->nic_ifindex)
 		return false;   /* not configured: the stack decides */
-	nic = cfg->nic_ifindex;
 	to = *nat;          /* a copy: the LRU entry may change under us */
-
-	/* The TTL first, by direct access: the helpers below invalidate the
-	 * packet pointers. */
-	expiring = !sl_ipv4_dec_ttl(ip);
-	if (sl_lb_rewrite_skb(skb, ETH_HLEN + ip->ihl * 4, t.proto, &t, &to)) {
-		*verdict = sl_tc_drop(skb, hook, SL_DROP_REWRITE_FAILED);
-		return true;
-	}
-	if (expiring)
-		*verdict = sl_tc_pass(skb, hook);
-	else
-		*verdict = sl_tc_redirected(skb, hook, bpf_redirect_neigh(nic, NULL, 0, 0), SL_OUT_LB_REVNAT);
+	*verdict = sl_tc_lb_send(skb, ip, &t, &to, cfg->nic_ifindex, hook, SL_OUT_LB_REVNAT);
 	return true;
 }
 
@@ -91,7 +59,6 @@ int tc_from_pod(struct __sk_buff *skb)
 {
 	const enum sl_hook hook = SL_HOOK_TC_FROM_POD;
 	struct sl_endpoint *ep;
-	struct sl_route *route;
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	int verdict;
@@ -110,13 +77,8 @@ int tc_from_pod(struct __sk_buff *skb)
 	if (lb_reply(skb, ip, hook, &verdict))
 		return verdict;
 
-	ep = sl_lookup_endpoint(ip->daddr);
-	if (ep)
-		return sl_deliver_local(skb, eth, ip, ep, hook);
-
-	route = sl_lookup_route(ip->daddr);
-	if (route)
-		return sl_forward_route(skb, ip, route, hook);
+	if (sl_forward_to_pods(skb, eth, ip, hook, &verdict))
+		return verdict;
 
 	return sl_tc_pass(skb, hook);
 }

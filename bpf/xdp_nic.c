@@ -5,6 +5,8 @@
  *   not IPv4 (ARP, IPv6, VLAN...)        XDP_PASS      SL_OUT_PASS
  *   truncated frame, bad IPv4 header,
  *   TCP/UDP header cut short             XDP_DROP      SL_DROP_INVALID
+ *   a management flow of the node
+ *   (failsafe.h)                         XDP_PASS      SL_OUT_FAILSAFE
  *   source in sl_prefilter               XDP_DROP      SL_DROP_PREFILTER
  *   TCP/UDP flow in sl_lb_nat (either
  *   direction), or new flow to a VIP     rewritten, then
@@ -15,7 +17,9 @@
  *     FIB: out of another device         XDP_REDIRECT  SL_OUT_XDP_REDIRECT
  *     FIB incomplete (no neighbour...)   XDP_PASS      SL_OUT_LB_TO_STACK
  *   fragment of a flow to a VIP          XDP_DROP      SL_DROP_FRAGMENT
- *   VIP without backends                 XDP_DROP      SL_DROP_NO_BACKEND
+ *   VIP without backends: the frame
+ *     becomes ICMP port unreachable      XDP_TX        SL_OUT_LB_REJECT
+ *     (IPv4 options, or reshaping fails) XDP_DROP      SL_DROP_NO_BACKEND
  *   no free NAT port for a new flow      XDP_DROP      SL_DROP_NAT_EXHAUSTED
  *   cpumap spreading on                  XDP_REDIRECT  SL_OUT_XDP_CPUMAP
  *   anything else                        XDP_PASS      SL_OUT_PASS
@@ -28,12 +32,23 @@
 #include "parse.h"
 #include "lb.h"
 #include "fib.h"
+#include "reject.h"
+#include "failsafe.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 static __always_inline int verdict(struct xdp_md *ctx, int action, enum sl_outcome outcome)
 {
 	sl_count(SL_HOOK_XDP_NIC, outcome, ctx->data_end - ctx->data);
+	return action;
+}
+
+/* A new flow to a VIP that has no backend is refused at once. */
+static __always_inline int reject(struct xdp_md *ctx, enum sl_outcome *outcome)
+{
+	int action = sl_xdp_reject(ctx);
+
+	*outcome = action == XDP_TX ? SL_OUT_LB_REJECT : SL_DROP_NO_BACKEND;
 	return action;
 }
 
@@ -49,6 +64,7 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct ethhdr *eth, str
 	struct sl_lb_vip *vip;
 	struct sl_config *cfg;
 	struct sl_nat *nat, new;
+	bool keep_source;
 	__u32 zero = 0;
 
 	/* One lookup serves both directions: the forward entry of a known
@@ -61,19 +77,20 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct ethhdr *eth, str
 		vip = bpf_map_lookup_elem(&sl_lb_vips, &vk);
 		if (!vip)
 			return -1;
-		if (!vip->backend_count) {
-			*outcome = SL_DROP_NO_BACKEND;
-			return XDP_DROP;
-		}
+		if (!vip->backend_count)
+			return reject(ctx, outcome);
 		cfg = bpf_map_lookup_elem(&sl_config, &zero);
 		if (!cfg || !cfg->node_ip)
 			return -1;      /* not configured: the stack decides */
-		be = sl_lb_select_backend(vip, hash);
-		if (!be) {
-			*outcome = SL_DROP_NO_BACKEND;
-			return XDP_DROP;
-		}
-		if (sl_lb_nat_create(t, be, cfg->node_ip, hash, &new)) {
+		be = sl_lb_select_backend(vip, t, hash);
+		if (!be)
+			return reject(ctx, outcome);
+		/* The client's address is kept only towards a pod of this node:
+		 * only there does tc_from_pod see the reply to translate back. */
+		ek.ip = be->ip;
+		keep_source = (vip->flags & SL_LB_KEEP_SOURCE) && bpf_map_lookup_elem(&sl_endpoints, &ek);
+		if ((!keep_source || sl_lb_dnat_create(t, be, &new)) &&
+		    sl_lb_nat_create(t, be, cfg->node_ip, hash, &new)) {
 			*outcome = SL_DROP_NAT_EXHAUSTED;
 			return XDP_DROP;
 		}
@@ -127,10 +144,6 @@ int xdp_nic(struct xdp_md *ctx)
 		return verdict(ctx, XDP_DROP, SL_DROP_INVALID);
 	}
 
-	pk.ip = ip->saddr;
-	if (bpf_map_lookup_elem(&sl_prefilter, &pk))
-		return verdict(ctx, XDP_DROP, SL_DROP_PREFILTER);
-
 	t.saddr = ip->saddr;
 	t.daddr = ip->daddr;
 	t.proto = ip->protocol;
@@ -157,6 +170,15 @@ int xdp_nic(struct xdp_md *ctx)
 			return verdict(ctx, XDP_DROP, SL_DROP_INVALID);
 		t.sport = l4->sport;
 		t.dport = l4->dport;
+		if (sl_failsafe_flow(ctx, &t, ctx->ingress_ifindex))
+			return verdict(ctx, XDP_PASS, SL_OUT_FAILSAFE);
+	}
+
+	pk.ip = ip->saddr;
+	if (bpf_map_lookup_elem(&sl_prefilter, &pk))
+		return verdict(ctx, XDP_DROP, SL_DROP_PREFILTER);
+
+	if (l4) {
 		if (sl_ipv4_is_fragment(ip)) {
 			if (fragment_to_vip(&t))
 				return verdict(ctx, XDP_DROP, SL_DROP_FRAGMENT);

@@ -14,6 +14,8 @@
 #define AF_INET         2
 #define IP_MF           0x2000
 #define IP_OFFSET       0x1fff
+#define ICMP_DEST_UNREACH  3
+#define ICMP_PORT_UNREACH  3
 
 /* tc verdicts (linux/pkt_cls.h). SL_TC_PASS is TC_ACT_UNSPEC == TCX_NEXT: under
  * tcx it lets later programs on the hook run, under cls_bpf direct-action it

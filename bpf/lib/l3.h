@@ -9,10 +9,16 @@
 #include "parse.h"
 #include "csum.h"
 
+/* To the stack (or the next program), counted as `outcome`. */
+static __always_inline int sl_tc_count_pass(struct __sk_buff *skb, enum sl_hook hook, enum sl_outcome outcome)
+{
+	sl_count(hook, outcome, skb->len);
+	return SL_TC_PASS;
+}
+
 static __always_inline int sl_tc_pass(struct __sk_buff *skb, enum sl_hook hook)
 {
-	sl_count(hook, SL_OUT_PASS, skb->len);
-	return SL_TC_PASS;
+	return sl_tc_count_pass(skb, hook, SL_OUT_PASS);
 }
 
 static __always_inline int sl_tc_drop(struct __sk_buff *skb, enum sl_hook hook, enum sl_outcome reason)
@@ -121,4 +127,24 @@ static __always_inline int sl_forward_route(struct __sk_buff *skb, struct iphdr 
 	if (route->flags & SL_ROUTE_TUNNEL)
 		return sl_forward_tunnel(skb, route, hook);
 	return sl_forward_native(skb, route, hook);
+}
+
+/* Into a pod of this node, or towards another node's pod CIDR: true with
+ * *verdict final; false for any other destination, left to the caller. */
+static __always_inline bool sl_forward_to_pods(struct __sk_buff *skb, struct ethhdr *eth, struct iphdr *ip,
+					       enum sl_hook hook, int *verdict)
+{
+	struct sl_endpoint *ep = sl_lookup_endpoint(ip->daddr);
+	struct sl_route *route;
+
+	if (ep) {
+		*verdict = sl_deliver_local(skb, eth, ip, ep, hook);
+		return true;
+	}
+	route = sl_lookup_route(ip->daddr);
+	if (route) {
+		*verdict = sl_forward_route(skb, ip, route, hook);
+		return true;
+	}
+	return false;
 }

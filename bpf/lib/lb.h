@@ -48,24 +48,102 @@ static __always_inline __u32 sl_flow_hash(const struct sl_flow_tuple *t)
 
 /* Maglev: the flow's slot in the VIP's lookup table names the backend. */
 static __always_inline const struct sl_backend *
-sl_lb_select_backend(const struct sl_lb_vip *vip, __u32 hash)
+sl_lb_maglev_backend(const struct sl_lb_vip *vip, __u32 hash, __u32 *backend_id)
 {
 	__u32 slot = hash % SL_MAGLEV_SIZE;
-	__u32 backend_id;
 
 	/* The verifier does not learn bounds from a modulo: state it again. */
 	asm volatile("" : "+r"(slot));
 	if (slot >= SL_MAGLEV_SIZE)
 		return NULL;
-	backend_id = vip->table[slot];
-	return bpf_map_lookup_elem(&sl_backends, &backend_id);
+	*backend_id = vip->table[slot];
+	return bpf_map_lookup_elem(&sl_backends, backend_id);
+}
+
+/* The backend of a new flow: with ClientIP affinity, the one the client used
+ * last unless its timeout ran out; otherwise, and for a new client, Maglev's,
+ * which the client then keeps. */
+static __always_inline const struct sl_backend *
+sl_lb_select_backend(const struct sl_lb_vip *vip, const struct sl_flow_tuple *t, __u32 hash)
+{
+	struct sl_lb_affinity_key ak = { .vip = t->daddr, .port = t->dport, .proto = t->proto, .client = t->saddr };
+	struct sl_lb_affinity fresh = {};
+	const struct sl_backend *be;
+	struct sl_lb_affinity *aff;
+	__u64 now, timeout;
+
+	if (!(vip->flags & SL_LB_AFFINITY))
+		return sl_lb_maglev_backend(vip, hash, &fresh.backend_id);
+	now = bpf_ktime_get_ns();
+	timeout = (__u64)(vip->flags >> SL_LB_FLAGS_BITS) * 1000000000ULL;
+	aff = bpf_map_lookup_elem(&sl_lb_affinity, &ak);
+	if (aff && now - aff->last_used_ns < timeout) {
+		be = bpf_map_lookup_elem(&sl_backends, &aff->backend_id);
+		if (be) {
+			aff->last_used_ns = now;
+			return be;
+		}
+	}
+	be = sl_lb_maglev_backend(vip, hash, &fresh.backend_id);
+	if (be) {
+		fresh.last_used_ns = now;
+		bpf_map_update_elem(&sl_lb_affinity, &ak, &fresh, BPF_ANY);
+	}
+	return be;
+}
+
+/* Insert the two entries of flow `fwd`: itself, rewritten to `out`, and its
+ * reply `rev`, rewritten back to VIP -> client. The reply's entry goes first,
+ * with BPF_NOEXIST: it claims `rev` atomically against other CPUs. */
+static __always_inline int sl_lb_nat_insert(const struct sl_flow_tuple *fwd, const struct sl_flow_tuple *rev,
+					    const struct sl_nat *out)
+{
+	struct sl_nat back = {
+		.saddr = fwd->daddr,
+		.daddr = fwd->saddr,
+		.sport = fwd->dport,
+		.dport = fwd->sport,
+	};
+
+	if (bpf_map_update_elem(&sl_lb_nat, rev, &back, BPF_NOEXIST))
+		return -1;
+	if (bpf_map_update_elem(&sl_lb_nat, fwd, out, BPF_ANY)) {
+		bpf_map_delete_elem(&sl_lb_nat, rev);
+		return -1;
+	}
+	return 0;
+}
+
+/* Both NAT entries of a new flow `fwd` (client -> VIP) towards `be`, keeping
+ * the client's address (SL_LB_KEEP_SOURCE, for a backend that is a local pod,
+ * whose replies tc_from_pod sees):
+ *   forward: client:cport -> VIP:vport     becomes client:cport -> backend:bport
+ *   reverse: backend:bport -> client:cport becomes VIP:vport -> client:cport
+ * Should another flow of the client's address and port hold the reverse entry
+ * (through another VIP), the caller falls back to sl_lb_nat_create. */
+static __always_inline int sl_lb_dnat_create(const struct sl_flow_tuple *fwd, const struct sl_backend *be,
+					     struct sl_nat *out)
+{
+	struct sl_flow_tuple rev = {
+		.saddr = be->ip,
+		.daddr = fwd->saddr,
+		.sport = be->port,
+		.dport = fwd->sport,
+		.proto = fwd->proto,
+	};
+
+	out->saddr = fwd->saddr;
+	out->daddr = be->ip;
+	out->sport = fwd->sport;
+	out->dport = be->port;
+	return sl_lb_nat_insert(fwd, &rev, out);
 }
 
 /* Create both NAT entries of a new flow `fwd` (client -> VIP) towards `be`:
  *   forward: client:cport -> VIP:vport   becomes node:natport -> backend:bport
  *   reverse: backend:bport -> node:natport becomes VIP:vport -> client:cport
- * The NAT port comes from the flow hash; a port is claimed by inserting the
- * reverse entry with BPF_NOEXIST, which is atomic against other CPUs. */
+ * The NAT port comes from the flow hash; the first of SL_NAT_PROBES candidates
+ * whose reverse entry is free is the flow's. */
 static __always_inline int sl_lb_nat_create(const struct sl_flow_tuple *fwd, const struct sl_backend *be,
 					    __be32 node_ip, __u32 hash, struct sl_nat *out)
 {
@@ -75,29 +153,16 @@ static __always_inline int sl_lb_nat_create(const struct sl_flow_tuple *fwd, con
 		.sport = be->port,
 		.proto = fwd->proto,
 	};
-	struct sl_nat back = {
-		.saddr = fwd->daddr,
-		.daddr = fwd->saddr,
-		.sport = fwd->dport,
-		.dport = fwd->sport,
-	};
 	__u32 i;
 
+	out->saddr = node_ip;
+	out->daddr = be->ip;
+	out->dport = be->port;
 	for (i = 0; i < SL_NAT_PROBES; i++) {
-		__u16 port = SL_NAT_PORT_MIN + (hash + i) % SL_NAT_PORT_RANGE;
-
-		rev.dport = bpf_htons(port);
-		if (bpf_map_update_elem(&sl_lb_nat, &rev, &back, BPF_NOEXIST))
-			continue;
-		out->saddr = node_ip;
-		out->daddr = be->ip;
+		rev.dport = bpf_htons(SL_NAT_PORT_MIN + (hash + i) % SL_NAT_PORT_RANGE);
 		out->sport = rev.dport;
-		out->dport = be->port;
-		if (bpf_map_update_elem(&sl_lb_nat, fwd, out, BPF_ANY)) {
-			bpf_map_delete_elem(&sl_lb_nat, &rev);
-			return -1;
-		}
-		return 0;
+		if (!sl_lb_nat_insert(fwd, &rev, out))
+			return 0;
 	}
 	return -1;
 }

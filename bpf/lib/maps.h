@@ -18,11 +18,13 @@
 #define SL_MAX_BACKENDS    262144
 #define SL_MAX_PREFILTER   65536
 #define SL_MAX_LB_VIPS     1024
+#define SL_MAX_LB_AFFINITY 65536
 #define SL_MAX_NAT         262144
 #define SL_MAX_SOCK_REVNAT 262144
 #define SL_MAX_SOCK_AFFINITY 65536
 #define SL_MAX_SOCKS       65536
 #define SL_MAX_CPUS        64
+#define SL_MAX_FAILSAFE    64
 #define SL_MAGLEV_SIZE     1021     /* prime: Maglev lookup table size per LB VIP */
 
 /* ---- node configuration (single slot array, written by the agent) ---- */
@@ -191,6 +193,21 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sl_sock_affinity SEC(".maps");
 
+/* ---- failsafe: the node's management flows (lib/failsafe.h) ---- */
+struct sl_failsafe_key {
+	__be16 port;
+	__u8 proto;                 /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SL_MAX_FAILSAFE);
+	__type(key, struct sl_failsafe_key);
+	__type(value, __u32);       /* 1 */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_failsafe_ports SEC(".maps");
+
 /* ---- XDP: prefilter (source CIDRs dropped at the NIC) ---- */
 struct sl_prefilter_key {
 	__u32 prefixlen;
@@ -214,9 +231,18 @@ struct sl_lb_vip_key {
 	__u8 pad;
 };
 
+enum sl_lb_vip_flags {
+	SL_LB_KEEP_SOURCE     = 1 << 0, /* a local pod backend sees the client's address (DNAT only) */
+	SL_LB_AFFINITY        = 1 << 1, /* ClientIP session affinity (sl_lb_affinity) */
+	SL_LB_FLAGS_BITS      = 8,      /* flags: the low bits; the affinity timeout (s) above them */
+};
+
+/* `flags` carries the affinity timeout in its upper 24 bits (up to 194 days;
+ * Kubernetes allows one day): the value keeps its size, so pinned maps stay
+ * compatible with programs that knew no flags. */
 struct sl_lb_vip {
 	__u32 backend_count;
-	__u32 flags;
+	__u32 flags;                    /* enum sl_lb_vip_flags | timeout << SL_LB_FLAGS_BITS */
 	__u32 table[SL_MAGLEV_SIZE];    /* Maglev lookup table of backend ids */
 };
 
@@ -228,6 +254,30 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sl_lb_vips SEC(".maps");
+
+/* Session affinity of the XDP LB: the backend a client address last used per
+ * VIP. User space removes the entries of backends a VIP loses. */
+struct sl_lb_affinity_key {
+	__be32 vip;                 /* the VIP's sl_lb_vip_key ... */
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+	__be32 client;              /* ... and the client's address */
+};
+
+struct sl_lb_affinity {
+	__u32 backend_id;
+	__u32 pad;
+	__u64 last_used_ns;         /* bpf_ktime_get_ns() */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SL_MAX_LB_AFFINITY);
+	__type(key, struct sl_lb_affinity_key);
+	__type(value, struct sl_lb_affinity);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_lb_affinity SEC(".maps");
 
 /* A flow's 5-tuple as its packets carry it: the LB NAT key and what the flow
  * hash is computed over. */
@@ -242,7 +292,8 @@ struct sl_flow_tuple {
 
 /* LB NAT: a flow and the 4-tuple to rewrite it to. A new flow adds two
  * entries: client->VIP becomes node->backend, and backend->node becomes
- * VIP->client. */
+ * VIP->client; with SL_LB_KEEP_SOURCE, client->VIP becomes client->backend
+ * and backend->client becomes VIP->client. */
 struct sl_nat {
 	__be32 saddr;
 	__be32 daddr;
@@ -313,6 +364,7 @@ struct sl_btf_enums {
 	enum sl_config_flags config_flags;
 	enum sl_route_flags route_flags;
 	enum sl_service_flags service_flags;
+	enum sl_lb_vip_flags lb_vip_flags;
 };
 const struct sl_btf_enums sl_btf_enums SEC(".sl_btf");
 

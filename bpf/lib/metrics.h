@@ -39,6 +39,9 @@ enum sl_outcome {
 	SL_OUT_MSG_PASS            = 13,    /* sk_msg: no local peer, normal TCP path */
 	SL_OUT_LB_LOCAL            = 14,    /* xdp: LB rewrote the packet for a local pod; tc delivers it */
 	SL_OUT_LB_REVNAT           = 15,    /* tc: local backend's reply translated to VIP -> client, redirect_neigh */
+	SL_OUT_LB_REJECT           = 16,    /* xdp: VIP without backends, answered with ICMP port unreachable */
+	SL_OUT_LB_NEIGH            = 17,    /* tc: LB flow on a NIC without XDP rewritten, redirect_neigh */
+	SL_OUT_FAILSAFE            = 18,    /* xdp, tc: a management flow of the node, passed before any filter */
 
 	SL_DROP_BASE               = 128,
 	SL_DROP_INVALID            = 128,   /* truncated or malformed packet */

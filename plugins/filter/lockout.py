@@ -23,6 +23,8 @@ description:
     encapsulated, so the entry only drops unencapsulated packets claiming a pod source).
   - A VIP may not be any of these addresses nor lie in a management CIDR, the cluster CIDR, 0.0.0.0/8,
     127.0.0.0/8, 224.0.0.0/4 or 240.0.0.0/4; and an address is either a service's VIP or an LB VIP, not both.
+  - The port Ansible reaches a node on (C(ansible_port), 22 unless set) must be among its failsafe ports
+    (C(sluice_failsafe); empty, the node's default holds C(tcp:22)), which the datapath passes before any filter.
   - Facts not gathered yet are not checked, so the filter can run before any node is contacted and again after
     the gather.
 options:
@@ -63,6 +65,7 @@ _value:
 
 import ipaddress
 import os
+import re
 import socket
 from urllib.parse import urlsplit
 
@@ -218,11 +221,38 @@ def _check_vips(name, hv, plan, cluster, protected, management):
             owners.setdefault(vip, (key, where))
 
 
+FAILSAFE_ENTRY = re.compile(r"(tcp|udp):(\d+)(?:-(\d+))?")
+DEFAULT_FAILSAFE_SSH = 22      # the SSH port among the node's default failsafe ports (sluice.state.DEFAULT_FAILSAFE)
+
+
+def _check_failsafe(name, hv):
+    """The port Ansible reaches the node on is a failsafe port: no prefilter or LB entry can take it."""
+    port = int(hv.get("ansible_port") or DEFAULT_FAILSAFE_SSH)
+    var, entries = _setting(hv, "failsafe", [])
+    if not entries:
+        if port != DEFAULT_FAILSAFE_SSH:
+            raise AnsibleFilterError(f"{name}: Ansible reaches {name} on port {port}, which the default failsafe does "
+                                     f"not hold: set {var} with tcp:{port} among the node's management ports")
+        return
+    covered = False
+    for i, entry in enumerate(entries):
+        match = FAILSAFE_ENTRY.fullmatch(str(entry))
+        low, high = (int(match[2]), int(match[3] or match[2])) if match else (0, 0)
+        if not 1 <= low <= high <= 65535:
+            raise AnsibleFilterError(f"{name}: {var}[{i}] {entry!r} is not PROTOCOL:PORT or PROTOCOL:FIRST-LAST "
+                                     "(protocol tcp or udp, ports 1..65535)")
+        covered |= match[1] == "tcp" and low <= port <= high
+    if not covered:
+        raise AnsibleFilterError(f"{name}: {var} lacks tcp:{port}, the port Ansible reaches {name} on: a prefilter "
+                                 "or LB entry could then cut the controller off it")
+
+
 def lockout_check(plan, hostvars, cluster_cidr, kubeconfig=None, kubernetes_nodes=None):
     cluster = ipaddress.IPv4Network(str(cluster_cidr))
     protected = _protected_addresses(plan, hostvars, kubeconfig, kubernetes_nodes)
     management = _management_cidrs(plan, hostvars)
     for name in sorted(plan):
+        _check_failsafe(name, hostvars[name])
         _check_prefilter(name, hostvars[name], plan, cluster, protected, management)
         _check_vips(name, hostvars[name], plan, cluster, protected, management)
     return plan

@@ -120,20 +120,37 @@ options:
         default: []
       affinity_timeout:
         description:
-          - Seconds of ClientIP session affinity (1 to 86400). A client keeps its backend while it reuses it within
-            this time. Services (the socket LB) only; unset for none.
+          - Seconds of ClientIP session affinity (1 to 86400). A client (a pod or a node for a service, an address
+            for an LB VIP) keeps its backend while it reuses it within this time. Unset for none.
         type: int
   prefilter:
     description: CIDRs the XDP prefilter drops.
     type: list
     elements: str
     default: []
+  failsafe:
+    description:
+      - The node's management ports, C(PROTOCOL:PORT) or C(PROTOCOL:FIRST-LAST). A packet to the node on one of them,
+        or from one of them to the node (the reply to its own connection), passes before the prefilter, the load
+        balancers or any later filter see it, whatever else the state says.
+      - Unset or empty, the node's default, C(sluice.state.DEFAULT_FAILSAFE) (SSH C(tcp:22), the Kubernetes API
+        C(tcp:6443), etcd C(tcp:2379-2380), kubelet C(tcp:10250), DNS C(tcp:53) and C(udp:53), DHCP C(udp:67-68));
+        a node always keeps a failsafe. At most 64 ports.
+    type: list
+    elements: str
   lb_vips:
-    description: External load-balancer VIPs (XDP, Maglev), same shape as O(services).
+    description: External load-balancer VIPs (XDP, Maglev), same shape as O(services), and O(lb_vips[].keep_source).
     type: list
     elements: dict
     default: []
-    suboptions: *frontend
+    suboptions:
+      <<: *frontend
+      keep_source:
+        description:
+          - A backend that is a pod of this node sees the client's address and port (Kubernetes'
+            C(externalTrafficPolicy=Local)); other backends are reached with the node's address, as without it.
+        type: bool
+        default: false
   xdp:
     description: XDP settings.
     type: dict
@@ -157,6 +174,14 @@ options:
       - Apply the state to the datapath maps now. With V(false) only the file is written and the agent applies it.
     type: bool
     default: true
+  confirm_timeout:
+    description:
+      - Seconds within which the change must be confirmed (C(sluice confirm) on the node, over a new connection
+        from the controller), or the node's agent restores the state in force before it and applies that
+        (commit-confirm; the agent role does both). V(0), no confirmation.
+      - Only a change of an existing state file is armed; RV(confirm_deadline) says until when it waits.
+    type: int
+    default: 0
 notes:
   - The task reports a change when the state file content differs (RV(file_changed)), or when O(apply=true) and
     RV(plan) is not empty.
@@ -225,6 +250,14 @@ applied:
   description: Whether the plan was applied to the maps by this task.
   returned: always
   type: bool
+confirm_pending:
+  description: Whether the change waits for its confirmation (O(confirm_timeout)); unconfirmed, the agent reverts it.
+  returned: always
+  type: bool
+confirm_deadline:
+  description: Until when (seconds since the epoch) the change waits for its confirmation; null when none waits.
+  returned: always
+  type: float
 """
 
 import json
@@ -244,6 +277,7 @@ if HAS_SLUICE:
     from sluice.bpf.libbpf import BpfError
     from sluice.datapath import DatapathError
     from sluice.state import DesiredState, Reconciler, StateError
+    from sluice.state import confirm
     from sluice.state.sources import ApiFrontends, merge
 
 FRONTEND = dict(
@@ -254,6 +288,7 @@ FRONTEND = dict(
     backends=dict(type="list", elements="dict", default=[]),
     affinity_timeout=dict(type="int"),
 )
+LB_VIP = dict(FRONTEND, keep_source=dict(type="bool", default=False))
 
 
 def build_state(p):
@@ -267,6 +302,8 @@ def build_state(p):
     raw["routes"] = [clean(r) for r in p["routes"]]
     raw["services"] = [clean(s) for s in p["services"]]
     raw["prefilter"] = list(p["prefilter"])
+    if p["failsafe"]:
+        raw["failsafe"] = list(p["failsafe"])
     raw["lb_vips"] = [clean(s) for s in p["lb_vips"]]
     if p["xdp"]:
         raw["xdp"] = clean(p["xdp"])
@@ -295,10 +332,12 @@ def main():
         )),
         services=dict(type="list", elements="dict", default=[], options=FRONTEND),
         prefilter=dict(type="list", elements="str", default=[]),
-        lb_vips=dict(type="list", elements="dict", default=[], options=FRONTEND),
+        failsafe=dict(type="list", elements="str"),
+        lb_vips=dict(type="list", elements="dict", default=[], options=LB_VIP),
         xdp=dict(type="dict", options=dict(cpumap_cpus=dict(type="list", elements="int", default=[]))),
         kubernetes_cache=dict(type="path", default="/var/lib/sluice/kubernetes"),
         apply=dict(type="bool", default=True),
+        confirm_timeout=dict(type="int", default=0),
     )
     argument_spec.update(datapath_argument_spec())
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
@@ -343,7 +382,15 @@ def main():
 
     pending = bool(p["apply"] and plan is not None and plan.changed)
     applied = False
+    armed = None
+    if p["confirm_timeout"] < 0:
+        module.fail_json(msg=f"confirm_timeout: {p['confirm_timeout']} is not a number of seconds (0: none)")
     if not module.check_mode:
+        if p["confirm_timeout"] and before is not None and (file_changed or pending):
+            try:
+                armed = confirm.arm(path, before, p["confirm_timeout"], plan.to_dict() if plan is not None else {})
+            except OSError as e:
+                module.fail_json(msg=f"cannot keep the state in force as the checkpoint of {path}: {e}", changed=False)
         if file_changed:
             _write(module, path, text)
         if pending:
@@ -360,6 +407,8 @@ def main():
         plan_text=plan.render() if plan is not None else "",
         file_changed=file_changed,
         applied=applied,
+        confirm_pending=armed is not None,
+        confirm_deadline=armed["deadline"] if armed else None,
     )
     if module._diff:  # pylint: disable=protected-access
         result["diff"] = dict(before=before or "", after=text, before_header=path, after_header=path)

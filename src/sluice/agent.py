@@ -7,7 +7,9 @@ attached, reconciles the maps to the state file, then serves the CNI plugin and
 the CLI on a root-only Unix socket and Prometheus metrics over HTTP, and
 re-reconciles whenever the state file changes. A state file that does not
 parse or validate is refused: the last good state stays in force and the
-reason is reported in health and logs.
+reason is reported in health and logs. A change of the state file armed for
+commit-confirm (sluice.state.confirm) that is not confirmed in time is undone:
+the agent restores the state before it and applies that.
 
 Two kinds of reconcile (sluice.state.Reconciler):
 - full: every map read back (batch lookups), planned against and repaired; the
@@ -36,10 +38,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from . import agent_protocol
+from . import agent_protocol, package_fingerprint
 from .cni.errors import INTERNAL_FAILURE, INVALID_ENVIRONMENT_VARIABLES, TRY_AGAIN_LATER, CniError
 from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, NIC_PROG, TC_MODES, Datapath, DatapathError
-from .state import DesiredState, Reconciler, StateError
+from .state import DEFAULT_STATE_FILE, DesiredState, Reconciler, StateError, confirm
 from .state.sources import DEFAULT_KUBERNETES_CACHE, ApiFrontends, merge, prune_cache, save_routes, save_service
 
 log = logging.getLogger("sluice.agent")
@@ -49,7 +51,7 @@ DEFAULT_CONFIG = "/etc/sluice/agent.json"
 
 @dataclass
 class AgentConfig:
-    state_file: str = "/etc/sluice/state.json"
+    state_file: str = DEFAULT_STATE_FILE
     pin_root: str = DEFAULT_ROOT
     obj_dir: str = DEFAULT_OBJ_DIR
     socket: str = agent_protocol.DEFAULT_SOCKET
@@ -146,9 +148,11 @@ class Agent:
         self.api: ApiFrontends | None = None            # the Kubernetes API's frontends, as last learnt
         self.kubernetes = None                          # sluice.k8s.source.KubernetesSource, once started
         self.reconciler = Reconciler(self.dp)   # keeps what it applied last, for delta reconciles
-        self.health = {"ready": False, "pid": os.getpid(), "state_file": config.state_file,
+        self.health = {"ready": False, "pid": os.getpid(), "package": package_fingerprint(),
+                       "state_file": config.state_file,
                        "last_reconcile": None, "last_error": None, "last_plan": None,
-                       "last_reconcile_kind": None, "last_full_reconcile": None, "last_drift_repair": None}
+                       "last_reconcile_kind": None, "last_full_reconcile": None, "last_drift_repair": None,
+                       "pending_confirm": None, "last_revert": None}
         self._state_stamp = None
         self._last_full: float | None = None    # time.monotonic() of the last full reconcile
         self._repair_failed = False             # last_error comes from a failed drift repair, not the file
@@ -450,9 +454,26 @@ class Agent:
         self._servers.append(server)
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
 
+    def revert_if_due(self) -> None:
+        """Commit-confirm: restore and apply the state before an unconfirmed change whose time ran out."""
+        try:
+            done = confirm.revert_if_due(self.config.state_file)
+            self.health["pending_confirm"] = confirm.pending(self.config.state_file)
+        except OSError as e:
+            log.error("cannot check the pending confirmation of %s: %s", self.config.state_file, e)
+            return
+        if done is None:
+            return
+        self.health["last_revert"] = done
+        log.warning("the change of %s was not confirmed in time: %s; its plan was %s", self.config.state_file,
+                    "the state before it is restored" if done["restored"] else "no earlier state to restore",
+                    done["plan"])
+        self.reconcile(force=True, full=True)
+
     def run(self) -> None:
         if self.config.kubeconfig:
             self.load_kubernetes_cache()
+        self.revert_if_due()        # a deadline that passed while the agent was away
         self.reconcile(force=True)
         self.serve_socket()
         self.serve_metrics()
@@ -461,6 +482,7 @@ class Agent:
         while not self._stop.wait(self.config.poll_interval):
             if self.config.kubeconfig and self.kubernetes is None and self.file_state is not None:
                 self.start_kubernetes()
+            self.revert_if_due()
             self.reconcile()
         self.close()
 

@@ -6,11 +6,13 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from . import maps as m
+from . import package_fingerprint
 from .agent_protocol import DEFAULT_SOCKET, request
 from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, TC_MODES, Datapath, DatapathError
-from .state import DesiredState, Reconciler, Snapshot, StateError
+from .state import DEFAULT_STATE_FILE, DesiredState, Reconciler, Snapshot, StateError, confirm
 
 
 def _agent_health(socket_path: str) -> dict:
@@ -35,6 +37,7 @@ def cmd_status(dp: Datapath, args) -> tuple[dict, str]:
     status = dp.status()
     status["tc_mode"]["source"] = source
     status["agent"] = agent
+    status["package"] = package_fingerprint()
     nic_modes = {}
     for link in status["links"]:
         if link["kind"] == "xdp":
@@ -100,8 +103,18 @@ def cmd_apply(dp: Datapath, args):
     return {"changed": plan.changed, "plan": plan.to_dict(), "applied": not args.plan}, plan.render()
 
 
+def cmd_confirm(_dp: Datapath, args) -> tuple[dict, str]:
+    """Confirm a change of the state file (commit-confirm): it stands. Fails when it came too late."""
+    result = confirm.confirm(args.state_file, args.deadline)
+    if result.get("reverted"):
+        raise StateError(f"too late: the agent reverted {args.state_file} to the state before the change at "
+                         f"{time.strftime('%H:%M:%S', time.localtime(result['reverted']['time']))} (the change was "
+                         f"not confirmed in time)")
+    return result, "confirmed" if result["confirmed"] else "no change of the state file waits for a confirmation"
+
+
 COMMANDS = {"status": cmd_status, "endpoints": cmd_endpoints, "routes": cmd_routes, "services": cmd_services,
-            "metrics": cmd_metrics, "apply": cmd_apply}
+            "metrics": cmd_metrics, "apply": cmd_apply, "confirm": cmd_confirm}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     apply = sub.add_parser("apply", help="apply a state file, or with --plan show what it would change")
     apply.add_argument("--plan", action="store_true", help="only show the plan")
     apply.add_argument("file")
+    confirm_cmd = sub.add_parser("confirm", help="confirm the last change of the state file, which the agent "
+                                                 "reverts otherwise (commit-confirm)")
+    confirm_cmd.add_argument("--state-file", default=DEFAULT_STATE_FILE)
+    confirm_cmd.add_argument("--deadline", type=float, help="the change's (the state module's confirm_deadline): "
+                                                            "fail if that change was reverted")
     args = parser.parse_args(argv)
     dp = Datapath(args.root, args.obj_dir, tc_mode=args.tc_mode or "auto")
     try:

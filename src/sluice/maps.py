@@ -122,6 +122,10 @@ class sl_sock_affinity(Structure):
     _fields_ = [("backend_id", c_uint32), ("slot", c_uint16), ("pad", c_uint16), ("last_used_ns", c_uint64)]
 
 
+class sl_failsafe_key(Structure):
+    _fields_ = [("port", c_uint16), ("proto", c_uint8), ("pad", c_uint8)]
+
+
 class sl_prefilter_key(Structure):
     _fields_ = [("prefixlen", c_uint32), ("ip", c_uint32)]
 
@@ -132,6 +136,14 @@ class sl_lb_vip_key(Structure):
 
 class sl_lb_vip(Structure):
     _fields_ = [("backend_count", c_uint32), ("flags", c_uint32), ("table", c_uint32 * MAGLEV_SIZE)]
+
+
+class sl_lb_affinity_key(Structure):
+    _fields_ = [("vip", c_uint32), ("port", c_uint16), ("proto", c_uint8), ("pad", c_uint8), ("client", c_uint32)]
+
+
+class sl_lb_affinity(Structure):
+    _fields_ = [("backend_id", c_uint32), ("pad", c_uint32), ("last_used_ns", c_uint64)]
 
 
 class sl_flow_tuple(Structure):
@@ -168,8 +180,10 @@ PACKED = {
 
 # Every struct that maps.h defines, for the layout test.
 LAYOUTS = [sl_config, sl_endpoint_key, sl_endpoint, sl_route_key, sl_route, sl_service_key, sl_service,
-           sl_backend, sl_sock_revnat_key, sl_sock_revnat, sl_sock_affinity_key, sl_sock_affinity, sl_prefilter_key,
-           sl_lb_vip_key, sl_lb_vip, sl_flow_tuple, sl_nat, sl_sock_key, sl_metric]
+           sl_backend, sl_sock_revnat_key, sl_sock_revnat, sl_sock_affinity_key, sl_sock_affinity, sl_failsafe_key,
+           sl_prefilter_key,
+           sl_lb_vip_key, sl_lb_vip, sl_lb_affinity_key, sl_lb_affinity, sl_flow_tuple, sl_nat, sl_sock_key,
+           sl_metric]
 
 
 def members(struct) -> dict[str, tuple[int, int]]:
@@ -579,18 +593,60 @@ def maglev_table(backends: dict[int, Backend], size: int = MAGLEV_SIZE) -> list[
                 return table
 
 
+class FailsafeMap(Map):
+    """The node's management ports (protocol, port), passed before any filter (bpf/lib/failsafe.h)."""
+
+    name = "sl_failsafe_ports"
+    key_type, value_type = sl_failsafe_key, c_uint32
+
+    @staticmethod
+    def _key(proto: str, port: int):
+        return sl_failsafe_key(be16(port), IPPROTO[proto], 0)
+
+    def put(self, proto: str, port: int) -> None:
+        self.update(self._key(proto, port), c_uint32(1))
+
+    def delete(self, proto: str, port: int) -> bool:
+        return self.remove(self._key(proto, port))
+
+    def ports(self) -> set[tuple[str, int]]:
+        return {(PROTO_NAME.get(k.proto, str(k.proto)), port_int(k.port)) for k in self.raw_keys()}
+
+
+class LbOptions(NamedTuple):
+    """How the XDP LB serves a VIP, besides its backends."""
+
+    keep_source: bool = False       # local pod backends see the client's address (externalTrafficPolicy Local)
+    affinity_timeout: int = 0       # seconds of ClientIP session affinity; 0: none
+
+
 class LbVipsMap(Map):
     name = "sl_lb_vips"
     key_type, value_type = sl_lb_vip_key, sl_lb_vip
+    KEEP_SOURCE = 1             # SL_LB_KEEP_SOURCE of enum sl_lb_vip_flags
+    AFFINITY = 2                # SL_LB_AFFINITY
+    FLAGS_BITS = 8              # SL_LB_FLAGS_BITS: the affinity timeout sits above the flags
 
     @staticmethod
     def _key(vip: str, port: int, proto: str):
         return sl_lb_vip_key(be32(vip), be16(port), IPPROTO[proto], 0)
 
-    def put(self, vip: str, port: int, proto: str, backends: dict[int, Backend]) -> list[int]:
+    @classmethod
+    def _flags(cls, options: LbOptions) -> int:
+        flags = cls.KEEP_SOURCE if options.keep_source else 0
+        if options.affinity_timeout:
+            flags |= cls.AFFINITY | options.affinity_timeout << cls.FLAGS_BITS
+        return flags
+
+    @classmethod
+    def _options(cls, flags: int) -> LbOptions:
+        return LbOptions(bool(flags & cls.KEEP_SOURCE), flags >> cls.FLAGS_BITS if flags & cls.AFFINITY else 0)
+
+    def put(self, vip: str, port: int, proto: str, backends: dict[int, Backend],
+            options: LbOptions = LbOptions()) -> list[int]:
         """Install a VIP with its Maglev table; returns the table."""
         table = maglev_table(backends)
-        value = sl_lb_vip(len(backends), 0, (c_uint32 * MAGLEV_SIZE)(*table))
+        value = sl_lb_vip(len(backends), self._flags(options), (c_uint32 * MAGLEV_SIZE)(*table))
         self.update(self._key(vip, port, proto), value)
         return table
 
@@ -598,10 +654,10 @@ class LbVipsMap(Map):
         v = self.lookup(self._key(vip, port, proto))
         return list(v.table) if v is not None else None
 
-    def entry(self, vip: str, port: int, proto: str) -> tuple[int, list[int]] | None:
-        """(backend count, Maglev table) of one VIP, or None."""
+    def entry(self, vip: str, port: int, proto: str) -> tuple[int, list[int], LbOptions] | None:
+        """(backend count, Maglev table, options) of one VIP, or None."""
         v = self.lookup(self._key(vip, port, proto))
-        return (v.backend_count, list(v.table)) if v is not None else None
+        return (v.backend_count, list(v.table), self._options(v.flags)) if v is not None else None
 
     def delete(self, vip: str, port: int, proto: str) -> bool:
         return self.remove(self._key(vip, port, proto))
@@ -610,10 +666,10 @@ class LbVipsMap(Map):
         return {(ip_str(k.vip), port_int(k.port), PROTO_NAME.get(k.proto, str(k.proto))): v.backend_count
                 for k, v in self.raw_items()}
 
-    def tables(self) -> dict[tuple[str, int, str], tuple[int, list[int]]]:
-        """{frontend: (backend count, Maglev table)} from one batch read."""
+    def tables(self) -> dict[tuple[str, int, str], tuple[int, list[int], LbOptions]]:
+        """{frontend: (backend count, Maglev table, options)} from one batch read."""
         return {(ip_str(k.vip), port_int(k.port), PROTO_NAME.get(k.proto, str(k.proto))):
-                (v.backend_count, list(v.table)) for k, v in self.raw_items()}
+                (v.backend_count, list(v.table), self._options(v.flags)) for k, v in self.raw_items()}
 
 
 class ConfigMap(Map):
@@ -675,6 +731,26 @@ class SockAffinityMap(Map):
     key_type, value_type = sl_sock_affinity_key, sl_sock_affinity
 
 
+class LbAffinityMap(Map):
+    name = "sl_lb_affinity"
+    key_type, value_type = sl_lb_affinity_key, sl_lb_affinity
+
+    def forget(self, vip: str, port: int, proto: str, keep: set[int] | None = None) -> int:
+        """Remove the VIP's client entries whose backend id is not in `keep` (all of them without it), so
+        that no client sticks to a backend the VIP lost; returns how many."""
+        key = (be32(vip), be16(port), IPPROTO[proto])
+        stale = [k for k, v in self.raw_items() if (k.vip, k.port, k.proto) == key
+                 and (keep is None or v.backend_id not in keep)]
+        for k in stale:
+            self.remove(k)
+        return len(stale)
+
+    def clients(self) -> dict[tuple[tuple[str, int, str], str], int]:
+        """{(frontend, client address): backend id}."""
+        return {((ip_str(k.vip), port_int(k.port), PROTO_NAME.get(k.proto, str(k.proto))), ip_str(k.client)):
+                v.backend_id for k, v in self.raw_items()}
+
+
 class NatMap(Map):
     name = "sl_lb_nat"
     key_type, value_type = sl_flow_tuple, sl_nat
@@ -713,5 +789,5 @@ class MetricsMap(Map):
             lb.bpf_map_update_elem(self.fd, byref(c_uint32(slot)), byref(zero), lb.BPF_ANY)
 
 
-ALL_MAPS = [ConfigMap, EndpointsMap, RoutesMap, ServicesMap, BackendsMap, SockRevNatMap, SockAffinityMap, PrefilterMap,
-            LbVipsMap, NatMap, CpuMap, CpuListMap, SockHash, MetricsMap]
+ALL_MAPS = [ConfigMap, EndpointsMap, RoutesMap, ServicesMap, BackendsMap, SockRevNatMap, SockAffinityMap, FailsafeMap,
+            PrefilterMap, LbVipsMap, LbAffinityMap, NatMap, CpuMap, CpuListMap, SockHash, MetricsMap]

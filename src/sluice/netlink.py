@@ -1,11 +1,16 @@
-"""Netlink operations the runtime needs: links, veths, addresses, routes, XDP state.
+"""The runtime's one netlink layer: links, veths, addresses, routes (lwtunnel encap included), XDP state,
+tc dumps and requests (sluice.tc encodes its messages, this module carries them), and generic netlink (a
+device's XDP features).
 
 What runs per pod (the CNI commands) and per reconcile (routes Sluice owns, which networks a NIC is on)
 goes through `Rtnl`, a plain rtnetlink socket of the netns it was opened in: one request and its
 answer per operation, a few tens of microseconds each. pyroute2 (an asyncio event loop per handle,
-~1 ms to open one and ~0.5 ms per request) is left to what runs rarely: the VXLAN device and link
-details with XDP state. Errors are pyroute2's NetlinkError either way (`.code` is
-the errno), so callers catch one type.
+~1 ms to open one and ~0.5 ms per request) is kept for what runs rarely and is long to encode by hand:
+creating the VXLAN device, link details with XDP state, and a NIC's MTU (sluice.nic); tc qdiscs and
+cls_bpf filters go through `Rtnl` (sluice.tc encodes them), as a pod's filter is added on every CNI ADD.
+Errors are pyroute2's NetlinkError either way (`.code` is the errno), so callers catch one type. No
+route, link or address is changed by running `ip`; NIC tuning (sluice.nic) runs ethtool, whose
+channels, rings and offloads are its own to encode.
 """
 
 from __future__ import annotations
@@ -152,19 +157,14 @@ def owned_routes(proto: int, rtnl: "Rtnl | None" = None) -> dict[str, dict]:
 def replace_route(cidr: str, proto: int, dev: str, gateway: str | None = None,
                   vxlan_vni: int | None = None, vxlan_dst: str | None = None) -> None:
     """Add or replace a route Sluice owns. A VXLAN route carries its tunnel key as lwtunnel
-    `encap ip`, which is iproute2's to encode: `ip route replace` does it."""
-    if vxlan_dst:
-        import subprocess
-
-        subprocess.run(["ip", "route", "replace", cidr, "encap", "ip", "id", str(vxlan_vni), "dst", vxlan_dst,
-                        "dev", dev, "proto", str(proto)], check=True, capture_output=True, text=True)
-        return
+    `encap ip id VNI dst REMOTE` (what the external-mode VXLAN device encapsulates with)."""
     try:
         index = socket.if_nametoindex(dev)
     except OSError:
         raise LinkNotFound(f"interface {dev!r} does not exist") from None
     with _rtnl(None) as nl:
-        nl.replace_route(cidr, index, gateway=gateway, proto=proto)
+        nl.replace_route(cidr, index, gateway=gateway, proto=proto,
+                         encap=(vxlan_vni or 0, vxlan_dst) if vxlan_dst else None)
 
 
 def delete_route(cidr: str, proto: int) -> bool:
@@ -185,7 +185,8 @@ NLM_F_DUMP, NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x300, 0x100, 0x200, 0x400
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 5, 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE, RTA_ENCAP_TYPE, RTA_ENCAP = 1, 4, 5, 15, 21, 22
+LWTUNNEL_ENCAP_IP, LWTUNNEL_IP_ID, LWTUNNEL_IP_DST = 2, 1, 2     # linux/lwtunnel.h
 NDA_DST, NDA_LLADDR = 1, 2
 IFF_UP = 0x1
 RT_TABLE_MAIN = 254
@@ -238,8 +239,8 @@ def parse_attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
     return out
 
 
-def _cstr(raw: bytes | None) -> str | None:
-    return raw.split(b"\0", 1)[0].decode() if raw is not None else None
+def cstr(raw: bytes | None) -> str | None:
+    return raw.split(b"\0", 1)[0].decode(errors="replace") if raw is not None else None
 
 
 @dataclass(frozen=True)
@@ -272,10 +273,10 @@ def _link_msg(payload: bytes) -> LinkMsg:
     attrs = parse_attrs(payload, _IFINFOMSG.size)
     info = parse_attrs(attrs[IFLA_LINKINFO], 0) if IFLA_LINKINFO in attrs else {}
     mac = attrs.get(IFLA_ADDRESS)
-    return LinkMsg(name=_cstr(attrs.get(IFLA_IFNAME)) or "", index=index, flags=flags,
+    return LinkMsg(name=cstr(attrs.get(IFLA_IFNAME)) or "", index=index, flags=flags,
                    mac=":".join(f"{b:02x}" for b in mac) if mac is not None else None,
                    mtu=_U32.unpack(attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else None,
-                   kind=_cstr(info.get(IFLA_INFO_KIND)),
+                   kind=cstr(info.get(IFLA_INFO_KIND)),
                    peer_index=_U32.unpack(attrs[IFLA_LINK])[0] if IFLA_LINK in attrs else 0)
 
 
@@ -403,13 +404,19 @@ class Rtnl:
                      + attr(NDA_DST, _ip(address)) + attr(NDA_LLADDR, _mac_bytes(mac)))
 
     def replace_route(self, cidr: str, oif: int, gateway: str | None = None, scope: int = RT_SCOPE_UNIVERSE,
-                      proto: int = RTPROT_STATIC) -> None:
-        """A main-table unicast route to `cidr` through device `oif` (and `gateway`), added or replaced."""
+                      proto: int = RTPROT_STATIC, encap: tuple[int, str] | None = None) -> None:
+        """A main-table unicast route to `cidr` through device `oif` (and `gateway`), added or replaced;
+        `encap` (tunnel id, remote address): the lwtunnel `encap ip` a tunnel device in external mode
+        takes its key from."""
         net = ipaddress.IPv4Network(cidr)
+        lwt = b""
+        if encap:
+            lwt = attr(RTA_ENCAP_TYPE, struct.pack("=H", LWTUNNEL_ENCAP_IP)) + nest(
+                RTA_ENCAP, attr(LWTUNNEL_IP_ID, struct.pack(">Q", encap[0])), attr(LWTUNNEL_IP_DST, _ip(encap[1])))
         self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE,
                      _RTMSG.pack(socket.AF_INET, net.prefixlen, 0, 0, RT_TABLE_MAIN, proto, scope, RTN_UNICAST, 0)
                      + attr(RTA_DST, net.network_address.packed) + attr(RTA_OIF, _U32.pack(oif))
-                     + (attr(RTA_GATEWAY, _ip(gateway)) if gateway else b""))
+                     + (attr(RTA_GATEWAY, _ip(gateway)) if gateway else b"") + lwt)
 
     def delete_route(self, cidr: str, proto: int) -> bool:
         """Delete the main-table route to `cidr` of protocol `proto`; False when there is none."""
@@ -443,3 +450,43 @@ def netns_rtnl(path: str) -> Rtnl:
     """An Rtnl of the netns at `path`; only its creation needs setns."""
     with in_netns(path):
         return Rtnl()
+
+
+# ---- generic netlink: the `netdev` family's xdp-features ------------------------------------
+
+NETLINK_GENERIC = 16
+GENL_ID_CTRL = 0x10
+CTRL_CMD_GETFAMILY = 3
+CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME = 1, 2
+NETDEV_CMD_DEV_GET = 1
+NETDEV_A_DEV_IFINDEX, NETDEV_A_DEV_XDP_FEATURES = 1, 3
+NETDEV_XDP_ACT_BASIC = 1
+_GENLMSGHDR = struct.Struct("=BBH")         # cmd, version, reserved
+
+
+def _genl_request(sock, family: int, cmd: int, attrs: bytes, seq: int) -> dict[int, bytes] | None:
+    """The attributes of the answer to one generic netlink request, or None for an error."""
+    body = _GENLMSGHDR.pack(cmd, 1, 0) + attrs
+    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), family, NLM_F_REQUEST, seq, 0) + body)
+    data = sock.recv(65536)
+    length, msg_type = struct.unpack_from("=IH", data)
+    if msg_type == NLMSG_ERROR:
+        return None
+    return parse_attrs(data[_NLMSGHDR.size + _GENLMSGHDR.size:length])
+
+
+def xdp_features(ifindex: int) -> int | None:
+    """The device's XDP features (NETDEV_XDP_ACT_*) as the kernel reports them; None where it cannot."""
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC) as sock:
+            sock.settimeout(2)
+            fam = _genl_request(sock, GENL_ID_CTRL, CTRL_CMD_GETFAMILY, attr(CTRL_ATTR_FAMILY_NAME, _str("netdev")), 1)
+            if not fam or CTRL_ATTR_FAMILY_ID not in fam:
+                return None
+            family = struct.unpack("=H", fam[CTRL_ATTR_FAMILY_ID][:2])[0]
+            dev = _genl_request(sock, family, NETDEV_CMD_DEV_GET, attr(NETDEV_A_DEV_IFINDEX, _U32.pack(ifindex)), 2)
+    except OSError:
+        return None
+    if not dev or NETDEV_A_DEV_XDP_FEATURES not in dev:
+        return None
+    return struct.unpack("=Q", dev[NETDEV_A_DEV_XDP_FEATURES][:8])[0]

@@ -17,8 +17,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import struct
 import subprocess
 from dataclasses import dataclass, field
 from typing import Callable
@@ -252,55 +250,12 @@ class Nic:
 
     def xdp_features(self) -> int | None:
         """NETDEV_A_DEV_XDP_FEATURES of the device (kernel 6.3+), None when the kernel cannot tell."""
-        return xdp_features(self.link()["ifindex"])
+        return netlink.xdp_features(self.link()["ifindex"])
 
     def native_xdp(self) -> bool | None:
         """True/False when the kernel reports whether the driver does native XDP, else None."""
         features = self.xdp_features()
-        return None if features is None else bool(features & NETDEV_XDP_ACT_BASIC)
-
-
-# ---- generic netlink: the `netdev` family's xdp-features ------------------------------
-
-NETLINK_GENERIC = 16
-GENL_ID_CTRL = 0x10
-CTRL_CMD_GETFAMILY = 3
-CTRL_ATTR_FAMILY_ID = 1
-CTRL_ATTR_FAMILY_NAME = 2
-NETDEV_CMD_DEV_GET = 1
-NETDEV_A_DEV_IFINDEX = 1
-NETDEV_A_DEV_XDP_FEATURES = 3
-NETDEV_XDP_ACT_BASIC = 1
-NLM_F_REQUEST = 1
-NLMSG_ERROR = 2
-
-
-def _genl_request(sock, family: int, cmd: int, attrs: bytes, seq: int) -> dict | None:
-    body = struct.pack("BBH", cmd, 1, 0) + attrs
-    sock.send(struct.pack("IHHII", 16 + len(body), family, NLM_F_REQUEST, seq, 0) + body)
-    data = sock.recv(65536)
-    length, msg_type = struct.unpack_from("IH", data)
-    if msg_type == NLMSG_ERROR:
-        return None
-    return netlink.parse_attrs(data[20:length])
-
-
-def xdp_features(ifindex: int) -> int | None:
-    try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC) as sock:
-            sock.settimeout(2)
-            fam = _genl_request(sock, GENL_ID_CTRL, CTRL_CMD_GETFAMILY,
-                                netlink.attr(CTRL_ATTR_FAMILY_NAME, b"netdev\0"), 1)
-            if not fam or CTRL_ATTR_FAMILY_ID not in fam:
-                return None
-            family = struct.unpack("H", fam[CTRL_ATTR_FAMILY_ID][:2])[0]
-            dev = _genl_request(sock, family, NETDEV_CMD_DEV_GET,
-                                netlink.attr(NETDEV_A_DEV_IFINDEX, struct.pack("I", ifindex)), 2)
-    except OSError:
-        return None
-    if not dev or NETDEV_A_DEV_XDP_FEATURES not in dev:
-        return None
-    return struct.unpack("Q", dev[NETDEV_A_DEV_XDP_FEATURES][:8])[0]
+        return None if features is None else bool(features & netlink.NETDEV_XDP_ACT_BASIC)
 
 
 # ---- kernel modules (drivers) -------------------------------------------------------------

@@ -31,7 +31,7 @@ import struct
 from dataclasses import dataclass
 
 from .bpf import libbpf as lb
-from .netlink import NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NetlinkError, Rtnl, attr, nest, parse_attrs
+from .netlink import NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NetlinkError, Rtnl, attr, cstr, nest, parse_attrs
 
 TC_MODES = ("auto", "tcx", "legacy")
 
@@ -111,21 +111,11 @@ def load_pass_program(name: str = "sl_pass") -> int:
     """A two-instruction SCHED_CLS program returning TC_ACT_UNSPEC (r0 = -1; exit); the caller closes it."""
     insns = struct.pack("<BBhi", 0xB7, 0, 0, -1) + struct.pack("<BBhi", 0x95, 0, 0, 0)
     buf = ctypes.create_string_buffer(insns, len(insns))
-    return lb.check(_bpf_prog_load(BPF_PROG_TYPE_SCHED_CLS, name.encode(), b"GPL", buf, 2, None),
+    return lb.check(lb.bpf_prog_load(BPF_PROG_TYPE_SCHED_CLS, name.encode(), b"GPL", buf, 2, None),
                     f"load the {name} program")
 
 
-_bpf_prog_load = ctypes.CDLL("libbpf.so.1", use_errno=True).bpf_prog_load
-_bpf_prog_load.restype = ctypes.c_int
-_bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t,
-                           ctypes.c_void_p]
-
-
 # ---- netlink dumps ----------------------------------------------------------------------------
-
-def _cstr(raw: bytes | None) -> str:
-    return (raw or b"").split(b"\0", 1)[0].decode(errors="replace")
-
 
 def _dump(msg_type: int, ifindex: int = 0, parent: int = 0) -> list[Filter]:
     """An RTM_GETQDISC or RTM_GETTFILTER dump of the calling thread's netns."""
@@ -142,7 +132,7 @@ def _dump(msg_type: int, ifindex: int = 0, parent: int = 0) -> list[Filter]:
         attrs = parse_attrs(msg, _TCMSG.size)
         opts = parse_attrs(attrs.get(TCA_OPTIONS, b""))
         out.append(Filter(ifindex=index, parent=msg_parent, priority=info >> 16, handle=handle,
-                          kind=_cstr(attrs.get(TCA_KIND)), name=_cstr(opts.get(TCA_BPF_NAME)),
+                          kind=cstr(attrs.get(TCA_KIND)) or "", name=cstr(opts.get(TCA_BPF_NAME)) or "",
                           prog_id=struct.unpack("=I", opts[TCA_BPF_ID])[0] if TCA_BPF_ID in opts else 0,
                           tag=opts.get(TCA_BPF_TAG, b"").hex()))
     return out

@@ -61,6 +61,8 @@ MIRRORED_ENUMS = {
     "sl_config_flags": {"SL_CFG_CPUMAP": maps.ConfigMap.CPUMAP},
     "sl_route_flags": {"SL_ROUTE_TUNNEL": maps.RoutesMap.TUNNEL},
     "sl_service_flags": {"SL_SVC_AFFINITY": maps.ServicesMap.AFFINITY},
+    "sl_lb_vip_flags": {"SL_LB_KEEP_SOURCE": maps.LbVipsMap.KEEP_SOURCE, "SL_LB_AFFINITY": maps.LbVipsMap.AFFINITY,
+                        "SL_LB_FLAGS_BITS": maps.LbVipsMap.FLAGS_BITS},
     "sl_metrics_layout": {"SL_METRICS_PER_HOOK": maps.MetricsMap.PER_HOOK},
 }
 

@@ -28,7 +28,8 @@ from lib.pods import add_pod
 from sluice.bpf import libbpf as lb
 from sluice.bpf.btf import Btf
 from sluice.bpf.object import BpfObject
-from sluice.maps import Backend, BackendsMap, ConfigMap, EndpointsMap, LbVipsMap, MetricsMap, NatMap, Route, RoutesMap
+from sluice.maps import (Backend, BackendsMap, ConfigMap, EndpointsMap, LbOptions, LbVipsMap, MetricsMap, NatMap, Route,
+                         RoutesMap)
 
 pytestmark = pytest.mark.kernel
 
@@ -391,12 +392,16 @@ def received(frames: list[Ether], src: str, dst: str) -> list[Ether]:
     return checked
 
 
-@pytest.mark.parametrize("xdp_mode", [lb.XDP_FLAGS_SKB_MODE, lb.XDP_FLAGS_DRV_MODE], ids=["generic", "native"])
-def test_xdp_lb_to_local_pod(pin_root, xdp_mode):
+@pytest.mark.parametrize("keep_source", [False, True], ids=["snat", "keep-source"])
+@pytest.mark.parametrize("xdp_mode", [lb.XDP_FLAGS_SKB_MODE, lb.XDP_FLAGS_DRV_MODE, None],
+                         ids=["generic", "native", "no-xdp"])
+def test_xdp_lb_to_local_pod(pin_root, xdp_mode, keep_source):
     """client -> VIP -> node NIC (xdp_nic, tc_from_nic) -> backend pod (its veth
     with tc_from_pod) and back. XDP rewrites client -> VIP into
-    node:natport -> pod and passes it up, tc_from_nic delivers it with
-    redirect_peer; the pod's reply is translated back to VIP -> client by
+    node:natport -> pod (client -> pod when the VIP keeps the client's source,
+    externalTrafficPolicy Local) and passes it up, tc_from_nic delivers it with
+    redirect_peer (without XDP on the NIC, tc_from_nic balances it itself);
+    the pod's reply is translated back to VIP -> client by
     tc_from_pod and sent out of the NIC with redirect_neigh. Forwarding stays
     off on the node: nothing reaches the other side unless the programs carry
     it, and the node has no socket for the NAT port (its stack would reset the
@@ -426,22 +431,26 @@ def test_xdp_lb_to_local_pod(pin_root, xdp_mode):
             dp.endpoints.put(POD1, add_pod(node, pod1, "h1", POD1))
             dp.attach_pod("h1")
             dp.attach_nic("nic0")
-            dp.attach_xdp("nic0", xdp_mode)
+            if xdp_mode is not None:
+                dp.attach_xdp("nic0", xdp_mode)
             ConfigMap(dp.pod.map_fd("sl_config")).set(NIC_IP, netns.ifindex(node, "nic0"))
             backends = {1: Backend(POD1, TCP_BPORT), 2: Backend(POD1, UDP_BPORT, "udp")}
             BackendsMap(dp.pod.map_fd("sl_backends")).put_many(backends)
             vips = LbVipsMap(dp.pod.map_fd("sl_lb_vips"))
-            vips.put(VIP, TCP_VPORT, "tcp", {1: backends[1]})
-            vips.put(VIP, UDP_VPORT, "udp", {2: backends[2]})
+            options = LbOptions(keep_source=keep_source)
+            vips.put(VIP, TCP_VPORT, "tcp", {1: backends[1]}, options)
+            vips.put(VIP, UDP_VPORT, "udp", {2: backends[2]}, options)
+            backend_sees = CLIENT_IP if keep_source else NIC_IP
 
             with capture(cli, "eth0") as to_client, capture(pod1, "eth0") as to_pod:
                 for _attempt in range(2):
                     seen_by_client, seen_by_backend = lb_tcp_exchange(pod1, cli)
                     assert seen_by_client == (VIP, TCP_VPORT)
-                    assert seen_by_backend[0] == NIC_IP and seen_by_backend[1] in NAT_PORTS
+                    assert seen_by_backend[0] == backend_sees
+                    assert (seen_by_backend[1] in NAT_PORTS) != keep_source
                 source, peer = lb_udp_exchange(pod1, cli)
                 assert source == (VIP, UDP_VPORT)
-                assert peer[0] == NIC_IP and peer[1] in NAT_PORTS
+                assert peer[0] == backend_sees and (peer[1] in NAT_PORTS) != keep_source
             flows = NatMap(dp.pod.map_fd("sl_lb_nat")).flows()
             counters = dp.packets()
 
@@ -449,12 +458,63 @@ def test_xdp_lb_to_local_pod(pin_root, xdp_mode):
     assert not {k: n for k, n in counters.items() if k[1].startswith("SL_DROP_")}
     # Each direction carried by the programs: XDP handed the client's packets to
     # tc, which delivered them, and the pod's replies were translated.
-    assert counters[(XDP_HOOK, "SL_OUT_LB_LOCAL")] >= 2 * LB_BYTES // 1500
-    assert 0 < counters[(NIC_HOOK, "SL_OUT_REDIRECT_PEER")] <= counters[(XDP_HOOK, "SL_OUT_LB_LOCAL")]
+    if xdp_mode is None:
+        assert counters[(NIC_HOOK, "SL_OUT_REDIRECT_PEER")] >= 2 * LB_BYTES // 65536
+        assert not {k: n for k, n in counters.items() if k[0] == XDP_HOOK}
+    else:
+        assert counters[(XDP_HOOK, "SL_OUT_LB_LOCAL")] >= 2 * LB_BYTES // 1500
+        assert 0 < counters[(NIC_HOOK, "SL_OUT_REDIRECT_PEER")] <= counters[(XDP_HOOK, "SL_OUT_LB_LOCAL")]
     assert counters[(POD_HOOK, "SL_OUT_LB_REVNAT")] >= 2 * LB_BYTES // 65536
     # What each side received, as it reached it: checksums valid (the capture keeps only
     # the first frames of each link, its buffer is read at the end), and nothing on the
     # client's link but VIP <-> client (no reset from the node, no NAT port).
     assert len(received(to_client, VIP, CLIENT_IP)) >= 3
-    assert len(received(to_pod, NIC_IP, POD1)) >= 3
+    assert len(received(to_pod, backend_sees, POD1)) >= 3
     assert {(f[IP].src, f[IP].dst) for f in to_client if IP in f} == {(VIP, CLIENT_IP), (CLIENT_IP, VIP)}
+
+
+def test_lb_without_xdp_to_a_backend_outside_the_pod_network(pin_root):
+    """A NIC without XDP: tc_from_nic balances client -> VIP itself, to a backend on the NIC's link that is
+    no pod (a host-network endpoint, an inventory backend): node:natport -> backend out of the NIC with
+    redirect_neigh, and the backend's reply, which comes back in through the NIC, VIP -> client the same
+    way. Forwarding stays off on the node: only the programs carry it."""
+    backend_ip = "192.168.60.3"
+    with netns.namespaces("node", "cli") as (node, cli):
+        with datapath(node, pin_root) as dp:
+            node_setup(node)
+            netns.ns_exec(node, "ip", "link", "add", "nic0", "type", "veth", "peer", "name", "eth0", "netns", cli)
+            netns.ns_exec(node, "ip", "addr", "add", f"{NIC_IP}/24", "dev", "nic0")
+            netns.ns_exec(node, "ip", "link", "set", "nic0", "up")
+            for addr in (CLIENT_IP, backend_ip):
+                netns.ns_exec(cli, "ip", "addr", "add", f"{addr}/24", "dev", "eth0")
+            netns.ns_exec(cli, "ip", "link", "set", "eth0", "up")
+            netns.ns_exec(cli, "ip", "route", "add", f"{VIP}/32", "via", NIC_IP, "src", CLIENT_IP)
+            dp.attach_nic("nic0")
+            ConfigMap(dp.pod.map_fd("sl_config")).set(NIC_IP, netns.ifindex(node, "nic0"))
+            BackendsMap(dp.pod.map_fd("sl_backends")).put_many({1: Backend(backend_ip, TCP_BPORT)})
+            LbVipsMap(dp.pod.map_fd("sl_lb_vips")).put(VIP, TCP_VPORT, "tcp", {1: Backend(backend_ip, TCP_BPORT)})
+            with netns.entered(cli):
+                server = socket.create_server((backend_ip, TCP_BPORT))
+                server.settimeout(5)
+                with server, socket.create_connection((VIP, TCP_VPORT), timeout=5,
+                                                      source_address=(CLIENT_IP, 0)) as client:
+                    conn, peer = server.accept()
+                    with conn:
+                        client.sendall(b"ping")
+                        assert conn.recv(16) == b"ping"
+                        conn.sendall(b"pong")
+                        assert client.recv(16) == b"pong"
+                        assert client.getpeername() == (VIP, TCP_VPORT)
+                # Without backends: a NodePort (the node's own address) is refused by the node's stack,
+                # another VIP is dropped (and counted).
+                vips = LbVipsMap(dp.pod.map_fd("sl_lb_vips"))
+                vips.put(NIC_IP, 30080, "tcp", {})
+                vips.put(VIP, TCP_VPORT, "tcp", {})
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection((NIC_IP, 30080), timeout=5)
+                with pytest.raises(TimeoutError):
+                    socket.create_connection((VIP, TCP_VPORT), timeout=0.5, source_address=(CLIENT_IP, 0))
+            counters = dp.packets()
+    assert peer[0] == NIC_IP and peer[1] in NAT_PORTS
+    assert counters[(NIC_HOOK, "SL_OUT_LB_NEIGH")] >= 6       # both directions of the handshake and the data
+    assert {k: n for k, n in counters.items() if k[1].startswith("SL_DROP_")} == {(NIC_HOOK, "SL_DROP_NO_BACKEND"): 1}

@@ -19,14 +19,15 @@ from ctypes import c_uint32
 from dataclasses import dataclass
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR
 from scapy.layers.l2 import Ether
 
 from lib import netns, packets
 from sluice.bpf import libbpf as lb
 from sluice.bpf.btf import Btf
 from sluice.maps import (MAGLEV_SIZE, Backend, BackendsMap, ConfigMap, CpuListMap, CpuMap, Endpoint, EndpointsMap,
-                         LbVipsMap, MetricsMap, NatMap, PrefilterMap, be16, be32, sl_flow_tuple, sl_nat)
+                         FailsafeMap, LbAffinityMap, LbOptions, LbVipsMap, MetricsMap, NatMap, PrefilterMap, be16, be32, ip_str,
+                         sl_flow_tuple, sl_lb_affinity, sl_nat)
 
 pytestmark = pytest.mark.kernel
 
@@ -365,11 +366,105 @@ def test_lb_unresolved_neighbour_goes_to_stack(node):
     assert node.counters() == {"SL_OUT_LB_TO_STACK": 1}
 
 
-def test_lb_vip_without_backends_dropped(node):
-    install_vip(node, {})
-    assert node.run(packets.tcp(CLIENT, VIP, CPORT, VPORT))[0] == XDP_DROP
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_lb_vip_without_backends_rejected(node, proto):
+    """The frame goes back to where it came from as an ICMP port unreachable from the VIP, quoting the
+    client's IP header and the first 8 bytes of its TCP/UDP header, as a host with no such port answers."""
+    install_vip(node, {}, proto=proto)
+    make = packets.tcp if proto == "tcp" else packets.udp
+    frame = make(CLIENT, VIP, CPORT, VPORT, payload=b"x" * 100)
+    ret, out = node.run(frame)
+    assert ret == XDP_TX
+    pkt = packets.parse(out)
+    assert (pkt.src, pkt.dst) == (packets.MAC_B, packets.MAC_A)
+    assert (pkt[IP].src, pkt[IP].dst, pkt[IP].proto, pkt[IP].ttl) == (VIP, CLIENT, 1, 64)
+    assert (pkt[ICMP].type, pkt[ICMP].code) == (3, 3)
+    assert bytes(pkt[ICMP].payload) == frame[14:14 + 20 + 8]
+    assert len(out) == 14 + 20 + 8 + 28 == pkt[IP].len + 14
+    packets.assert_checksums_valid(out)
     assert len(node.map(NatMap)) == 0
+    assert node.counters() == {"SL_OUT_LB_REJECT": 1}
+
+
+def test_lb_vip_without_backends_ip_options_dropped(node):
+    """A header with options would not be quoted whole: dropped and counted instead."""
+    install_vip(node, {})
+    frame = bytes(ETH() / IP(src=CLIENT, dst=VIP, options=[IPOption_RR()]) / TCP(sport=CPORT, dport=VPORT))
+    assert node.run(frame)[0] == XDP_DROP
     assert node.counters() == {"SL_DROP_NO_BACKEND": 1}
+
+
+def _local_pod(node: Xdp, ip: str = LOCAL_POD) -> None:
+    node.map(EndpointsMap).put(ip, Endpoint(netns.ifindex(node.ns, "nic1"), "02:00:00:01:05:01", "02:00:00:01:05:02"))
+
+
+def test_lb_keep_source_to_local_pod(node):
+    """externalTrafficPolicy Local: a pod of this node sees the client's own address and port (DNAT only);
+    its reply (which tc_from_pod translates) is keyed backend -> client."""
+    _local_pod(node)
+    node.map(BackendsMap).put_many({1: Backend(LOCAL_POD, 8080)})
+    node.map(LbVipsMap).put(VIP, VPORT, "tcp", {1: Backend(LOCAL_POD, 8080)}, LbOptions(keep_source=True))
+    ret, out = node.run(packets.tcp(CLIENT, VIP, CPORT, VPORT, dmac=node.nic0_mac))
+    assert ret == XDP_PASS
+    pkt = packets.parse(out)
+    assert (pkt[IP].src, pkt[TCP].sport, pkt[IP].dst, pkt[TCP].dport) == (CLIENT, CPORT, LOCAL_POD, 8080)
+    packets.assert_checksums_valid(out)
+    assert sorted(node.map(NatMap).flows()) == sorted([
+        ((CLIENT, CPORT, VIP, VPORT, 6), (CLIENT, CPORT, LOCAL_POD, 8080)),
+        ((LOCAL_POD, 8080, CLIENT, CPORT, 6), (VIP, VPORT, CLIENT, CPORT)),
+    ])
+    # the reverse entry of that client port is taken (by a flow through another VIP): full NAT instead
+    ret, out = node.run(packets.tcp(CLIENT, "192.0.2.11", CPORT, VPORT, dmac=node.nic0_mac))
+    assert ret == XDP_PASS      # no VIP there: not ours
+    node.map(LbVipsMap).put("192.0.2.11", VPORT, "tcp", {1: Backend(LOCAL_POD, 8080)}, LbOptions(keep_source=True))
+    ret, out = node.run(packets.tcp(CLIENT, "192.0.2.11", CPORT, VPORT, dmac=node.nic0_mac))
+    pkt = packets.parse(out)
+    assert ret == XDP_PASS and (pkt[IP].src, pkt[IP].dst) == (NODE_IP, LOCAL_POD)
+    assert node.counters() == {"SL_OUT_LB_LOCAL": 2, "SL_OUT_PASS": 1}
+
+
+def test_lb_keep_source_only_for_local_pods(node):
+    """A backend elsewhere would answer the client directly, past the translation back: SNAT as always."""
+    backends = {1: BACKENDS[1]}
+    node.map(BackendsMap).put_many(backends)
+    node.map(LbVipsMap).put(VIP, VPORT, "tcp", backends, LbOptions(keep_source=True))
+    ret, out = node.run(packets.tcp(CLIENT, VIP, CPORT, VPORT))
+    assert ret == XDP_TX
+    check_forward(node, out, BACKENDS[1], flow_hash(CLIENT, VIP, CPORT, VPORT, 6))
+
+
+def test_lb_client_ip_affinity(node):
+    """sessionAffinity ClientIP: every flow of a client goes where its first went, until the entry is older
+    than the timeout; another client is balanced on its own. A backend the VIP loses is forgotten."""
+    backends = {i: Backend(f"10.0.0.{10 + i}", 8080) for i in range(1, 5)}
+    node.map(BackendsMap).put_many(backends)
+    table = node.map(LbVipsMap).put(VIP, VPORT, "tcp", backends, LbOptions(affinity_timeout=30))
+    first = expected_backend(table, backends, CLIENT, VIP, CPORT, VPORT, 6)
+
+    def backend_of(client: str, sport: int) -> str:
+        ret, out = node.run(packets.tcp(client, VIP, sport, VPORT))
+        assert ret == XDP_TX
+        return packets.parse(out)[IP].dst
+
+    assert {backend_of(CLIENT, sport) for sport in range(CPORT, CPORT + 40)} == {first.ip}
+    affinity = node.map(LbAffinityMap)
+    ids = {b: i for i, b in backends.items()}
+    assert affinity.clients() == {((VIP, VPORT, "tcp"), CLIENT): ids[first]}
+    others = {f"198.51.100.{n}": backend_of(f"198.51.100.{n}", CPORT) for n in range(8, 40)}
+    assert len(set(others.values())) > 1
+    # the timeout ran out: balanced by Maglev again, per flow, and the client sticks to the new choice
+    key = next(k for k, _v in affinity.raw_items() if ip_str(k.client) == CLIENT)
+    affinity.update(key, sl_lb_affinity(ids[first], 0, 1))
+    sport = next(p for p in range(30000, 31000)
+                 if expected_backend(table, backends, CLIENT, VIP, p, VPORT, 6) != first)
+    new = backend_of(CLIENT, sport)
+    assert new != first.ip and backend_of(CLIENT, sport + 1) == new
+    # user space forgets the clients of a backend the VIP no longer has
+    keep = {ids[b] for b in backends.values() if b.ip != new}
+    assert affinity.forget(VIP, VPORT, "tcp", keep) == 1 + sum(ip == new for ip in others.values())
+    assert {c: backends[i].ip for (_fe, c), i in affinity.clients().items()} == \
+        {c: ip for c, ip in others.items() if ip != new}
+    assert affinity.forget(VIP, VPORT, "tcp") > 0 and not affinity.clients()
 
 
 def test_lb_fragment_to_vip_dropped(node):
@@ -411,6 +506,23 @@ def test_prefilter_before_lb(node):
     assert node.run(packets.tcp(CLIENT, VIP, CPORT, VPORT))[0] == XDP_DROP
     assert len(node.map(NatMap)) == 0
     assert node.counters() == {"SL_DROP_PREFILTER": 1}
+
+
+def test_failsafe_passes_the_nodes_management_flows_before_prefilter_and_lb(node):
+    """A listed port to the node (SSH), or from a listed port to the node (the answer to the node's own DNS
+    query), passes though the source is prefiltered and an LB VIP claims the node's SSH port; the same ports
+    to an address the node forwards to, and other ports of the node, do not."""
+    node.map(FailsafeMap).put("tcp", 22)
+    node.map(FailsafeMap).put("udp", 53)
+    node.map(PrefilterMap).put("198.51.100.0/24")
+    install_vip(node, BACKENDS, vip=NODE_IP, port=22)
+    assert node.run(packets.tcp(CLIENT, NODE_IP, CPORT, 22))[0] == XDP_PASS
+    assert node.run(packets.udp(CLIENT, NODE_IP, 53, CPORT))[0] == XDP_PASS
+    assert node.run(packets.tcp(CLIENT, NODE_IP, CPORT, 80))[0] == XDP_DROP
+    assert node.run(packets.tcp(CLIENT, "10.0.0.77", CPORT, 22))[0] == XDP_DROP     # forwarded, not the node's
+    assert node.run(packets.udp(CLIENT, NODE_NET1_IP, 53, CPORT))[0] == XDP_PASS    # another address of the node
+    assert len(node.map(NatMap)) == 0
+    assert node.counters() == {"SL_OUT_FAILSAFE": 3, "SL_DROP_PREFILTER": 2}
 
 
 # ---- cpumap spreading ------------------------------------------------------------------
@@ -461,6 +573,16 @@ def _veth(a_ns: str, a: str, b_ns: str, b: str) -> None:
     netns.ns_exec(a_ns, "ip", "link", "add", a, "type", "veth", "peer", "name", b, "netns", b_ns)
 
 
+def _node_and_peer(node_ns: str, peer_ns: str, *peer_addrs: str) -> None:
+    """The node's nic0 (10.0.0.1/24) wired to the peer's eth0 (`peer_addrs`, /24 each)."""
+    _veth(node_ns, "nic0", peer_ns, "eth0")
+    netns.ns_exec(node_ns, "ip", "addr", "add", "10.0.0.1/24", "dev", "nic0")
+    netns.ns_exec(node_ns, "ip", "link", "set", "nic0", "up")
+    for addr in peer_addrs:
+        netns.ns_exec(peer_ns, "ip", "addr", "add", f"{addr}/24", "dev", "eth0")
+    netns.ns_exec(peer_ns, "ip", "link", "set", "eth0", "up")
+
+
 @contextlib.contextmanager
 def _xdp_link(prog: int, ns: str, dev: str, flags: int):
     ifindex = netns.ifindex(ns, dev)
@@ -476,12 +598,7 @@ def test_real_prefilter_on_veth(xdp):
     address of the same peer still reaches a listening socket on the node."""
     xdp.map(PrefilterMap).put("10.0.0.2/32")
     with netns.namespaces("node", "peer") as (node_ns, peer_ns):
-        _veth(node_ns, "nic0", peer_ns, "eth0")
-        netns.ns_exec(node_ns, "ip", "addr", "add", "10.0.0.1/24", "dev", "nic0")
-        netns.ns_exec(node_ns, "ip", "link", "set", "nic0", "up")
-        for addr in ("10.0.0.2/24", "10.0.0.3/24"):
-            netns.ns_exec(peer_ns, "ip", "addr", "add", addr, "dev", "eth0")
-        netns.ns_exec(peer_ns, "ip", "link", "set", "eth0", "up")
+        _node_and_peer(node_ns, peer_ns, "10.0.0.2", "10.0.0.3")
         listener = _in_ns(node_ns, socket.create_server, ("10.0.0.1", 7777))
         try:
             with _xdp_link(xdp.prog, node_ns, "nic0", lb.XDP_FLAGS_DRV_MODE):
@@ -494,6 +611,27 @@ def test_real_prefilter_on_veth(xdp):
             listener.close()
     assert counters.get("SL_DROP_PREFILTER", 0) >= 1      # the SYN and its retransmissions
     assert counters.get("SL_OUT_PASS", 0) >= 3            # ARP and the accepted connection
+
+
+def test_real_failsafe_port_reaches_the_node_from_a_prefiltered_source(xdp):
+    """Native XDP on the node's veth, the peer's whole network prefiltered: a connection to the node's
+    failsafe port gets through (and its replies back), another port of the node does not."""
+    xdp.map(PrefilterMap).put("10.0.0.0/24")
+    xdp.map(FailsafeMap).put("tcp", 7022)
+    with netns.namespaces("node", "peer") as (node_ns, peer_ns):
+        _node_and_peer(node_ns, peer_ns, "10.0.0.2")
+        xdp.map(ConfigMap).set("10.0.0.1", netns.ifindex(node_ns, "nic0"))
+        listeners = [_in_ns(node_ns, socket.create_server, ("10.0.0.1", port)) for port in (7022, 7777)]
+        try:
+            with _xdp_link(xdp.prog, node_ns, "nic0", lb.XDP_FLAGS_DRV_MODE):
+                assert _in_ns(peer_ns, _connects, "10.0.0.2", "10.0.0.1", 7022)
+                assert not _in_ns(peer_ns, _connects, "10.0.0.2", "10.0.0.1", 7777)
+                counters = xdp.counters()
+        finally:
+            for listener in listeners:
+                listener.close()
+    assert counters.get("SL_OUT_FAILSAFE", 0) >= 2          # SYN, ACK
+    assert counters.get("SL_DROP_PREFILTER", 0) >= 1
 
 
 def test_real_lb_traffic(xdp):
@@ -548,3 +686,33 @@ def test_real_lb_traffic(xdp):
             server.close()
     assert counters.get("SL_OUT_LB_TO_STACK", 0) >= 1
     assert counters.get("SL_OUT_XDP_REDIRECT", 0) >= 3 * 6
+
+
+def test_real_vip_without_backends_refuses_at_once(xdp):
+    """A client of a VIP that has no backend learns it at once: its TCP connect and its next UDP receive
+    fail with ECONNREFUSED (the ICMP port unreachable XDP sends back), no timeout."""
+    with netns.namespaces("node", "cli") as (node_ns, cli_ns):
+        _node_and_peer(node_ns, cli_ns, "10.0.0.2")
+        netns.ns_exec(cli_ns, "ip", "route", "add", "default", "via", "10.0.0.1")
+        xdp.map(ConfigMap).set("10.0.0.1", netns.ifindex(node_ns, "nic0"))
+        install_vip(xdp, {})
+        install_vip(xdp, {}, port=53, proto="udp")
+
+        def tcp_connect():
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((VIP, VPORT), timeout=5)
+
+        def udp_exchange():
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(5)
+                s.connect((VIP, 53))
+                s.send(b"query")
+                with pytest.raises(ConnectionRefusedError):
+                    s.recv(64)
+
+        with _xdp_link(xdp.prog, node_ns, "nic0", lb.XDP_FLAGS_SKB_MODE):
+            _in_ns(cli_ns, tcp_connect)
+            _in_ns(cli_ns, udp_exchange)
+            counters = xdp.counters()
+    assert counters["SL_OUT_LB_REJECT"] == 2
+    assert "SL_DROP_NO_BACKEND" not in counters

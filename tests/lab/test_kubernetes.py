@@ -3,8 +3,9 @@ kube-proxy) whose only CNI is Sluice, installed by playbooks/site.yml like on an
 
 Pods created through the API (kubelet -> containerd -> Sluice's CNI plugin) get an address in their node's pod
 CIDR and reach a pod on another node through Sluice's path; Services created through the API are served by
-Sluice (no kube-proxy) from pods, nodes and outside, follow their endpoints, refuse when they have none,
-and outlive an agent restarted while the API server is unreachable; routes to other nodes come from the
+Sluice (no kube-proxy) from pods, nodes and outside (the client's source kept under a Local traffic
+policy, ClientIP affinity), follow their endpoints, refuse when they have none, lose no packet while both
+agents are killed, and outlive an agent restarted while the API server is unreachable; routes to other nodes come from the
 Node objects where the inventory lacks them; deleting a pod leaves no link, map entry, IPAM allocation or
 pin; plan.yml refuses a node whose pod CIDR Kubernetes set differently; and the lab's own teardown
 leaves no namespace, mount, cgroup, process or containerd state. The tests run in file order on one lab."""
@@ -41,11 +42,12 @@ NS = "sltest"
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 
 
-def playbook(the_lab: lab.Lab, name: str, *args: str) -> subprocess.CompletedProcess:
+def playbook(the_lab: lab.Lab, name: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([os.path.join(VENV_BIN, "ansible-playbook"), "-i", the_lab.inventory,
                            os.path.join(ROOT, "playbooks", name), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
-                          env=dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", ANSIBLE_FORCE_COLOR="0"))
+                          env=dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", ANSIBLE_FORCE_COLOR="0",
+                                   **env))
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +237,47 @@ def test_services_from_the_api_reach_every_backend_from_pods_nodes_and_outside(c
         k8s.kubectl("delete", "service", "-n", NS, "web-lb")
 
 
+def test_outside_clients_keep_their_source_under_local_policy_keep_their_backend_and_are_refused_at_once(cluster):
+    """From the external client through the nodes' NICs (XDP LB): externalTrafficPolicy Local leads to the
+    node's own endpoints, which see the client's address; sessionAffinity ClientIP keeps the client on one of
+    them; a NodePort Service without endpoints refuses the connection at once (ICMP port unreachable)."""
+    the_lab, k8s = cluster
+    local = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web-local", "namespace": NS},
+             "spec": {"type": "NodePort", "selector": {"svc": "web"}, "externalTrafficPolicy": "Local",
+                      "sessionAffinity": "ClientIP",
+                      "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}
+    empty = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "empty", "namespace": NS},
+             "spec": {"type": "NodePort", "selector": {"svc": "nothing"}, "ports": [{"port": 80}]}}
+    k8s.apply([local, empty])
+
+    def outside(*argv: str) -> subprocess.CompletedProcess:
+        return the_lab.ns_run(the_lab.ext_ns, *argv, check=False)
+
+    def node_port(name: str) -> int:
+        return int(k8s.kubectl("get", "service", "-n", NS, name, "-o", "jsonpath={.spec.ports[0].nodePort}").stdout)
+
+    try:
+        port = node_port("web-local")
+        wait_served(the_lab, f"{the_lab.node_ip(1)}:{port}/tcp", 1)
+        for i, here in ((1, {"web-1"}), (2, {"web-2", "web-3"})):
+            url = f"http://{the_lab.node_ip(i)}:{port}"
+            answered = hostnames(outside, f"{url}/hostname", tries=20)
+            assert len(answered) == 1 and answered <= here, answered    # this node's, and always the same
+            seen = outside("curl", "-s", "--max-time", "3", f"{url}/clientip")
+            assert seen.stdout.strip().rsplit(":", 1)[0] == the_lab.ext_ip, seen
+        port = node_port("empty")
+        before = node_json(the_lab, 1, "metrics")
+        started = time.monotonic()
+        refused = outside("curl", "-s", "--max-time", "5", f"http://{the_lab.node_ip(1)}:{port}/")
+        assert refused.returncode == 7, refused      # curl: could not connect
+        assert time.monotonic() - started < 3, "refused at once, not after a timeout"
+        rejects = [sum(m["packets"] for m in metrics if (m["hook"], m["outcome"]) == ("xdp_nic", "lb_reject"))
+                   for metrics in (before, node_json(the_lab, 1, "metrics"))]
+        assert rejects[1] > rejects[0]
+    finally:
+        k8s.kubectl("delete", "service", "-n", NS, "web-local", "empty")
+
+
 def test_endpoint_changes_reach_the_datapath_and_no_endpoint_refuses_at_once(cluster):
     the_lab, k8s = cluster
     cluster_ip = k8s.kubectl("get", "service", "-n", NS, "web", "-o", "jsonpath={.spec.clusterIP}").stdout
@@ -249,6 +292,87 @@ def test_endpoint_changes_reach_the_datapath_and_no_endpoint_refuses_at_once(clu
     refused = k8s.exec_in(NS, "a", "/agnhost", "connect", "--timeout=5s", f"{cluster_ip}:80")
     assert "REFUSED" in refused.stdout + refused.stderr, refused
     assert time.monotonic() - started < 4, "refused at once, not after a timeout"
+
+
+FLOW_SERVERS = {1: "slflow-srv1", 2: "slflow-srv2"}
+FLOW_CLIENT = "slflow-cli"
+
+
+def test_agents_killed_under_traffic_to_a_service_from_the_api_lose_nothing(cluster):
+    """Sequence-numbered TCP streams and UDP flows (`sluice connectivity flow`) run to a Service from the
+    API whose endpoints are flow servers on both nodes (an EndpointSlice of its own, as for backends outside
+    the Service's selector): from a pod on node1 to its cluster IP (socket LB), from the external client to
+    node1's NodePorts (XDP LB). Both agents are killed with SIGKILL meanwhile and restarted by their
+    supervisor: no datagram lost, no stream reset, no error."""
+    the_lab, k8s = cluster
+    cnitool = os.path.join(ROOT, "build", "cnitool")
+    servers = {i: str(ipaddress.ip_network(kube.node_pod_cidr(i))[250]) for i in FLOW_SERVERS}
+    flows = None
+    try:
+        for i, name in FLOW_SERVERS.items():
+            the_lab.node_run(i, SLUICE, "connectivity", "pod-add", name, "--ip", servers[i], "--server", "flow",
+                             "--cnitool", cnitool)
+        the_lab.node_run(1, SLUICE, "connectivity", "pod-add", FLOW_CLIENT,
+                         "--ip", str(ipaddress.ip_network(kube.node_pod_cidr(1))[251]), "--cnitool", cnitool)
+        svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "flows", "namespace": NS},
+               "spec": {"type": "NodePort", "ports": [{"name": "tcp", "port": 80, "protocol": "TCP"},
+                                                      {"name": "udp", "port": 53, "protocol": "UDP"}]}}
+        endpoints = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                     "metadata": {"name": "flows-1", "namespace": NS,
+                                  "labels": {"kubernetes.io/service-name": "flows"}},
+                     "addressType": "IPv4",
+                     "ports": [{"name": "tcp", "port": 8080, "protocol": "TCP"},
+                               {"name": "udp", "port": 5353, "protocol": "UDP"}],
+                     "endpoints": [{"addresses": [ip], "nodeName": f"node{i}"} for i, ip in servers.items()]}
+        k8s.apply([svc, endpoints])
+        found = json.loads(k8s.kubectl("get", "service", "-n", NS, "flows", "-o", "json").stdout)
+        cluster_ip = found["spec"]["clusterIP"]
+        tcp_port, udp_port = (p["nodePort"] for p in found["spec"]["ports"])
+        wait_served(the_lab, f"{cluster_ip}:80/tcp", 2)
+        wait_served(the_lab, f"{the_lab.node_ip(1)}:{udp_port}/udp", 2)
+        duration = 20
+        flows = {
+            "pod": subprocess.Popen([sys.executable, os.path.join(ROOT, "lab", "lab.py"), "--name", the_lab.name,
+                                     "exec", "node1", "--", SLUICE, "connectivity", "flow",
+                                     "--netns", f"/run/netns/{FLOW_CLIENT}", "--tcp", f"{cluster_ip}:80",
+                                     "--udp", f"{cluster_ip}:53", "--duration", str(duration)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+            "outside": subprocess.Popen([os.path.join(VENV_BIN, "sluice"), "connectivity", "flow",
+                                         "--netns", f"/run/netns/{the_lab.ext_ns}",
+                                         "--tcp", f"{the_lab.node_ip(1)}:{tcp_port}",
+                                         "--udp", f"{the_lab.node_ip(1)}:{udp_port}", "--duration", str(duration)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)}
+        time.sleep(3)
+        agents = {i: node_json(the_lab, i, "status")["agent"]["pid"] for i in FLOW_SERVERS}
+        for pid in agents.values():         # the lab shares this host's PIDs
+            os.kill(pid, 9)
+        deadline = time.monotonic() + 60
+        for i, old in agents.items():
+            while True:
+                status = node_json(the_lab, i, "status") if the_lab.node_run(i, SLUICE, "status", check=False) \
+                    .returncode == 0 else {}
+                agent = status.get("agent") or {}
+                if agent.get("pid") not in (None, old) and (agent.get("kubernetes") or {}).get("synced"):
+                    break
+                assert time.monotonic() < deadline, status
+                time.sleep(0.5)
+        for where, proc in flows.items():
+            out, err = proc.communicate(timeout=duration + 60)
+            assert proc.returncode == 0, (where, err)
+            report = json.loads(out)
+            for flow in report["flows"]:
+                assert flow["sent"] > duration * 50 and flow["received"] == flow["sent"], (where, flow)
+                assert flow["lost"] == 0 and flow["resets"] == 0 and not flow["errors"], (where, flow)
+            assert report["ok"], (where, report)
+    finally:
+        for proc in (flows or {}).values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        k8s.kubectl("delete", "service", "-n", NS, "flows", "--ignore-not-found")
+        k8s.kubectl("delete", "endpointslice", "-n", NS, "flows-1", "--ignore-not-found")
+        for i, name in (*FLOW_SERVERS.items(), (1, FLOW_CLIENT)):
+            the_lab.node_run(i, SLUICE, "connectivity", "pod-del", name, "--cnitool", cnitool, check=False)
 
 
 def test_the_agent_serves_what_it_last_learnt_while_the_api_server_is_away_and_resyncs(cluster):
@@ -376,6 +500,138 @@ def test_deleting_a_pod_leaves_no_link_map_entry_allocation_or_pin(cluster):
     while node_view(the_lab, 1) != empty and time.monotonic() < deadline:
         time.sleep(0.5)
     assert node_view(the_lab, 1) == empty
+
+
+def test_site_restarts_an_agent_whose_code_was_replaced_under_it_and_only_that_one(cluster):
+    """New code installed under a running agent (here: node1's package RECORD, which lists every file with
+    its hash, changed) is what the agent runs after site.yml; node2's agent, on the code it started with,
+    is left running."""
+    the_lab, _k8s = cluster
+    before = {i: node_json(the_lab, i, "status")["agent"]["pid"] for i in (1, 2)}
+    the_lab.node_run(1, "sh", "-c", "for f in /opt/sluice/venv/lib/python3*/site-packages/sluice-*.dist-info/RECORD;"
+                     " do echo 'sluice/replaced.py,,' >> $f; done")
+    result = playbook(the_lab, "site.yml")
+    assert result.returncode == 0, result.stdout[-3000:]
+    task = result.stdout.split("TASK [sluice.network.agent : Find whether the agent runs the installed code]")[1]
+    task = task.split("TASK [", 1)[0]
+    assert "changed: [node1]" in task and "ok: [node2]" in task, task
+    after = {i: node_json(the_lab, i, "status") for i in (1, 2)}
+    assert after[1]["agent"]["pid"] != before[1] and after[2]["agent"]["pid"] == before[2]
+    assert after[1]["agent"]["package"] == after[1]["package"] and after[1]["agent"]["ready"]
+
+
+def ansible_ping(the_lab: lab.Lab, host: str) -> subprocess.CompletedProcess:
+    """A new SSH connection to `host` (no shared master that an earlier connection left)."""
+    return subprocess.run([os.path.join(VENV_BIN, "ansible"), "-i", the_lab.inventory, host, "-m",
+                           "ansible.builtin.ping"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False, env=dict(os.environ, ANSIBLE_SSH_ARGS="-o ControlMaster=no"))
+
+
+def test_site_refuses_lockout_inputs_against_running_nodes_and_touches_nothing(cluster):
+    """An inventory that would lock the operators out (a prefilter over the nodes' network, an LB VIP on a
+    node's SSH port, a failsafe without SSH): site.yml ends with the reason before any node changes, and
+    SSH still answers."""
+    the_lab, _k8s = cluster
+    ssh_vip = [{"name": "ssh", "vip": the_lab.node_ip(1), "port": 22, "protocol": "tcp",
+                "backends": [{"ip": "10.244.2.10", "port": 22}]}]
+    cases = [({"sluice_prefilter": [SUBNET]},
+              f"node1: sluice_prefilter[0] {SUBNET} covers node1's address {the_lab.node_ip(1)}: node1 would drop "
+              "its packets at the NIC"),
+             ({"sluice_lb_vips": ssh_vip},
+              f"node1: sluice_lb_vips[0] (ssh) {the_lab.node_ip(1)}:22/tcp is node1's address {the_lab.node_ip(1)}"),
+             ({"sluice_failsafe": ["tcp:6443"]}, "node1: sluice_failsafe lacks tcp:22, the port Ansible reaches node1 on")]
+    before = {i: (the_lab.node_run(i, "cat", "/etc/sluice/state.json").stdout, node_json(the_lab, i, "routes"),
+                  node_json(the_lab, i, "services")) for i in (1, 2)}
+    for extra, message in cases:
+        result = playbook(the_lab, "site.yml", "-e", json.dumps(extra))
+        assert result.returncode != 0 and message in " ".join(result.stdout.split()), result.stdout[-3000:]
+        assert "TASK [sluice.network.node" not in result.stdout, "no node was touched"
+    assert {i: (the_lab.node_run(i, "cat", "/etc/sluice/state.json").stdout, node_json(the_lab, i, "routes"),
+                node_json(the_lab, i, "services")) for i in (1, 2)} == before
+    assert ansible_ping(the_lab, "node1").returncode == 0
+
+
+def test_a_state_file_prefiltering_the_controller_and_the_control_plane_cuts_neither(cluster):
+    """Past every plan check (the state file written by hand), a prefilter of node1's whole underlay, where
+    the controller, the API server and the other nodes are: the failsafe keeps SSH to node1, the API
+    server's connections to node1's kubelet (kubectl exec) and node1's own to the API server working,
+    while everything else from there is dropped."""
+    the_lab, k8s = cluster
+    path = os.path.join(the_lab.node_dir(1), "root", "etc", "sluice", "state.json")
+    with open(path) as f:
+        doc = json.load(f)
+    before = {(m["hook"], m["outcome"]): m["packets"] for m in node_json(the_lab, 1, "metrics")}
+
+    def write(state: dict) -> None:
+        with open(path + ".tmp", "w") as f:
+            json.dump(state, f)
+        os.replace(path + ".tmp", path)
+
+    def dropped() -> bool:
+        """A connection from outside to a closed port of node1 times out (28), not refused at once (7)."""
+        probe = the_lab.ns_run(the_lab.ext_ns, "curl", "-s", "--max-time", "2", f"http://{the_lab.node_ip(1)}:9/",
+                               check=False)
+        assert probe.returncode in (7, 28), probe
+        return probe.returncode == 28
+
+    assert not dropped()
+    write(dict(doc, prefilter=[*doc.get("prefilter", []), SUBNET]))
+    try:
+        deadline = time.monotonic() + 30
+        while not dropped():
+            assert time.monotonic() < deadline, "the prefilter comes in force"
+        assert ansible_ping(the_lab, "node1").returncode == 0
+        exec_ = k8s.exec_in(NS, "a", "true")
+        assert exec_.returncode == 0, exec_.stderr
+        lease = k8s.kubectl("get", "lease", "-n", "kube-node-lease", "node1", "-o",
+                            "jsonpath={.spec.renewTime}").stdout
+        deadline = time.monotonic() + 30
+        while k8s.kubectl("get", "lease", "-n", "kube-node-lease", "node1", "-o",
+                          "jsonpath={.spec.renewTime}").stdout == lease:
+            assert time.monotonic() < deadline, "node1's kubelet renews its lease through the API server"
+            time.sleep(1)
+        after = {(m["hook"], m["outcome"]): m["packets"] for m in node_json(the_lab, 1, "metrics")}
+        moved = {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
+        assert moved.get(("xdp_nic", "failsafe")) and moved.get(("xdp_nic", "drop_prefilter")), sorted(moved.items())
+    finally:
+        write(doc)
+    deadline = time.monotonic() + 30
+    while dropped():
+        assert time.monotonic() < deadline, "the prefilter is gone again"
+
+
+def test_a_change_that_cuts_the_controller_off_fails_the_play_in_bounded_time_and_is_reverted(cluster, tmp_path):
+    """A change no plan foresees (here a route that sends node1's answers to the controller to an address
+    nobody has): the agent role's task ends within agent_confirm_timeout with a message naming the node, and
+    node1's agent, unconfirmed, restores and applies the state before the change: SSH answers again, routes
+    and state file as they were."""
+    the_lab, _k8s = cluster
+    doc = json.loads(the_lab.node_run(1, "cat", "/etc/sluice/state.json").stdout)
+    routes = node_json(the_lab, 1, "routes")
+    nowhere = str(ipaddress.ip_address(the_lab.host_ip) + 249)
+    cut = {"cidr": f"{the_lab.host_ip}/32", "nexthop": nowhere, "node": "nowhere"}
+    plan = {"node1": {"ip": doc["node"]["ip"], "pod_cidr": doc["node"]["pod_cidr"], "routes": doc["routes"] + [cut]}}
+    play = tmp_path / "cut.yml"
+    play.write_text(json.dumps([{"name": "Apply node1's state with a route that cuts the controller off",
+                                 "hosts": "node1", "vars": {"sluice_cluster": plan},
+                                 "roles": ["sluice.network.agent"]}]))
+    started = time.monotonic()
+    # No shared SSH master: the one the cut stalls would hold the later tests' connections.
+    result = playbook(the_lab, str(play), "-e", "agent_confirm_timeout=20", ANSIBLE_SSH_ARGS="-o ControlMaster=no")
+    took = time.monotonic() - started
+    assert result.returncode != 0, result.stdout[-3000:]
+    assert "node1 did not answer within 20 s while its new state was applied: its agent restores the state " \
+           "before the change within 20 s of applying it" in " ".join(result.stdout.split()), result.stdout[-3000:]
+    assert took < 120, took
+    deadline = time.monotonic() + 60
+    while not (node_json(the_lab, 1, "status")["agent"].get("last_revert") or {}).get("restored"):
+        assert time.monotonic() < deadline, node_json(the_lab, 1, "status")["agent"]
+        time.sleep(1)
+    assert node_json(the_lab, 1, "routes") == routes
+    assert json.loads(the_lab.node_run(1, "cat", "/etc/sluice/state.json").stdout) == doc
+    assert not the_lab.node_run(1, "ip", "route", "show", f"{the_lab.host_ip}/32").stdout.strip()
+    ping = ansible_ping(the_lab, "node1")
+    assert ping.returncode == 0, ping.stdout + ping.stderr
 
 
 def test_site_refuses_nodes_whose_kubernetes_pod_cidr_differs_and_touches_nothing(cluster):

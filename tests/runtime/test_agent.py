@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -228,3 +230,36 @@ def test_full_reconcile_interval_must_be_a_number_of_seconds(tmp_path, value):
     path.write_text(json.dumps({"full_reconcile_interval": value}))
     with pytest.raises(ValueError, match="full_reconcile_interval"):
         AgentConfig.load(str(path))
+
+
+def test_an_unconfirmed_change_is_reverted_by_the_agent_and_a_confirmed_one_stands(node):
+    """Commit-confirm: a change armed and not confirmed in time is undone (the state file restored and
+    applied, health says what was reverted), a late `sluice confirm` of it fails; a change confirmed in
+    time stands."""
+    from sluice.state import confirm
+
+    agent, _ns, dp, state_file = node
+    with open(state_file) as f:
+        before = f.read()
+    cut = copy.deepcopy(STATE)
+    cut["services"] = []
+    confirm.arm(state_file, before, 1.0, {"services": {"remove": ["10.97.0.10:80/tcp"]}})
+    write_state(state_file, cut)
+    agent.wait_for(lambda: not services(dp), what="the change applied")
+    agent.wait_for(lambda: (agent.health().get("last_revert") or {}).get("restored"), what="the revert")
+    assert services(dp) == {("10.97.0.10", 80, "tcp"): 1}
+    with open(state_file) as f:
+        assert f.read() == before
+    deadline = agent.health()["last_revert"]["deadline"]
+    late = subprocess.run([sys.executable, "-m", "sluice.cli", "--json", "confirm", "--state-file", state_file,
+                           "--deadline", repr(deadline)], capture_output=True, text=True, check=False)
+    assert late.returncode == 1 and "too late: the agent reverted" in late.stderr, late
+    # Confirmed in time: the change stands, past its deadline.
+    record = confirm.arm(state_file, before, 2.0, {})
+    write_state(state_file, cut)
+    agent.wait_for(lambda: not services(dp), what="the change applied")
+    ok = subprocess.run([sys.executable, "-m", "sluice.cli", "--json", "confirm", "--state-file", state_file,
+                         "--deadline", repr(record["deadline"])], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0 and json.loads(ok.stdout) == {"confirmed": True}, ok
+    time.sleep(2.5)
+    assert not services(dp) and agent.health()["pending_confirm"] is None

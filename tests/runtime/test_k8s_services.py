@@ -131,6 +131,35 @@ def test_client_ip_affinity_with_its_timeout_reaches_the_state_and_survives_the_
     assert merged.affinity == {fe: 30} and merged.services == api.services and not conflicts
 
 
+def test_external_traffic_policy_local_and_affinity_reach_the_xdp_lb_and_survive_the_cache(tmp_path):
+    """externalTrafficPolicy Local keeps the client's source on the XDP LB's frontends (NodePort at the NIC,
+    external IPs), ClientIP affinity holds there too; the cluster IP is the socket LB's, without either."""
+    from sluice import maps as m
+    from sluice.k8s.source import KubernetesSource
+
+    ports = [{"name": "http", "protocol": "TCP", "port": 80, "nodePort": 30080}]
+    svc = service(type_="NodePort", ports=ports, externalTrafficPolicy="Local", externalIPs=["203.0.113.9"],
+                  sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}})
+    source = KubernetesSource.__new__(KubernetesSource)
+    source.node_name, source.node_ip = "node1", "192.168.1.11"
+    part = source._service("default/web", ks.service_from_api(svc),
+                           [ks.endpoint_slice_from_api(slice_([endpoint("10.244.1.5")]))], NODES)
+    xdp = {("192.168.1.11", 30080, "tcp"), ("203.0.113.9", 80, "tcp")}
+    assert set(part.lb_vips) == set(part.lb_options) == xdp
+    assert set(part.lb_options.values()) == {m.LbOptions(keep_source=True, affinity_timeout=60)}
+    assert part.affinity[("10.100.0.20", 80, "tcp")] == 60
+    save_service(str(tmp_path), "default/web", part)
+    assert ApiFrontends.load(str(tmp_path)) == part
+    state = DesiredState.parse({"node": {"name": "node1", "ip": "192.168.1.11", "nic": "eth0",
+                                         "pod_cidr": "10.244.1.0/24"}})
+    merged, _conflicts = merge(state, part)
+    assert merged.lb_options == part.lb_options
+    # a Cluster policy: the XDP LB translates the source, as before
+    plain = source._service("default/web", ks.service_from_api(service(type_="NodePort", ports=ports)),
+                            [ks.endpoint_slice_from_api(slice_([endpoint("10.244.1.5")]))], NODES)
+    assert plain.lb_vips and not plain.lb_options
+
+
 def test_two_services_asking_for_one_frontend_the_first_wins_in_the_cache_and_in_the_watch(tmp_path):
     """An external IP two Services claim: the one of first precedence gets it, the same after a restart
     (the cache) as while watching, and the other takes over when it lets go."""

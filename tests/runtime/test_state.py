@@ -58,7 +58,14 @@ BAD = [
     ("services.0.affinity_timeout", "60", "services[0] (web): affinity_timeout '60' is not"),
     ("services.0.affinity_timeout", True, "services[0] (web): affinity_timeout True is not"),
     ("services.0.affinity_timeout", 1.5, "services[0] (web): affinity_timeout 1.5 is not"),
-    ("lb_vips.0.affinity_timeout", 60, "lb_vips[0] (ext): affinity_timeout is for services (the socket LB) only"),
+    ("lb_vips.0.affinity_timeout", 86401, "lb_vips[0] (ext): affinity_timeout 86401 is not an integer"),
+    ("lb_vips.0.keep_source", "yes", "lb_vips[0] (ext): keep_source 'yes' is not true or false"),
+    ("services.0.keep_source", True, "services[0] (web): keep_source is for lb_vips (the XDP LB) only"),
+    ("failsafe", ["tcp:22", "sctp:9"], "failsafe[1]: 'sctp:9' is not PROTOCOL:PORT or PROTOCOL:FIRST-LAST"),
+    ("failsafe", ["tcp:22-21"], "failsafe[0]: 'tcp:22-21' is not PROTOCOL:PORT"),
+    ("failsafe", ["udp:0"], "failsafe[0]: 'udp:0' is not"),
+    ("failsafe", ["tcp:1000-1100"], "failsafe[0]: 'tcp:1000-1100' makes more than 64 ports"),
+    ("failsafe", "tcp:22", "failsafe: expected a list of 'PROTOCOL:PORT' entries, not 'tcp:22'"),
 ]
 
 
@@ -313,8 +320,8 @@ def test_current_reads_every_map_once_and_decodes_like_the_typed_getters(node):
         for fe, svc in sm.items().items():
             assert sm.get(*fe) == svc
             assert cur.services[fe] == tuple(backends[i] for i in svc.backend_ids)
-        for fe, (count, table) in lm.tables().items():
-            assert (count, table) == (lm.items()[fe], lm.table(*fe))
+        for fe, (count, table, options) in lm.tables().items():
+            assert (count, table, options) == (lm.items()[fe], lm.table(*fe), lm.entry(*fe)[2])
 
 
 # ---- the agent's path: update() applies the delta from the state applied last ------------------------
@@ -327,7 +334,8 @@ def _random_state(rnd: random.Random, pool: list[dict]) -> dict:
                           "backends": rnd.sample(pool, rnd.randint(0, 4))}
                          for i in range(1, 40) if rnd.random() < 0.7]
     state["lb_vips"] = [{"vip": f"192.168.90.{200 + i}", "port": 443, "protocol": "tcp",
-                         "backends": rnd.sample(pool, rnd.randint(1, 3))} for i in range(6) if rnd.random() < 0.6]
+                         "backends": rnd.sample(pool, rnd.randint(1, 3)), "keep_source": rnd.random() < 0.3,
+                         "affinity_timeout": rnd.choice((0, 0, 30, 60))} for i in range(6) if rnd.random() < 0.6]
     state["prefilter"] = [f"198.51.{i}.0/24" for i in range(12) if rnd.random() < 0.5]
     for s in state["services"]:
         if s["protocol"] == "udp":
@@ -496,3 +504,18 @@ def test_addresses_parse_as_ipaddress_says(value):
 def test_bad_backend_ports_are_named(port):
     with pytest.raises(StateError, match=r"services\[0\] \(web\)\.backends\[1\]: port .* is not an integer"):
         DesiredState.parse(with_change("services.0.backends.1.port", port))
+
+
+def test_failsafe_defaults_to_the_management_ports_and_follows_the_state(node):
+    """A state without a failsafe gets the default (SSH, API, etcd, kubelet, DNS, DHCP); a list replaces it,
+    in the plan and in the map, ranges expanded."""
+    dp, _ns = node
+    rec = Reconciler(dp)
+    rec.apply(DesiredState.parse(BASE))
+    assert rec.current().failsafe == {("tcp", 22), ("tcp", 6443), ("tcp", 2379), ("tcp", 2380), ("tcp", 10250),
+                                      ("tcp", 53), ("udp", 53), ("udp", 67), ("udp", 68)}
+    raw = dict(copy.deepcopy(BASE), failsafe=["tcp:2222", "udp:67-68"])
+    plan = rec.update(DesiredState.parse(raw)).to_dict()
+    assert plan["failsafe"]["add"] == ["tcp:2222"] and "tcp:22" in plan["failsafe"]["remove"]
+    assert rec.current().failsafe == {("tcp", 2222), ("udp", 67), ("udp", 68)}
+    assert not Reconciler(dp).plan(DesiredState.parse(raw)).changed

@@ -238,6 +238,8 @@ bpf_map_lookup_batch = _declare(
     "bpf_map_lookup_batch", c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p, POINTER(c_uint32),
     POINTER(BpfMapBatchOpts)
 )
+# (type, name, license, insns, insn_cnt, opts)
+bpf_prog_load = _declare("bpf_prog_load", c_int, c_int, c_char_p, c_char_p, c_void_p, ctypes.c_size_t, c_void_p)
 bpf_prog_test_run_opts = _declare("bpf_prog_test_run_opts", c_int, c_int, POINTER(BpfTestRunOpts))
 bpf_link_create = _declare("bpf_link_create", c_int, c_int, c_int, c_int, POINTER(BpfLinkCreateOpts))
 bpf_link_update = _declare("bpf_link_update", c_int, c_int, c_int, POINTER(BpfLinkUpdateOpts))

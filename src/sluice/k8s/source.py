@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 
+from .. import maps as m
 from ..state import Frontend
 from ..state.sources import ApiFrontends, precedence
 from . import services as ks
@@ -130,7 +131,10 @@ class KubernetesSource:
             return None
         owner = dict.fromkeys((*sock, *xdp), key)
         affinity = dict.fromkeys(sock, svc.affinity_timeout) if svc.affinity_timeout else {}
-        return ApiFrontends(sock, xdp, owner, affinity)
+        # the XDP LB serves clients from outside: externalTrafficPolicy is theirs
+        options = m.LbOptions(svc.local_external, svc.affinity_timeout)
+        lb_options = dict.fromkeys(xdp, options) if options != m.LbOptions() else {}
+        return ApiFrontends(sock, xdp, owner, affinity, lb_options)
 
     # Two Services may ask for one frontend (an external IP, say): the one of first precedence gets it, as
     # when the cache is loaded; when it lets go, the next one takes over.
@@ -148,7 +152,8 @@ class KubernetesSource:
             claims.discard(key)
             if self.api.owner.get(fe) != key:
                 continue
-            for section in (self.api.services, self.api.lb_vips, self.api.affinity, self.api.owner):
+            for section in (self.api.services, self.api.lb_vips, self.api.affinity, self.api.lb_options,
+                            self.api.owner):
                 section.pop(fe, None)
             if claims:
                 self._install(fe, self._per_service[min(claims, key=precedence)])
@@ -158,7 +163,7 @@ class KubernetesSource:
     def _install(self, fe: Frontend, part: ApiFrontends) -> None:
         self.api.owner[fe] = part.owner[fe]
         for mine, theirs in ((self.api.services, part.services), (self.api.lb_vips, part.lb_vips),
-                             (self.api.affinity, part.affinity)):
+                             (self.api.affinity, part.affinity), (self.api.lb_options, part.lb_options)):
             if fe in theirs:
                 mine[fe] = theirs[fe]
             else:

@@ -6,6 +6,7 @@
     plan       Plan: what applying a state changes (add / change / remove), and its text
     reconcile  Reconciler: plan and full apply against a Snapshot; update() for the agent
     delta      the agent's path: only what differs from the state applied last
+    confirm    commit-confirm: a change of the state file is reverted unless confirmed in time
 
 The Ansible roles write the state file (JSON, default /etc/sluice/state.json); the agent
 reconciles the datapath to it; `sluice apply --plan FILE` shows the plan without applying.
@@ -18,9 +19,9 @@ Reconciler takes a DesiredState and does not know where it came from.
 
 from .plan import Plan
 from .reconcile import ROUTE_PROTO, Reconciler
-from .schema import (DEFAULT_VXLAN_DEVICE, DEFAULT_VXLAN_PORT, PROTOCOLS, ROUTING_MODES, Backend, DesiredState,
-                     Frontend, StateError)
+from .schema import (DEFAULT_FAILSAFE, DEFAULT_STATE_FILE, DEFAULT_VXLAN_DEVICE, DEFAULT_VXLAN_PORT, PROTOCOLS, ROUTING_MODES, Backend,
+                     DesiredState, Frontend, StateError)
 from .snapshot import Snapshot
 
-__all__ = ["DEFAULT_VXLAN_DEVICE", "DEFAULT_VXLAN_PORT", "PROTOCOLS", "ROUTE_PROTO", "ROUTING_MODES", "Backend",
+__all__ = ["DEFAULT_FAILSAFE", "DEFAULT_STATE_FILE", "DEFAULT_VXLAN_DEVICE", "DEFAULT_VXLAN_PORT", "PROTOCOLS", "ROUTE_PROTO", "ROUTING_MODES", "Backend",
            "DesiredState", "Frontend", "Plan", "Reconciler", "Snapshot", "StateError"]

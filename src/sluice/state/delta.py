@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 from .. import maps as m
 from ..bpf import libbpf as lb
-from .plan import Plan, frontend_text
+from .plan import Plan, frontend_options, frontend_text
 from .schema import Backend, DesiredState, Frontend
 from .snapshot import Snapshot
 
-# What a delta leaves to a full apply when it changes: the node, routing and routes sections.
-STRUCTURAL = ("node_ip", "nic", "routing_mode", "vxlan_device", "vxlan_port", "vni", "routes", "cpumap_cpus")
+# What a delta leaves to a full apply when it changes: the node, routing, routes, xdp and failsafe sections.
+STRUCTURAL = ("node_ip", "nic", "routing_mode", "vxlan_device", "vxlan_port", "vni", "routes", "cpumap_cpus",
+              "failsafe")
 
 
 class Drift(Exception):
@@ -84,6 +85,13 @@ def apply_delta(datapath, last: Applied, state: DesiredState) -> Plan:
     # an LB VIP's backends are a set (the Maglev table), as in the full plan
     vips = _diff({fe: tuple(sorted(bs)) for fe, bs in old.lb_vips.items()},
                  {fe: tuple(sorted(bs)) for fe, bs in state.lb_vips.items()})
+    # and one whose options alone changed
+    reoptioned = {fe for fe in old.lb_options.keys() | state.lb_options.keys()
+                  if old.lb_options.get(fe) != state.lb_options.get(fe)} - {c[0] for c in vips}
+    if reoptioned:
+        vips += [(fe, tuple(sorted(old.lb_vips[fe])), tuple(sorted(state.lb_vips[fe]))) for fe in reoptioned
+                 if fe in old.lb_vips and fe in state.lb_vips]
+        vips.sort(key=lambda c: c[0])
     pf_add, pf_remove = sorted(state.prefilter - old.prefilter), sorted(old.prefilter - state.prefilter)
     if not (services or vips or pf_add or pf_remove):
         return plan
@@ -100,7 +108,8 @@ def apply_delta(datapath, last: Applied, state: DesiredState) -> Plan:
             last.next_backend += 1
     unused = sorted(b for b in touched if refs[b] <= 0)
     with datapath.open_map(m.BackendsMap) as bm, datapath.open_map(m.ServicesMap) as sm, \
-            datapath.open_map(m.LbVipsMap) as lm, datapath.open_map(m.PrefilterMap) as pm:
+            datapath.open_map(m.LbVipsMap) as lm, datapath.open_map(m.PrefilterMap) as pm, \
+            datapath.open_map(m.LbAffinityMap) as am:
         # 1. every entry to change holds what the last apply left there
         live_svc = {}
         for fe, was, _want in services:
@@ -111,8 +120,9 @@ def apply_delta(datapath, last: Applied, state: DesiredState) -> Plan:
                 raise Drift(f"service {frontend_text(fe)} holds {live_svc[fe]}, the last apply left {expect}")
         for fe, was, _want in vips:
             entry = lm.entry(*fe)
-            live = (entry[0], set(entry[1]) if entry[0] else set()) if entry else None
-            if live != ((len(was), {ids[b] for b in was}) if was is not None else None):
+            live = (entry[0], set(entry[1]) if entry[0] else set(), entry[2]) if entry else None
+            if live != ((len(was), {ids[b] for b in was}, old.lb_options.get(fe, m.LbOptions()))
+                        if was is not None else None):
                 raise Drift(f"LB VIP {frontend_text(fe)} is not what the last apply left there")
         for i in new.values():
             if bm.get(i) is not None:
@@ -137,16 +147,22 @@ def apply_delta(datapath, last: Applied, state: DesiredState) -> Plan:
                     last.svc_ids[fe], last.next_svc = last.next_svc, last.next_svc + 1
                 sm.put(*fe, m.Service(last.svc_ids[fe], tuple(ids[b] for b in want), state.affinity.get(fe, 0)),
                        old=live_svc[fe])
-            plan.frontend("services", fe, want, was, state.affinity.get(fe, 0),
-                          old.affinity.get(fe, 0) if was is not None else 0)
+            plan.frontend("services", fe, want, was, frontend_options("services", state, fe),
+                          frontend_options("services", old, fe) if was is not None else None)
         for fe, was, want in vips:
+            sticky = was is not None and old.lb_options.get(fe, m.LbOptions()).affinity_timeout
             if want is None:
                 lm.delete(*fe)
+                if sticky:
+                    am.forget(*fe)
                 plan.frontend("lb_vips", fe, None, was)
                 continue
-            backends = state.lb_vips[fe]
-            lm.put(*fe, {ids[b]: b for b in backends})
-            plan.frontend("lb_vips", fe, backends, was)
+            backends, options = state.lb_vips[fe], state.lb_options.get(fe, m.LbOptions())
+            lm.put(*fe, {ids[b]: b for b in backends}, options)
+            if sticky:
+                am.forget(*fe, {ids[b] for b in backends} if options.affinity_timeout else None)
+            plan.frontend("lb_vips", fe, backends, was, frontend_options("lb_vips", state, fe),
+                          frontend_options("lb_vips", old, fe) if was is not None else None)
         for i, cidr in enumerate(pf_add):     # rule ids as a full apply numbers them
             pm.put(cidr, i + 1)
         for cidr in pf_remove:

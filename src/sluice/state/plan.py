@@ -8,11 +8,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .. import maps as m
 from .schema import Backend, Frontend
 
 
 def frontend_text(fe: Frontend) -> str:
     return f"{fe[0]}:{fe[1]}/{fe[2]}"
+
+
+def frontend_options(section: str, state, fe: Frontend) -> dict:
+    """{option: value} of frontend `fe` of `section` ("services" or "lb_vips") in a DesiredState or a
+    Snapshot: every option the section has, as Plan.frontend shows them."""
+    if section == "services":
+        return {"affinity_timeout": state.affinity.get(fe, 0)}
+    return state.lb_options.get(fe, m.LbOptions())._asdict()
 
 
 def _backends_text(backends: tuple[Backend, ...]) -> list[str]:
@@ -35,17 +44,19 @@ class Plan:
         self.sections.setdefault(section, {"add": [], "change": [], "remove": []})[kind].append(item)
 
     def frontend(self, section: str, fe: Frontend, want: tuple[Backend, ...] | None,
-                 was: tuple[Backend, ...] | None, affinity: int = 0, was_affinity: int = 0) -> None:
+                 was: tuple[Backend, ...] | None, options: dict | None = None, was_options: dict | None = None) -> None:
         """A service or LB VIP (`section`) added (nothing `was`), removed (nothing wanted) or changed.
-        A service's affinity timeout is shown where it has one, or had one (0: it has none now)."""
+        Its options ({name: value}, every option of the section: affinity_timeout, keep_source) are shown
+        where they are set, or were."""
         if want is None:
             self.add(section, "remove", {"frontend": frontend_text(fe)})
             return
         entry = {"frontend": frontend_text(fe), "backends": _backends_text(want)}
         if was is not None:
             entry["was"] = _backends_text(was)
-        if affinity or was_affinity:
-            entry["affinity_timeout"] = affinity
+        for name, value in (options or {}).items():
+            if value or (was_options or {}).get(name):
+                entry[name] = value
         self.add(section, "add" if was is None else "change", entry)
 
     def prefilter(self, added: list[str], removed: list[str]) -> None:

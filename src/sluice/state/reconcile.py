@@ -15,7 +15,7 @@ from .. import maps as m
 from .. import netlink
 from ..datapath import NIC_PROG
 from . import delta
-from .plan import Plan
+from .plan import Plan, frontend_options
 from .schema import Backend, DesiredState, Frontend, StateError
 from .snapshot import Snapshot
 
@@ -129,16 +129,16 @@ class Reconciler:
                                         ("lb_vips", state.lb_vips, snap.lb_vips)):
             for fe, backends in sorted(want.items()):
                 have = have_all.get(fe)
-                if section == "lb_vips":
-                    if have != tuple(sorted(backends)):
-                        plan.frontend(section, fe, backends, have)
-                    continue
-                affinity, had = state.affinity.get(fe, 0), snap.affinity.get(fe, 0)
-                if have != backends or affinity != had:
-                    plan.frontend(section, fe, backends, have, affinity, had)
+                options, had = frontend_options(section, state, fe), frontend_options(section, snap, fe)
+                # an LB VIP's backends are a set (its Maglev table)
+                if have != (tuple(sorted(backends)) if section == "lb_vips" else backends) or options != had:
+                    plan.frontend(section, fe, backends, have, options, had)
             for fe in sorted(set(have_all) - set(want)):
                 plan.frontend(section, fe, None, have_all[fe])
         plan.prefilter(sorted(state.prefilter - snap.prefilter), sorted(snap.prefilter - state.prefilter))
+        for kind, ports in (("add", state.failsafe - snap.failsafe), ("remove", snap.failsafe - state.failsafe)):
+            for proto, port in sorted(ports):
+                plan.add("failsafe", kind, f"{proto}:{port}")
         nic_ifindex = socket.if_nametoindex(state.nic)
         want_cfg = {"node_ip": state.node_ip, "nic_ifindex": nic_ifindex,
                     "cpumap": bool(state.cpumap_cpus), "cpu_count": len(state.cpumap_cpus)}
@@ -171,6 +171,12 @@ class Reconciler:
             for cidr in (set(snap.routes) | set(kernel)) - set(state.routes):
                 rm.delete(cidr)
                 netlink.delete_route(cidr, ROUTE_PROTO)
+        # The failsafe first: a change that adds a port and a prefilter entry never drops the port between them.
+        with self.dp.open_map(m.FailsafeMap) as fm:
+            for proto, port in state.failsafe - snap.failsafe:
+                fm.put(proto, port)
+            for proto, port in snap.failsafe - state.failsafe:
+                fm.delete(proto, port)
         with self.dp.open_map(m.PrefilterMap) as pm:
             pm.put_many({c: i + 1 for i, c in enumerate(sorted(state.prefilter - snap.prefilter))})
             for cidr in snap.prefilter - state.prefilter:
@@ -208,12 +214,17 @@ class Reconciler:
                 sm.put(*fe, m.Service(svc_ids[fe], tuple(ids[b] for b in backends), affinity))
             for fe in set(snap.services) - set(state.services):
                 sm.delete(*fe)
-        with self.dp.open_map(m.LbVipsMap) as lm:
+        with self.dp.open_map(m.LbVipsMap) as lm, self.dp.open_map(m.LbAffinityMap) as am:
             for fe, backends in state.lb_vips.items():
-                if snap.lb_vips.get(fe) != tuple(sorted(backends)):
-                    lm.put(*fe, {ids[b]: b for b in backends})
+                options = state.lb_options.get(fe, m.LbOptions())
+                if snap.lb_vips.get(fe) != tuple(sorted(backends)) or snap.lb_options.get(fe, m.LbOptions()) != options:
+                    lm.put(*fe, {ids[b]: b for b in backends}, options)
+                    if snap.lb_options.get(fe, m.LbOptions()).affinity_timeout:
+                        am.forget(*fe, {ids[b] for b in backends} if options.affinity_timeout else None)
             for fe in set(snap.lb_vips) - set(state.lb_vips):
                 lm.delete(*fe)
+                if snap.lb_options.get(fe, m.LbOptions()).affinity_timeout:
+                    am.forget(*fe)
         with self.dp.open_map(m.BackendsMap) as bm:
             for b, i in ids.items():
                 if b not in wanted:

@@ -7,8 +7,12 @@ The document (the Ansible roles write it as JSON, default /etc/sluice/state.json
      "routes": [{"cidr", "nexthop", "node"}],             other nodes' pod CIDRs
      "services": [{"name", "vip", "port", "protocol", "backends": [{"ip", "port"}],
                    "affinity_timeout"}],                  seconds of ClientIP affinity, 1..86400 (0: none)
+     "failsafe": ["tcp:22", "udp:67-68", ...],            the node's management ports, passed before any
+                                                          filter (absent or empty: DEFAULT_FAILSAFE)
      "prefilter": ["CIDR", ...],
-     "lb_vips": [{"name", "vip", "port", "protocol", "backends": [...]}],
+     "lb_vips": [{"name", "vip", "port", "protocol", "backends": [...],
+                  "affinity_timeout",                     as for services, per client address
+                  "keep_source"}],                        true: a local pod backend sees the client's address
      "xdp": {"cpumap_cpus": [0, 1]}}
 
 An invalid value raises StateError naming the value and where it stands in the document.
@@ -23,11 +27,15 @@ from dataclasses import dataclass, field
 
 from .. import maps as m
 
+DEFAULT_STATE_FILE = "/etc/sluice/state.json"
 ROUTING_MODES = ("native", "vxlan")
 PROTOCOLS = ("tcp", "udp")
 DEFAULT_VXLAN_DEVICE = "sluice_vxlan"
 DEFAULT_VXLAN_PORT = 4789
 MAX_AFFINITY_TIMEOUT = 86400            # Kubernetes' limit of sessionAffinityConfig.clientIP.timeoutSeconds
+# SSH, the Kubernetes API, etcd, kubelet, DNS, DHCP (the roles' sluice_failsafe declares the same list)
+DEFAULT_FAILSAFE = ("tcp:22", "tcp:6443", "tcp:2379-2380", "tcp:10250", "tcp:53", "udp:53", "udp:67-68")
+MAX_FAILSAFE_PORTS = 64                 # SL_MAX_FAILSAFE, the size of sl_failsafe_ports
 
 Frontend = tuple[str, int, str]          # (vip, port, protocol)
 Backend = m.Backend                      # (ip, port, protocol), as sl_backends holds it
@@ -109,9 +117,11 @@ class DesiredState:
     routes: dict[str, str] = field(default_factory=dict)                  # cidr -> nexthop
     services: dict[Frontend, tuple[Backend, ...]] = field(default_factory=dict)
     prefilter: set[str] = field(default_factory=set)
+    failsafe: frozenset[tuple[str, int]] = field(default_factory=lambda: failsafe_ports(DEFAULT_FAILSAFE))
     lb_vips: dict[Frontend, tuple[Backend, ...]] = field(default_factory=dict)
     cpumap_cpus: tuple[int, ...] = ()
     affinity: dict[Frontend, int] = field(default_factory=dict)          # service -> affinity timeout (s)
+    lb_options: dict[Frontend, m.LbOptions] = field(default_factory=dict)  # LB VIP -> options, where not default
 
     @classmethod
     def from_file(cls, path: str) -> "DesiredState":
@@ -152,8 +162,10 @@ class DesiredState:
             seen[net] = f"route via {r.get('nexthop')}"
             state.routes[str(net)] = _ip(r.get("nexthop"), f"{where}.nexthop")
         state.services = _frontends(raw.get("services") or [], "services", state.affinity)
-        state.lb_vips = _frontends(raw.get("lb_vips") or [], "lb_vips")
+        state.lb_vips = _frontends(raw.get("lb_vips") or [], "lb_vips", lb_options=state.lb_options)
         state.prefilter = {str(_cidr(c, f"prefilter[{i}]")) for i, c in enumerate(raw.get("prefilter") or [])}
+        if raw.get("failsafe"):     # absent or empty: the default; the node always keeps a failsafe
+            state.failsafe = failsafe_ports(raw["failsafe"])
         cpus = (raw.get("xdp") or {}).get("cpumap_cpus") or []
         for c in cpus:
             if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < m.possible_cpus():
@@ -162,13 +174,36 @@ class DesiredState:
         return state
 
 
+def failsafe_ports(entries, where: str = "failsafe") -> frozenset[tuple[str, int]]:
+    """The (protocol, port) pairs of failsafe entries "PROTOCOL:PORT" or "PROTOCOL:FIRST-LAST"."""
+    if not isinstance(entries, (list, tuple)):
+        raise StateError(f"{where}: expected a list of 'PROTOCOL:PORT' entries, not {entries!r}")
+    ports = set()
+    for i, entry in enumerate(entries):
+        proto, _colon, ports_text = str(entry).partition(":")
+        first, _dash, last = ports_text.partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            low = high = 0
+        if proto not in PROTOCOLS or not 1 <= low <= high <= 65535:
+            raise StateError(f"{where}[{i}]: {entry!r} is not PROTOCOL:PORT or PROTOCOL:FIRST-LAST "
+                             f"(protocol {' or '.join(PROTOCOLS)}, ports 1..65535)")
+        ports.update((proto, p) for p in range(low, high + 1))
+        if len(ports) > MAX_FAILSAFE_PORTS:
+            raise StateError(f"{where}[{i}]: {entry!r} makes more than {MAX_FAILSAFE_PORTS} ports")
+    return frozenset(ports)
+
+
 def _where(section: str, i: int, s) -> str:
     return f"{section}[{i}]" + (f" ({s.get('name')})" if isinstance(s, dict) and s.get("name") else "")
 
 
-def _frontends(items, section: str, affinity: dict[Frontend, int] | None = None) -> dict[Frontend, tuple[Backend, ...]]:
-    """The section's frontends; their affinity timeouts go to `affinity`, in a section that has it (the socket
-    LB's). Locations for error messages are only formatted when there is an error."""
+def _frontends(items, section: str, affinity: dict[Frontend, int] | None = None,
+               lb_options: dict[Frontend, m.LbOptions] | None = None) -> dict[Frontend, tuple[Backend, ...]]:
+    """The section's frontends; their affinity timeouts go to `affinity` in the socket LB's section, their
+    options to `lb_options` in the XDP LB's. Locations for error messages are only formatted when there is
+    an error."""
     out: dict[Frontend, tuple[Backend, ...]] = {}
     for i, s in enumerate(items):
         if not isinstance(s, dict):
@@ -200,8 +235,14 @@ def _frontends(items, section: str, affinity: dict[Frontend, int] | None = None)
         if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 <= timeout <= MAX_AFFINITY_TIMEOUT:
             raise StateError(f"{_where(section, i, s)}: affinity_timeout {timeout!r} is not an integer in "
                              f"1..{MAX_AFFINITY_TIMEOUT} (0: no affinity)")
-        if timeout:
-            if affinity is None:
-                raise StateError(f"{_where(section, i, s)}: affinity_timeout is for services (the socket LB) only")
+        keep_source = s.get("keep_source", False)
+        if not isinstance(keep_source, bool):
+            raise StateError(f"{_where(section, i, s)}: keep_source {keep_source!r} is not true or false")
+        if lb_options is not None:
+            if timeout or keep_source:
+                lb_options[key] = m.LbOptions(keep_source, timeout)
+        elif keep_source:
+            raise StateError(f"{_where(section, i, s)}: keep_source is for lb_vips (the XDP LB) only")
+        elif timeout:
             affinity[key] = timeout
     return out

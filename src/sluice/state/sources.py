@@ -20,6 +20,8 @@ import tempfile
 from typing import Callable
 from dataclasses import dataclass, field
 
+from .. import maps as m
+from .plan import frontend_options
 from .schema import Backend, DesiredState, Frontend, StateError, _cidr, _frontends, _ip, read_json
 
 DEFAULT_KUBERNETES_CACHE = "/var/lib/sluice/kubernetes"
@@ -33,16 +35,17 @@ class ApiFrontends:
     lb_vips: dict[Frontend, tuple[Backend, ...]] = field(default_factory=dict)      # XDP LB
     owner: dict[Frontend, str] = field(default_factory=dict)                        # frontend -> namespace/name
     affinity: dict[Frontend, int] = field(default_factory=dict)                     # ClientIP affinity (s)
+    lb_options: dict[Frontend, m.LbOptions] = field(default_factory=dict)           # where not default
     routes: dict[str, str] = field(default_factory=dict)        # other Nodes' pod CIDR -> InternalIP
 
     def document(self) -> dict:
         """As the `services` and `lb_vips` sections of a state document (the cache's form)."""
-        def section(frontends: dict) -> list[dict]:
+        def section(name: str, frontends: dict) -> list[dict]:
             return [{"name": self.owner.get(fe, ""), "vip": fe[0], "port": fe[1], "protocol": fe[2],
                      "backends": [{"ip": b.ip, "port": b.port} for b in backends],
-                     **({"affinity_timeout": self.affinity[fe]} if fe in self.affinity else {})}
+                     **{k: v for k, v in frontend_options(name, self, fe).items() if v}}
                     for fe, backends in sorted(frontends.items())]
-        return {"services": section(self.services), "lb_vips": section(self.lb_vips)}
+        return {"services": section("services", self.services), "lb_vips": section("lb_vips", self.lb_vips)}
 
     @classmethod
     def parse(cls, raw, where: str = "kubernetes") -> "ApiFrontends":
@@ -50,7 +53,7 @@ class ApiFrontends:
             raise StateError(f"{where}: expected a JSON object")
         api = cls()
         api.services = _frontends(raw.get("services") or [], f"{where}.services", api.affinity)
-        api.lb_vips = _frontends(raw.get("lb_vips") or [], f"{where}.lb_vips")
+        api.lb_vips = _frontends(raw.get("lb_vips") or [], f"{where}.lb_vips", lb_options=api.lb_options)
         for section in ("services", "lb_vips"):
             for s in raw.get(section) or []:
                 api.owner.setdefault((s["vip"], s["port"], s.get("protocol", "tcp")), s.get("name", ""))
@@ -74,12 +77,12 @@ class ApiFrontends:
     def add(self, part: "ApiFrontends") -> None:
         """One Service's frontends, unless a Service added before has them (Services are added in the
         order of `precedence`: the first one wins)."""
-        for section in ("services", "lb_vips"):
+        for section, options in (("services", "affinity"), ("lb_vips", "lb_options")):
             for fe, backends in getattr(part, section).items():
                 if self.owner.setdefault(fe, part.owner[fe]) == part.owner[fe]:
                     getattr(self, section)[fe] = backends
-                    if fe in part.affinity:
-                        self.affinity[fe] = part.affinity[fe]
+                    if fe in getattr(part, options):
+                        getattr(self, options)[fe] = getattr(part, options)[fe]
 
 
 def precedence(service: str) -> str:
@@ -174,7 +177,9 @@ def merge(state: DesiredState, api: ApiFrontends | None,
 
     affinity = {fe: t for fe, t in api.affinity.items() if fe not in state.services}
     affinity.update(state.affinity)
+    lb_options = {fe: o for fe, o in api.lb_options.items() if fe not in state.lb_vips}
+    lb_options.update(state.lb_options)
     merged = dataclasses.replace(state, services=combine("services", state.services, api.services),
                                  lb_vips=combine("lb_vips", state.lb_vips, api.lb_vips), affinity=affinity,
-                                 routes=routes)
+                                 lb_options=lb_options, routes=routes)
     return merged, sorted(conflicts)

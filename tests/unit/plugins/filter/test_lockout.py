@@ -201,3 +201,25 @@ def test_a_malformed_prefilter_or_management_cidr_is_refused_naming_it():
         check(lab(sluice_prefilter=["10.98.0.1/24"]))
     with pytest.raises(AnsibleFilterError, match=r"node1: sluice_management_cidrs\[0\] x is not an IPv4 CIDR"):
         check(lab(sluice_management_cidrs=["x"]))
+
+
+@pytest.mark.parametrize("group_vars,message", [
+    ({"sluice_failsafe": ["tcp:6443", "udp:53"]},
+     r"node1: sluice_failsafe lacks tcp:22, the port Ansible reaches node1 on: a prefilter or LB entry could then "
+     r"cut the controller off it"),
+    ({"ansible_port": 2222},
+     r"node1: Ansible reaches node1 on port 2222, which the default failsafe does not hold: set sluice_failsafe "
+     r"with tcp:2222"),
+    ({"ansible_port": 2222, "sluice_failsafe": ["udp:2222"]}, r"node1: sluice_failsafe lacks tcp:2222"),
+    ({"sluice_failsafe": ["tcp:22", "ssh"]}, r"node1: sluice_failsafe\[1\] 'ssh' is not PROTOCOL:PORT"),
+    ({"sluice_failsafe": ["tcp:30-20"]}, r"node1: sluice_failsafe\[0\] 'tcp:30-20' is not PROTOCOL:PORT"),
+    ({"agent_failsafe": ["tcp:80"]}, r"node1: agent_failsafe lacks tcp:22"),
+], ids=["ssh-missing", "other-ssh-port-default", "other-ssh-port-udp", "malformed", "reversed-range", "agent-var"])
+def test_a_failsafe_without_the_ssh_port_or_malformed_is_refused(group_vars, message):
+    with pytest.raises(AnsibleFilterError, match=message):
+        check(lab(**group_vars))
+
+
+def test_a_failsafe_holding_the_ssh_port_passes():
+    check(lab(ansible_port=2222, sluice_failsafe=["tcp:2200-2299", "udp:53"]))
+    check(lab(sluice_failsafe=["tcp:22"]))

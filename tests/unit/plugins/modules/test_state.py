@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -42,11 +43,11 @@ def args(dp, path, **kw):
 
 def document(a):
     """The state file the module writes for args `a` (the options as given, defaults filled in)."""
-    def frontend(s):
-        return dict({"protocol": "tcp", "backends": []}, **s)
+    def frontend(s, **defaults):
+        return dict({"protocol": "tcp", "backends": []}, **defaults, **s)
 
     return {"node": a["node"], "routes": a["routes"], "services": [frontend(s) for s in a["services"]],
-            "prefilter": a["prefilter"], "lb_vips": [frontend(s) for s in a.get("lb_vips", [])]}
+            "prefilter": a["prefilter"], "lb_vips": [frontend(s, keep_source=False) for s in a.get("lb_vips", [])]}
 
 
 def maps_now(dp):
@@ -77,7 +78,7 @@ def test_apply_then_idempotent(node, tmp_path):
     a = args(node, path)
     result = run_module(state, a, diff=True)
     assert result["changed"] is True and result["file_changed"] is True and result["applied"] is True
-    assert set(result["plan"]) == {"routes", "services", "prefilter", "config"}
+    assert set(result["plan"]) == {"routes", "services", "prefilter", "failsafe", "config"}
     assert path.read_text() == result["diff"]["after"] and json.loads(path.read_text()) == document(a)
     assert oct(path.stat().st_mode & 0o777) == "0o644"
     assert not Reconciler(node).plan(DesiredState.from_file(str(path))).changed
@@ -124,6 +125,24 @@ def test_session_affinity_of_a_service_reaches_the_map_and_converges(node, tmp_p
     with node.open_map(m.ServicesMap) as sm:
         assert sm.get("10.96.0.10", 80, "tcp").affinity_timeout == 30
     assert run_module(state, a)["changed"] is False
+
+
+def test_an_lb_vip_s_keep_source_and_affinity_reach_the_map_and_converge(node, tmp_path):
+    vip = {"name": "ext", "vip": "192.0.2.80", "port": 443, "backends": [{"ip": "10.244.1.9", "port": 8443}],
+           "keep_source": True, "affinity_timeout": 600}
+    a = args(node, tmp_path / "state.json", lb_vips=[vip])
+    result = run_module(state, a)
+    assert result["changed"] is True
+    assert result["plan"]["lb_vips"]["add"] == [{"frontend": "192.0.2.80:443/tcp", "backends": ["10.244.1.9:8443"],
+                                                 "affinity_timeout": 600, "keep_source": True}]
+    with node.open_map(m.LbVipsMap) as lm:
+        assert lm.entry("192.0.2.80", 443, "tcp")[2] == m.LbOptions(keep_source=True, affinity_timeout=600)
+    assert run_module(state, a)["changed"] is False
+    a["lb_vips"] = [dict(vip, keep_source=False)]
+    result = run_module(state, a)
+    assert result["plan"]["lb_vips"]["change"][0]["keep_source"] is False
+    with node.open_map(m.LbVipsMap) as lm:
+        assert lm.entry("192.0.2.80", 443, "tcp")[2] == m.LbOptions(affinity_timeout=600)
 
 
 def test_the_kubernetes_api_s_frontends_count_as_desired_and_the_inventory_wins(node, tmp_path):
@@ -222,3 +241,22 @@ def test_apply_false_without_a_datapath_writes_and_warns(pin_root, bpf_objects, 
     assert json.loads(path.read_text())["node"] == NODE
     assert run_module(state, a)["changed"] is False
     assert not os.path.exists(pin_root)
+
+
+def test_confirm_timeout_keeps_the_state_in_force_as_the_checkpoint_until_confirmed(node, tmp_path):
+    """A change of an existing state file is armed: the file before it is the checkpoint the agent would
+    restore; a first state file (nothing to go back to) and an unchanged one are not armed."""
+    from sluice.state import confirm  # pylint: disable=import-outside-toplevel
+
+    path = tmp_path / "state.json"
+    first = run_module(state, args(node, path, confirm_timeout=30))
+    assert first["changed"] is True and first["confirm_pending"] is False and first["confirm_deadline"] is None
+    before = path.read_text()
+    changed = run_module(state, args(node, path, prefilter=["198.51.100.0/24"], confirm_timeout=30))
+    assert changed["confirm_pending"] is True and changed["confirm_deadline"] > time.time() + 25
+    assert (tmp_path / "state.json.checkpoint").read_text() == before
+    assert confirm.pending(str(path))["plan"]["prefilter"]["add"] == ["198.51.100.0/24"]
+    assert confirm.confirm(str(path), changed["confirm_deadline"]) == {"confirmed": True}
+    assert not (tmp_path / "state.json.checkpoint").exists() and confirm.pending(str(path)) is None
+    again = run_module(state, args(node, path, prefilter=["198.51.100.0/24"], confirm_timeout=30))
+    assert again["changed"] is False and again["confirm_pending"] is False
