@@ -18,10 +18,15 @@ SL_DATAPATH_VERSION ?= 1
 BPF_CFLAGS := -O2 -g -target bpf -D__TARGET_ARCH_x86 -Wall -Werror -Wno-unused-function \
               -DSL_DATAPATH_VERSION=$(SL_DATAPATH_VERSION) -I$(BUILD) -Ibpf -Ibpf/lib
 SETUP_STAMP := $(VENV)/.setup-done
+# The CNI plugin (cni/sluice.c), compiled with the constants it shares with the agent, which
+# src/sluice/agent_protocol.py renders as a header. Static: nothing to resolve at each pod's start.
+CNI_OUT    := $(BUILD)/cni
+CNI_PLUGIN := $(CNI_OUT)/sluice
+CNI_CFLAGS := -O2 -std=c11 -Wall -Wextra -Werror -static -I$(CNI_OUT)
 # libcni's own cnitool, the CNI client the lab's test pods are made with (verify.yml ships it to nodes).
 CNITOOL   := $(BUILD)/cnitool
 
-.PHONY: help setup bpf artifacts test soak sanity lint molecule demo clean kubernetes conformance
+.PHONY: help setup bpf cni artifacts test soak sanity lint molecule demo clean kubernetes conformance
 
 help:
 	@echo "make demo    set up, bring the lab up, converge it with site.yml, run the connectivity suite"
@@ -30,6 +35,7 @@ help:
 	@echo "make kubernetes   build the upstream Kubernetes programs the lab runs into a cache (lab/k8s/build.sh)"
 	@echo "make conformance  run the upstream sig-network and NetworkPolicy e2e suites against the demo's lab"
 	@echo "make bpf     build the datapath objects under $(BPF_OUT)/"
+	@echo "make cni     build the CNI plugin $(CNI_PLUGIN) (cni/sluice.c)"
 	@echo "make setup   install system packages and the pinned Python environment in $(VENV)"
 
 # apt packages and the venv; re-runs only when a requirements list changes.
@@ -49,12 +55,23 @@ $(SETUP_STAMP): apt-packages.txt requirements.txt requirements-dev.txt pyproject
 
 bpf: $(BPF_OBJS)
 
-# What the roles ship to nodes: the datapath objects and wheels of the node
+cni: $(CNI_PLUGIN)
+
+$(CNI_OUT)/protocol.h: src/sluice/agent_protocol.py src/sluice/cni/spec.py src/sluice/cni/errors.py | $(SETUP_STAMP)
+	@mkdir -p $(@D)
+	$(PY) -m sluice.agent_protocol > $@.tmp && mv $@.tmp $@
+
+$(CNI_PLUGIN): cni/sluice.c $(CNI_OUT)/protocol.h
+	$(CC) $(CNI_CFLAGS) -o $@ $<
+
+# What the roles ship to nodes: the datapath objects, the CNI plugin and wheels of the node
 # package with its dependencies (reproducible, so an unchanged tree re-deploys nothing).
 WHEELS := $(BUILD)/wheels
-artifacts: setup bpf
+artifacts: setup bpf cni
 	@mkdir -p $(WHEELS)
 	@rm -f $(WHEELS)/sluice-*.whl
+	@# setuptools builds in build/lib and keeps what it copied there before: a module removed from src/ would ship
+	@rm -rf $(BUILD)/lib $(BUILD)/bdist.*
 	SOURCE_DATE_EPOCH=315532800 $(PY) -m pip wheel -q --disable-pip-version-check --no-deps -w $(WHEELS) .
 	$(PY) -m pip download -q --disable-pip-version-check --only-binary=:all: -d $(WHEELS) -r requirements.txt
 	cp requirements.txt $(WHEELS)/requirements.txt

@@ -15,7 +15,7 @@ import traceback
 from . import ROOT
 from .common import Skipped, install_signal_handlers
 
-SECTIONS = ["paths", "services", "programming", "xdp", "cni", "reconcile", "lab", "kubernetes"]
+SECTIONS = ["paths", "services", "programming", "xdp", "cni", "reconcile", "lab", "kubernetes", "podchurn"]
 
 
 def loadavg() -> str:

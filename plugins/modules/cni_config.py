@@ -8,13 +8,13 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: cni_config
-short_description: Install the Sluice CNI network configuration and plugin launcher
+short_description: Install the Sluice CNI network configuration
 version_added: 0.1.0
 description:
   - Writes the conflist C(<conf_dir>/<priority>-sluice.conflist) with the C(sluice) plugin first and the
-    O(chained_plugins) after it, and the plugin launcher C(<bin_dir>/sluice).
-  - The launcher is a script run as C(<plugin_python> -IS) (fast start-up, once per pod) that puts the node venv's
-    site-packages on C(sys.path) and calls C(sluice.cni.plugin.main()).
+    O(chained_plugins) after it.
+  - The plugin itself, C(<bin_dir>/sluice), is a compiled program (C(cni/sluice.c), built by C(make artifacts)) that
+    the C(sluice.network.cni) role copies; O(state=absent) removes it with the conflist.
   - With O(exclusive=true) every other C(*.conf), C(*.conflist) and C(*.json) in O(conf_dir) is moved into
     C(<conf_dir>/.sluice-moved/) so the runtime cannot pick a stale configuration; O(state=absent) puts them back.
   - Rendering and file handling live in C(sluice.cniconf) of the node package.
@@ -32,7 +32,7 @@ attributes:
 options:
   state:
     description:
-      - V(present) writes the conflist and launcher; V(absent) removes them and restores moved configurations.
+      - V(present) writes the conflist; V(absent) removes it and the plugin and restores moved configurations.
     type: str
     choices: [present, absent]
     default: present
@@ -70,10 +70,6 @@ options:
     description: File name prefix (0 to 99) deciding the conflist's place among the runtime's configurations.
     type: int
     default: 5
-  plugin_python:
-    description: Python interpreter of the node venv that holds the sluice package (the launcher's interpreter).
-    type: path
-    default: /opt/sluice/venv/bin/python
   exclusive:
     description:
       - Move every other configuration in O(conf_dir) into C(<conf_dir>/.sluice-moved/).
@@ -105,7 +101,7 @@ conflist:
   type: str
   sample: /etc/cni/net.d/05-sluice.conflist
 plugin:
-  description: Path of the plugin launcher.
+  description: Path of the plugin (O(bin_dir)/sluice).
   returned: always
   type: str
   sample: /opt/cni/bin/sluice
@@ -146,7 +142,6 @@ def main():
             agent_socket=dict(type="path", default="/run/sluice/agent.sock"),
             chained_plugins=dict(type="list", elements="dict", default=[]),
             priority=dict(type="int", default=5),
-            plugin_python=dict(type="path", default="/opt/sluice/venv/bin/python"),
             exclusive=dict(type="bool", default=False),
         ),
         supports_check_mode=True,
@@ -160,30 +155,23 @@ def main():
             _absent(module, conflist, plugin)
         text = cniconf.render_conflist(cniconf.conflist(p["network_name"], p["cni_version"], p["mtu"],
                                                         p["agent_socket"], p["chained_plugins"]))
-        launcher = cniconf.render_launcher(p["plugin_python"])
     except cniconf.CniConfError as e:
         module.fail_json(msg=str(e))
 
     before = cniconf.read(conflist)
     others = cniconf.other_configs(p["conf_dir"], os.path.basename(conflist)) if p["exclusive"] else []
-    launcher_before = cniconf.read(plugin)
-    launcher_changed = launcher_before != launcher or not os.access(plugin, os.X_OK)
-    changed = before != text or launcher_changed or bool(others)
+    changed = before != text or bool(others)
     if changed and not module.check_mode:
         try:
             cniconf.move_aside(p["conf_dir"], others)
-            cniconf.write(plugin, launcher, 0o755)
             cniconf.write(conflist, text, 0o644)
         except OSError as e:
             module.fail_json(msg=f"cannot install the CNI configuration: {e}", moved=others)
-    if not os.path.exists(p["plugin_python"]):
-        module.warn(f"plugin_python {p['plugin_python']} does not exist (yet): the plugin cannot run without it")
+    if not os.access(plugin, os.X_OK):
+        module.warn(f"the plugin {plugin} is missing (yet): the runtime cannot use the conflist without it")
     result = dict(changed=changed, conflist=conflist, plugin=plugin, moved=others)
     if module._diff:  # pylint: disable=protected-access
         result["diff"] = [dict(before=before or "", after=text, before_header=conflist, after_header=conflist)]
-        if launcher_changed:
-            result["diff"].append(dict(before=launcher_before or "", after=launcher, before_header=plugin,
-                                       after_header=plugin))
         if others:
             result["diff"].append(dict(before="\n".join(others) + "\n", after="",
                                        before_header=f"{p['conf_dir']} (moved to .sluice-moved/)",

@@ -26,6 +26,7 @@ Two kinds of reconcile (sluice.state.Reconciler):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.server
 import json
 import logging
@@ -58,7 +59,7 @@ class AgentConfig:
     ipam_dir: str = "/var/lib/sluice/ipam"
     mtu: int = 1500
     xdp_mode: str = "best-effort"
-    tc_mode: str = "auto"                       # auto (tcx where the kernel has it), tcx, legacy (cls_bpf)
+    tc_mode: str = "auto"                       # auto (NIC: tcx where the kernel has it; pods: cls_bpf), tcx, legacy
     cgroup: str = ""                            # empty: the cgroup2 root
     poll_interval: float = 1.0
     full_reconcile_interval: float = 60.0       # seconds between full reconciles (drift repair); 0: always full
@@ -83,6 +84,61 @@ class AgentConfig:
         return cls(**raw)
 
 
+class CniLocks:
+    """CNI commands run concurrently, one at a time per attachment (container ID, ifname); GC runs alone.
+
+    Nothing else needs them in sequence: each attachment has its own veth, node route, endpoint entry
+    and tc filter, and IPAM takes its own lock. One at a time, as they ran before, concurrent ADDs and
+    DELs queued behind each other's kernel waits (a veth's deletion waits ~16-20 ms for RCU callbacks)
+    and each other's Python. GC reads every attachment and removes what it finds unlisted, which an
+    ADD in progress would be."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._running = 0           # commands in progress
+        self._gc = False            # a GC running or waiting for the commands to end: new commands wait
+        self._busy: set = set()     # attachments with a command in progress
+
+    @contextlib.contextmanager
+    def command(self, attachment: tuple[str, str] | None):
+        """Around a command other than GC; `attachment` None for one about no attachment (STATUS)."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._gc and (attachment is None or attachment not in self._busy))
+            self._running += 1
+            if attachment is not None:
+                self._busy.add(attachment)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._busy.discard(attachment)
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def gc(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._gc)
+            self._gc = True
+            self._cond.wait_for(lambda: self._running == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._gc = False
+                self._cond.notify_all()
+
+
+def _attachment(env) -> tuple[str, str] | None:
+    """The attachment a CNI request's environment names, if it names one (ops.handle checks the rest)."""
+    if not isinstance(env, dict):
+        return None
+    container_id, ifname = env.get("CNI_CONTAINERID"), env.get("CNI_IFNAME")
+    if isinstance(container_id, str) and isinstance(ifname, str) and container_id and ifname:
+        return container_id, ifname
+    return None
+
+
 class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
@@ -100,7 +156,9 @@ class Agent:
         self._state_stamp = None
         self._last_full: float | None = None    # time.monotonic() of the last full reconcile
         self._repair_failed = False             # last_error comes from a failed drift repair, not the file
-        self._lock = threading.RLock()          # reconcile and CNI operations run one at a time
+        self._lock = threading.RLock()          # reconciles run one at a time
+        self._cni = CniLocks()
+        self._ipam = None                       # sluice.ipam.Ipam of the pod CIDR in force
         self._stop = threading.Event()
         self._servers: list = []
 
@@ -299,22 +357,33 @@ class Agent:
 
     def _handle_cni(self, request: dict) -> dict:
         from .cni import ops
-        from .ipam import Ipam
 
-        with self._lock:
+        command, env, stdin = request.get("command", ""), request.get("env") or {}, request.get("stdin", "")
+        with self._cni.gc() if command == "GC" else self._cni.command(_attachment(env)):
             try:
-                if self.state is None:
+                state = self.state
+                if state is None:
                     raise CniError(TRY_AGAIN_LATER, "sluice-agent has no valid state yet",
                                    self.health["last_error"] or "")
-                node = ops.NodeContext(datapath=self.dp, ipam=Ipam(self.config.ipam_dir, self.state.pod_cidr),
-                                       mtu=self.config.mtu, ready=lambda: bool(self.health["ready"]))
-                return agent_protocol.cni_reply(ops.handle(request.get("command", ""), request.get("env") or {},
-                                                           request.get("stdin", ""), node))
+                node = ops.NodeContext(datapath=self.dp, ipam=self._ipam_of(state.pod_cidr), mtu=self.config.mtu,
+                                       ready=lambda: bool(self.health["ready"]))
+                return agent_protocol.cni_reply(ops.handle(command, env, stdin, node))
             except CniError as e:
-                return agent_protocol.error_reply(e)
+                return agent_protocol.cni_error_reply(e, command, stdin)
             except Exception as e:  # noqa: BLE001 - a CNI caller must always get an answer
-                log.exception("CNI %s failed", request.get("command"))
-                return agent_protocol.error_reply(CniError(INTERNAL_FAILURE, f"sluice-agent internal error: {e}"))
+                log.exception("CNI %s failed", command)
+                return agent_protocol.cni_error_reply(CniError(INTERNAL_FAILURE, f"sluice-agent internal error: {e}"),
+                                                      command, stdin)
+
+    def _ipam_of(self, pod_cidr: str):
+        """The node's Ipam for `pod_cidr`, made once per CIDR (it holds no state of its own: the records
+        are on disk, under its flock)."""
+        from .ipam import Ipam
+
+        ipam = self._ipam
+        if ipam is None or str(ipam.network) != pod_cidr:
+            ipam = self._ipam = Ipam(self.config.ipam_dir, pod_cidr)
+        return ipam
 
     def serve_socket(self) -> None:
         path = self.config.socket

@@ -5,28 +5,36 @@ One request per connection on the agent's Unix socket: a JSON object on one line
 object on one line.
 
 - requests: {"op": "health"}, {"op": "reconcile", "full": bool}, {"op": "cni", "command", "env", "stdin"}
-- replies: {"ok": true, "result": ...}; a "cni" reply with a result adds "output", the result as the
-  text the plugin prints (so that it need not import json); {"ok": false, "error": {"code", "msg"
-  [, "details"]}} with a code from cni/errors.py; a refused reconcile is {"ok": false, "result": health}.
+- replies: {"ok": true, "result": ...}; {"ok": false, "error": {"code", "msg" [, "details"]}} with a
+  code from cni/errors.py; a refused reconcile is {"ok": false, "result": health}. A "cni" reply with
+  a result or an error adds "output": the text the plugin prints (the result, or the error result in
+  the configuration's cniVersion), so that the plugin, a small C program (cni/sluice.c), reads two
+  fields of the reply and parses nothing else.
 
-Standard library only, and cheap to import: the plugin imports it once per pod under `python -I -S`,
-so it uses `_socket` (socket.py imports selectors and enum) and spec's JSON helpers (json imports re
-and enum).
+The plugin is C, and what it must agree on with this module comes from here: `c_header()` renders
+the constants below as the C header it is compiled with (`python -m sluice.agent_protocol`, run by
+the Makefile), so the socket, the timeout and the error texts of an agent that cannot answer are
+defined once. Standard library only.
 """
 
 from __future__ import annotations
 
-try:
-    import _socket as socket    # the C module alone: socket.py would import selectors and enum
-except ImportError:             # pragma: no cover - an interpreter built without it
-    import socket
+import json
+import socket
 
 from .cni import spec
 from .cni.errors import DECODING_FAILURE, IO_FAILURE, PLUGIN_NOT_AVAILABLE, TRY_AGAIN_LATER, CniError
 
 DEFAULT_SOCKET = "/run/sluice/agent.sock"
-# The agent does CNI work one request at a time: with many pods starting at once the answer can take a while.
-CNI_TIMEOUT = 120.0
+# With many pods starting at once the answer can take a while.
+CNI_TIMEOUT = 120
+# The plugin's errors when the agent does not answer (str.format fields: socket, seconds, reason); the
+# code is "try again later" (a runtime retries ADD, DEL, CHECK and GC on it), for STATUS "plugin not
+# available"; an unreadable answer is an I/O failure.
+UNREACHABLE = "the Sluice agent at {socket} is unreachable: {reason}"
+SILENT = "the Sluice agent at {socket} did not answer within {seconds} s"
+CLOSED = "the Sluice agent at {socket} closed the connection without an answer"
+UNREADABLE = "the Sluice agent at {socket} sent an unreadable reply: {reason}"
 
 
 class NoAnswer(ConnectionError):
@@ -35,18 +43,15 @@ class NoAnswer(ConnectionError):
 
 # ---- client ----------------------------------------------------------------------------------
 
-def request(socket_path: str, payload: dict, timeout: float, wait_in_backlog: bool = False) -> dict:
+def request(socket_path: str, payload: dict, timeout: float) -> dict:
     """The agent's reply to one request. OSError when the agent cannot be reached, TimeoutError when it
     does not answer within `timeout` seconds, NoAnswer when it closes the connection without a reply,
-    ValueError when the reply is not a JSON object. With `wait_in_backlog` the connect waits (without
-    limit) while the agent's listen backlog is full, as in a burst of pod starts, instead of failing."""
+    ValueError when the reply is not a JSON object."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        if not wait_in_backlog:
-            sock.settimeout(timeout)    # non-blocking: a full backlog fails the connect at once
-        sock.connect(socket_path)
         sock.settimeout(timeout)
-        sock.sendall(spec.dumps(payload).encode() + b"\n")
+        sock.connect(socket_path)
+        sock.sendall(json.dumps(payload).encode() + b"\n")
         line = b""
         while not line.endswith(b"\n"):
             chunk = sock.recv(1 << 16)
@@ -56,37 +61,11 @@ def request(socket_path: str, payload: dict, timeout: float, wait_in_backlog: bo
     finally:
         sock.close()
     if not line:
-        raise NoAnswer(f"the Sluice agent at {socket_path} closed the connection without an answer")
-    reply = spec.loads(line.decode())
+        raise NoAnswer(CLOSED.format(socket=socket_path))
+    reply = json.loads(line.decode())
     if not isinstance(reply, dict):
         raise ValueError(f"the reply is not a JSON object: {line[:200]!r}")
     return reply
-
-
-def cni(socket_path: str, command: str, env: dict, stdin: str) -> str | None:
-    """The agent's answer to a CNI command: the result as the text to print (None: no result), or the
-    agent's error raised as CniError. Not getting an answer is a CniError too: "try again later" (a
-    runtime retries ADD, DEL, CHECK and GC on it; for STATUS "plugin not available") when the agent is
-    unreachable, silent for CNI_TIMEOUT or closes the connection; an I/O failure when the answer is
-    unreadable."""
-    payload = {"op": "cni", "command": command, "env": {k: v for k, v in env.items() if k.startswith("CNI_")},
-               "stdin": stdin}
-    unavailable = PLUGIN_NOT_AVAILABLE if command == "STATUS" else TRY_AGAIN_LATER
-    try:
-        reply = request(socket_path, payload, CNI_TIMEOUT, wait_in_backlog=True)
-        if reply["ok"]:
-            return reply.get("output")
-        error = reply["error"]
-        raise CniError(int(error["code"]), str(error["msg"]), str(error.get("details", "")))
-    except TimeoutError:
-        raise CniError(unavailable, f"the Sluice agent at {socket_path} did not answer within "
-                                    f"{CNI_TIMEOUT:.0f} s") from None
-    except NoAnswer as e:
-        raise CniError(unavailable, str(e)) from None
-    except OSError as e:
-        raise CniError(unavailable, f"the Sluice agent at {socket_path} is unreachable: {e.strerror or e}") from None
-    except (ValueError, TypeError, KeyError) as e:
-        raise CniError(IO_FAILURE, f"the Sluice agent at {socket_path} sent an unreadable reply: {e!r}") from None
 
 
 # ---- server ----------------------------------------------------------------------------------
@@ -94,7 +73,7 @@ def cni(socket_path: str, command: str, env: dict, stdin: str) -> str | None:
 def answer(line: bytes, handle) -> bytes:
     """The reply line to one request line: handle(request) -> reply for a JSON object, an error otherwise."""
     try:
-        received = spec.loads(line.decode())
+        received = json.loads(line.decode())
     except ValueError as e:     # (UnicodeDecodeError is one)
         reply = error_reply(CniError(DECODING_FAILURE, f"request is not JSON: {e}"))
     else:
@@ -102,7 +81,7 @@ def answer(line: bytes, handle) -> bytes:
             reply = handle(received)
         else:
             reply = error_reply(CniError(DECODING_FAILURE, "request is not a JSON object"))
-    return spec.dumps(reply).encode() + b"\n"
+    return json.dumps(reply).encode() + b"\n"
 
 
 def error_reply(error: CniError) -> dict:
@@ -113,4 +92,51 @@ def cni_reply(result: dict | None) -> dict:
     """The reply to a "cni" request that succeeded."""
     if result is None:
         return {"ok": True, "result": None}
-    return {"ok": True, "result": result, "output": spec.dumps(result)}
+    return {"ok": True, "result": result, "output": json.dumps(result)}
+
+
+def cni_error_reply(error: CniError, command: str, stdin: str) -> dict:
+    """The reply to a "cni" request that failed; the error result is in the configuration's cniVersion
+    when the configuration is one this plugin reads, in spec.CNI_VERSION otherwise."""
+    try:
+        version = spec.parse_config(stdin, spec.check_command(command))["cniVersion"]
+    except Exception:  # noqa: BLE001 - whatever the request holds, its error result gets a version
+        version = spec.CNI_VERSION
+    return {**error_reply(error), "output": error.to_json(version)}
+
+
+# ---- the C plugin's header -------------------------------------------------------------------
+
+def _c_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _c_format(template: str) -> str:
+    """A str.format template as a printf format: %s for socket, reason and near, %d for seconds."""
+    return _c_string(template.replace("%", "%%").format(socket="%s", reason="%s", near="%s", seconds="%d"))
+
+
+def c_header() -> str:
+    """The constants the C plugin (cni/sluice.c) is compiled with."""
+    lines = ["/* Generated by `python -m sluice.agent_protocol` (src/sluice/agent_protocol.py): do not edit. */",
+             "#pragma once",
+             f"#define SL_DEFAULT_SOCKET {_c_string(DEFAULT_SOCKET)}",
+             f"#define SL_CNI_TIMEOUT_S {CNI_TIMEOUT}",
+             f"#define SL_CNI_VERSION {_c_string(spec.CNI_VERSION)}",
+             f"#define SL_SUPPORTED_VERSIONS {{{', '.join(_c_string(v) for v in spec.SUPPORTED_VERSIONS)}}}",
+             f"#define SL_VERSION_OUTPUT {_c_string(json.dumps(spec.version_info()))}",
+             f"#define SL_TRY_AGAIN_LATER {TRY_AGAIN_LATER}",
+             f"#define SL_PLUGIN_NOT_AVAILABLE {PLUGIN_NOT_AVAILABLE}",
+             f"#define SL_IO_FAILURE {IO_FAILURE}",
+             f"#define SL_DECODING_FAILURE {DECODING_FAILURE}",
+             f"#define SL_UNREACHABLE {_c_format(UNREACHABLE)}",
+             f"#define SL_SILENT {_c_format(SILENT)}",
+             f"#define SL_CLOSED {_c_format(CLOSED)}",
+             f"#define SL_UNREADABLE {_c_format(UNREADABLE)}",
+             f"#define SL_NOT_JSON {_c_format(spec.NOT_JSON)}",
+             f"#define SL_NOT_OBJECT {_c_format(spec.NOT_OBJECT)}"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(c_header(), end="")

@@ -47,7 +47,9 @@ def cmd_status(dp: Datapath, args) -> tuple[dict, str]:
     tc_mode = status["tc_mode"]
     out.append(f"tc mode: {tc_mode['in_force'] or 'unknown'} ({tc_mode['setting']} from {source}; "
                + (f"kernel has tcx: {'yes' if tc_mode['tcx_available'] else 'no'})" if tc_mode["in_force"]
-                  else f"{tc_mode.get('error')})"))
+                  else f"{tc_mode.get('error')})")
+               + (f"; pod veths: {tc_mode['pods']}" if tc_mode["in_force"] and tc_mode["pods"] != tc_mode["in_force"]
+                  else ""))
     out.append(_table([[p, t] for p, t in sorted(status["programs"].items())], ["program", "tag"]))
     out.append("")
     out.append(_table([[l["target"], l["kind"], l["program"], "yes" if l["attached"] else "NO (stale)",

@@ -1,4 +1,4 @@
-"""The node's CNI configuration: the conflist, the plugin launcher, and moving other configs aside.
+"""The node's CNI configuration: the conflist, and moving other configs aside.
 
 A container runtime picks the lexically first configuration in its conf dir;
 `exclusive` moves every other one into <conf_dir>/.sluice-moved/ so a stale
@@ -54,39 +54,6 @@ def conflist(network_name: str = "sluice", cni_version: str = "1.1.0", mtu: int 
 
 def render_conflist(conf: dict) -> str:
     return json.dumps(conf, indent=2) + "\n"
-
-
-LAUNCHER = '''#!{python} -IS
-# Sluice CNI plugin launcher, managed by sluice.network.cni_config.
-# -I -S keeps start-up fast (no site, no environment); the venv's
-# site-packages (and the paths its .pth files name) are added by hand.
-# Without site, sys.prefix is the base interpreter's: the venv is the
-# interpreter's grandparent directory (<venv>/bin/python).
-import os
-import sys
-
-_venv = os.path.dirname(os.path.dirname(sys.executable))
-_site = os.path.join(_venv, "lib", "python%d.%d" % sys.version_info[:2], "site-packages")
-_paths = [_site]
-try:
-    for _pth in sorted(os.listdir(_site)):
-        if _pth.endswith(".pth"):
-            with open(os.path.join(_site, _pth)) as _f:
-                _paths += [_l.strip() for _l in _f if _l.strip() and not _l.startswith(("#", "import"))]
-except OSError:
-    pass
-sys.path[:0] = [_p for _p in _paths if os.path.isdir(_p)]
-
-from sluice.cni.plugin import main  # noqa: E402
-
-sys.exit(main())
-'''
-
-
-def render_launcher(plugin_python: str) -> str:
-    if not plugin_python or not os.path.isabs(plugin_python) or any(c in plugin_python for c in " \t\n"):
-        raise CniConfError(f"plugin_python {plugin_python!r} is not an absolute path without spaces")
-    return LAUNCHER.format(python=plugin_python)
 
 
 def read(path: str) -> str | None:

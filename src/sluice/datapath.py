@@ -19,7 +19,11 @@ probed once) or always (`tcx`); otherwise (`legacy`) through a cls_bpf filter
 on a clsact qdisc (sluice.tc), which no pin can hold: those are found again by
 a netlink dump of the calling netns (Sluice's priority, names prefixed
 `sluice/<program>@<root>`), and an upgrade replaces each with one netlink
-request. Whatever the mode, status, upgrade and removal handle both kinds.
+request. Pod veths get a cls_bpf filter in `auto` too (pod_tc_mode): creating a
+tcx link waits for an RCU grace period with the RTNL lock held, 8-12 ms on the
+machines measured and serial node-wide, more than the reference plugins spend on
+a whole CNI ADD; adding a filter to a fresh veth waits for nothing. Whatever the
+mode, status, upgrade and removal handle both kinds.
 """
 
 from __future__ import annotations
@@ -311,15 +315,21 @@ class Datapath:
         except tc.TcError as e:
             raise DatapathError(str(e)) from None
 
-    def attach_tc(self, ifname: str, prog: str) -> bool:
-        """`prog` on tc ingress of `ifname` in the tc mode in force; True when that changed anything.
+    def pod_tc_mode(self) -> str:
+        """How pod veths get tc_from_pod: a tcx link only when tc mode `tcx` asks for it, else a cls_bpf
+        filter (see the module's docstring: a tcx link costs every CNI ADD an RCU grace period)."""
+        return self.tc_mode_in_force() if self.tc_mode == "tcx" else "legacy"   # (tcx: refused without tcx)
+
+    def attach_tc(self, ifname: str, prog: str, mode: str | None = None) -> bool:
+        """`prog` on tc ingress of `ifname` in `mode` (tcx or legacy; default: the tc mode in force);
+        True when that changed anything.
 
         A process in the device's netns must call this (tcx links resolve the
         ifindex there, filters live there). An attachment of the other kind for
         the same program is removed after the new one is in place, so changing
         the mode never leaves the hook without the program."""
         ifindex = _ifindex(ifname)
-        if self.tc_mode_in_force() == "tcx":
+        if (mode or self.tc_mode_in_force()) == "tcx":
             changed = self._attach(ifname, prog, ifindex, lb.BPF_TCX_INGRESS)
             if changed:
                 self._tc_call(self.cls_bpf.detach, ifname, prog)
@@ -342,7 +352,7 @@ class Datapath:
         return any(a.program == prog for a in self._tc_call(self.cls_bpf.attachments, ifname))
 
     def attach_pod(self, host_ifname: str) -> bool:
-        return self.attach_tc(host_ifname, "tc_from_pod")
+        return self.attach_tc(host_ifname, "tc_from_pod", self.pod_tc_mode())
 
     def detach_device(self, ifname: str) -> list[str]:
         """Every Sluice attachment of `ifname` (or of the link group `cgroup`, `sockhash`): links and filters."""
@@ -456,11 +466,12 @@ class Datapath:
         return fill
 
     def tc_status(self) -> dict:
-        """The tc mode set, the one in force and whether the kernel has tcx."""
+        """The tc mode set, the one in force (pods: pod_tc_mode) and whether the kernel has tcx."""
         try:
-            return {"setting": self.tc_mode, "in_force": self.tc_mode_in_force(), "tcx_available": tc.tcx_available()}
+            return {"setting": self.tc_mode, "in_force": self.tc_mode_in_force(), "pods": self.pod_tc_mode(),
+                    "tcx_available": tc.tcx_available()}
         except (DatapathError, lb.BpfError) as e:
-            return {"setting": self.tc_mode, "in_force": None, "tcx_available": None, "error": str(e)}
+            return {"setting": self.tc_mode, "in_force": None, "pods": None, "tcx_available": None, "error": str(e)}
 
     def status(self) -> dict:
         return {

@@ -23,12 +23,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import chain
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from netaddr import AddrFormatError, IPAddress, IPNetwork, IPRange, IPSet, valid_ipv4
 
@@ -53,9 +54,13 @@ class IpamExhausted(IpamError):
 @dataclass(frozen=True)
 class _Allocation:
     pool: IPNetwork
-    address: IPAddress
+    value: int          # the address as an integer: a scan reads every record, netaddr parsing would dominate
     path: str
     record: dict
+
+    @property
+    def address(self) -> IPAddress:
+        return IPAddress(self.value, 4)
 
     @property
     def key(self) -> tuple:
@@ -123,11 +128,23 @@ def _parse_pool_dir_name(name: str) -> IPNetwork | None:
     return network if _pool_dir_name(network) == name else None
 
 
+def _address_value(name: str) -> int | None:
+    """The address a record's file name holds, as an integer; None for any other name."""
+    try:
+        packed = socket.inet_aton(name)
+    except OSError:
+        return None
+    return int.from_bytes(packed, "big") if socket.inet_ntoa(packed) == name else None
+
+
 def _read_record(path: str) -> dict:
     # A damaged record still holds its address; its key matches no container, so GC reclaims it.
     try:
-        with open(path) as f:
-            record = json.load(f)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            record = json.loads(os.read(fd, 1 << 16))
+        finally:
+            os.close(fd)
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
@@ -203,33 +220,42 @@ class Ipam:
     def allocate(self, container_id: str, ifname: str, requested: str | None = None) -> IPAddress:
         """The attachment's address: the one it already holds in this pool, else `requested` (the
         runtime's static address for it), else the next free one."""
+        return self.claim(container_id, ifname, requested)[0]
+
+    def claim(self, container_id: str, ifname: str, requested: str | None = None) -> tuple[IPAddress, bool]:
+        """allocate(), and whether the attachment held no address at all before (in any pool): then
+        releasing it undoes this claim. One scan of the records where lookup() + allocate() take two."""
         key = _check_key(container_id, ifname)
         wanted = None if requested is None else self._check_requested(requested)
         with self._locked(fcntl.LOCK_EX):
             held = self._scan()
-            for allocation in held:
-                if allocation.key == key and self._is_current(allocation):
-                    if wanted is not None and allocation.address != wanted:
-                        raise IpamError(f"requested address {wanted} differs from {allocation.address}, "
-                                        f"which {container_id}/{ifname} already holds")
-                    return allocation.address
-            if wanted is not None:
-                return self._allocate_requested(wanted, key, held)
-            taken = {int(allocation.address) for allocation in held}
-            for candidate in self._round_robin():
-                if candidate in taken:
-                    continue
-                address = IPAddress(candidate)
-                # Losing the exclusive create means someone bypassed the lock; just move on.
-                if self._create_record(address, key):
-                    self._write_hint(address)
-                    return address
-            stale = sum(1 for a in held if not self._is_current(a) and a.address in self._allocatable)
-            message = (f"pod CIDR {self._network} is exhausted: {self._count_used(held)} of {self.capacity} "
-                       f"allocatable addresses are in use")
-            if stale:
-                message += f", {stale} of them by stale allocations that GC can reclaim"
-            raise IpamExhausted(message)
+            new = not any(allocation.key == key for allocation in held)
+            return self._allocate(key, wanted, held), new
+
+    def _allocate(self, key: AttachmentKey, wanted: IPAddress | None, held: list[_Allocation]) -> IPAddress:
+        for allocation in held:
+            if allocation.key == key and self._is_current(allocation):
+                if wanted is not None and allocation.address != wanted:
+                    raise IpamError(f"requested address {wanted} differs from {allocation.address}, "
+                                    f"which {key[0]}/{key[1]} already holds")
+                return allocation.address
+        if wanted is not None:
+            return self._allocate_requested(wanted, key, held)
+        taken = {allocation.value for allocation in held}
+        for candidate in self._round_robin():
+            if candidate in taken:
+                continue
+            address = IPAddress(candidate)
+            # Losing the exclusive create means someone bypassed the lock; just move on.
+            if self._create_record(address, key):
+                self._write_hint(address)
+                return address
+        stale = sum(1 for a in held if not self._is_current(a) and a.address in self._allocatable)
+        message = (f"pod CIDR {self._network} is exhausted: {self._count_used(held)} of {self.capacity} "
+                   f"allocatable addresses are in use")
+        if stale:
+            message += f", {stale} of them by stale allocations that GC can reclaim"
+        raise IpamExhausted(message)
 
     def _check_requested(self, requested: str) -> IPAddress:
         address = _parse_ipv4(requested, "requested address")
@@ -249,11 +275,17 @@ class Ipam:
             raise IpamError(f"requested address {address} was allocated concurrently by another process")
         return address
 
-    def release(self, container_id: str, ifname: str) -> IPAddress | None:
-        """Free every address the attachment holds; the one in the current pool is returned."""
+    def release(self, container_id: str, ifname: str,
+                before: Callable[[list[IPAddress]], object] | None = None) -> IPAddress | None:
+        """Free every address the attachment holds; the one in the current pool is returned. `before` is
+        called with those addresses under the lock, before they are freed: what must not outlive an
+        address's allocation (its endpoint entry) goes with it, and no other attachment can have been
+        given the address in between."""
         key = _check_key(container_id, ifname)
         with self._locked(fcntl.LOCK_EX):
             mine = [allocation for allocation in self._scan() if allocation.key == key]
+            if before is not None and mine:
+                before([allocation.address for allocation in mine])
             for allocation in mine:
                 # No fsync: a release lost in a crash only leaks the address until the next GC.
                 os.unlink(allocation.path)
@@ -313,18 +345,20 @@ class Ipam:
 
     def _scan(self) -> list[_Allocation]:
         found = []
-        for pool, pool_dir in self._pool_dirs():
+        for order, (pool, pool_dir) in enumerate(self._pool_dirs()):
             for name in os.listdir(pool_dir):
-                if valid_ipv4(name):
+                value = _address_value(name)
+                if value is not None:
                     path = os.path.join(pool_dir, name)
-                    found.append(_Allocation(pool, IPAddress(name), path, _read_record(path)))
-        return sorted(found, key=lambda allocation: (allocation.address, allocation.pool))
+                    found.append((value, order, _Allocation(pool, value, path, _read_record(path))))
+        found.sort(key=lambda entry: entry[:2])  # by address, then pool
+        return [allocation for _value, _order, allocation in found]
 
     def _is_current(self, allocation: _Allocation) -> bool:
         return allocation.pool == self._network and allocation.address in self._allocatable
 
     def _count_used(self, held: list[_Allocation]) -> int:
-        return len({allocation.address for allocation in held if allocation.address in self._allocatable})
+        return len({a.value for a in held if a.address in self._allocatable})
 
     def _round_robin(self) -> Iterator[int]:
         """Allocatable addresses starting after the last one handed out, so a freed one is not reused at once."""

@@ -1,15 +1,16 @@
 """The runtime's one netlink layer: links, veths, addresses, routes (lwtunnel encap included), XDP state,
-tc dumps (sluice.tc encodes its messages, this module carries them), and generic netlink (a device's XDP
-features).
+tc dumps and requests (sluice.tc encodes its messages, this module carries them), and generic netlink (a
+device's XDP features).
 
 What runs per pod (the CNI commands) and per reconcile (routes Sluice owns, which networks a NIC is on)
 goes through `Rtnl`, a plain rtnetlink socket of the netns it was opened in: one request and its
 answer per operation, a few tens of microseconds each. pyroute2 (an asyncio event loop per handle,
 ~1 ms to open one and ~0.5 ms per request) is kept for what runs rarely and is long to encode by hand:
-creating the VXLAN device, link details with XDP state, and adding or removing tc qdiscs and cls_bpf
-filters (sluice.tc, sluice.nic). Errors are pyroute2's NetlinkError either way (`.code` is the errno),
-so callers catch one type. No route, link or address is changed by running `ip`; NIC tuning (sluice.nic)
-runs ethtool, whose channels, rings and offloads are its own to encode.
+creating the VXLAN device, link details with XDP state, and a NIC's MTU (sluice.nic); tc qdiscs and
+cls_bpf filters go through `Rtnl` (sluice.tc encodes them), as a pod's filter is added on every CNI ADD.
+Errors are pyroute2's NetlinkError either way (`.code` is the errno), so callers catch one type. No
+route, link or address is changed by running `ip`; NIC tuning (sluice.nic) runs ethtool, whose
+channels, rings and offloads are its own to encode.
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ def attr(kind: int, data: bytes) -> bytes:
     return _NLATTR.pack(size, kind) + data + b"\0" * (-size % 4)
 
 
-def _nest(kind: int, *attrs: bytes) -> bytes:
+def nest(kind: int, *attrs: bytes) -> bytes:
     return attr(kind | NLA_F_NESTED, b"".join(attrs))
 
 
@@ -368,8 +369,8 @@ class Rtnl:
         self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
                      _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, IFF_UP, IFF_UP) + attr(IFLA_IFNAME, _str(name))
                      + attr(IFLA_MTU, _U32.pack(mtu))
-                     + _nest(IFLA_LINKINFO, attr(IFLA_INFO_KIND, _str("veth")),
-                             _nest(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer_info))))
+                     + nest(IFLA_LINKINFO, attr(IFLA_INFO_KIND, _str("veth")),
+                            nest(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer_info))))
 
     def delete_link(self, name: str) -> bool:
         try:
@@ -410,7 +411,7 @@ class Rtnl:
         net = ipaddress.IPv4Network(cidr)
         lwt = b""
         if encap:
-            lwt = attr(RTA_ENCAP_TYPE, struct.pack("=H", LWTUNNEL_ENCAP_IP)) + _nest(
+            lwt = attr(RTA_ENCAP_TYPE, struct.pack("=H", LWTUNNEL_ENCAP_IP)) + nest(
                 RTA_ENCAP, attr(LWTUNNEL_IP_ID, struct.pack(">Q", encap[0])), attr(LWTUNNEL_IP_DST, _ip(encap[1])))
         self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE,
                      _RTMSG.pack(socket.AF_INET, net.prefixlen, 0, 0, RT_TABLE_MAIN, proto, scope, RTN_UNICAST, 0)

@@ -11,10 +11,11 @@ A pin cannot hold a cls_bpf attachment, so Sluice finds its filters again with a
 netlink dump: a filter is Sluice's when it sits at PRIORITY on the ingress hook
 and its name is `sluice/<program>@<pin root>`. The root in the name keeps two
 pin roots in one netns (tests, benches) apart; the filter's program id and tag
-come from the same dump (TCA_BPF_ID/TCA_BPF_TAG, which pyroute2 0.9 does not
-decode: the dump is read here with a plain netlink socket, requests go through
-pyroute2). Filters live in a network namespace: every function works on the
-calling thread's netns, like tcx links, which must be created from inside it.
+come from the same dump (TCA_BPF_ID/TCA_BPF_TAG). Dumps and requests go through
+a plain rtnetlink socket (sluice.netlink.Rtnl): a pod's filter is attached on
+every CNI ADD, where pyroute2's ~1 ms per handle would count. Filters live in a
+network namespace: every function works on the calling thread's netns, like tcx
+links, which must be created from inside it.
 
 An upgrade is one RTM_NEWTFILTER (`replace-filter`) per device with the new
 program's fd: cls_bpf swaps the program under RCU, the hook is never empty.
@@ -30,7 +31,7 @@ import struct
 from dataclasses import dataclass
 
 from .bpf import libbpf as lb
-from .netlink import NetlinkError, Rtnl, cstr, parse_attrs
+from .netlink import NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NetlinkError, Rtnl, attr, cstr, nest, parse_attrs
 
 TC_MODES = ("auto", "tcx", "legacy")
 
@@ -42,14 +43,18 @@ INGRESS = 0xFFFFFFF2               # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
 EGRESS = 0xFFFFFFF3
 ETH_P_ALL = 0x0003
 
-# rtnetlink (linux/rtnetlink.h, linux/pkt_cls.h)
-RTM_GETQDISC = 38
-RTM_GETTFILTER = 46
+# rtnetlink (linux/rtnetlink.h, linux/pkt_sched.h, linux/pkt_cls.h)
+RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC = 36, 37, 38
+RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 44, 45, 46
+TC_H_CLSACT = 0xFFFFFFF1           # the clsact qdisc's parent
 TCA_KIND = 1
 TCA_OPTIONS = 2
+TCA_BPF_FD = 6
 TCA_BPF_NAME = 7
+TCA_BPF_FLAGS = 8
 TCA_BPF_TAG = 10
 TCA_BPF_ID = 11
+TCA_BPF_FLAG_ACT_DIRECT = 1
 _TCMSG = struct.Struct("=BxxxiIII")
 
 BPF_PROG_TYPE_SCHED_CLS = 3
@@ -228,31 +233,31 @@ class ClsBpf:
         return True
 
     def _request(self, command: str, ifname: str, index: int, prog: str, prog_fd: int | None = None) -> None:
-        from pyroute2 import NetlinkError
-
-        from .netlink import ipr
-
-        args = {"parent": INGRESS, "prio": PRIORITY, "protocol": ETH_P_ALL}
+        """add-filter, replace-filter (with `prog_fd`) or del-filter of `prog`'s filter on `ifname`."""
+        msg_type, flags = {"add-filter": (RTM_NEWTFILTER, NLM_F_CREATE | NLM_F_EXCL),
+                           "replace-filter": (RTM_NEWTFILTER, NLM_F_CREATE | NLM_F_REPLACE),
+                           "del-filter": (RTM_DELTFILTER, 0)}[command]
+        body = (_TCMSG.pack(socket.AF_UNSPEC, index, self._handle(prog), INGRESS,
+                            PRIORITY << 16 | socket.htons(ETH_P_ALL)) + attr(TCA_KIND, b"bpf\0"))
         if prog_fd is not None:
-            args.update(fd=prog_fd, name=self.name(prog), direct_action=True)
+            body += nest(TCA_OPTIONS, attr(TCA_BPF_FD, struct.pack("=I", prog_fd)),
+                         attr(TCA_BPF_NAME, self.name(prog).encode() + b"\0"),
+                         attr(TCA_BPF_FLAGS, struct.pack("=I", TCA_BPF_FLAG_ACT_DIRECT)))
         try:
-            with ipr() as ip:
-                ip.tc(command, "bpf", index, self._handle(prog), **args)
+            with Rtnl() as rtnl:
+                rtnl.request(msg_type, flags, body)
         except NetlinkError as e:
             raise TcError(f"{command} {self.name(prog)} on {ifname} ingress (priority {PRIORITY}): "
                           f"{os.strerror(e.code)}") from None
 
     @staticmethod
     def _ensure_clsact(ifname: str, index: int) -> None:
-        if any(q.handle == CLSACT_HANDLE for q in qdiscs(index)):  # clsact, or an ingress qdisc: both hold ffff:fff2
-            return
-        from pyroute2 import NetlinkError
-
-        from .netlink import ipr
-
+        """A clsact qdisc on `ifname`, unless it has one, or an ingress qdisc: both hold ffff:fff2 (EEXIST)."""
         try:
-            with ipr() as ip:
-                ip.tc("add", "clsact", index)
+            with Rtnl() as rtnl:
+                rtnl.request(RTM_NEWQDISC, NLM_F_CREATE | NLM_F_EXCL,
+                             _TCMSG.pack(socket.AF_UNSPEC, index, CLSACT_HANDLE, TC_H_CLSACT, 0)
+                             + attr(TCA_KIND, b"clsact\0"))
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise TcError(f"adding a clsact qdisc to {ifname}: {os.strerror(e.code)}") from None
@@ -295,13 +300,10 @@ class ClsBpf:
             return
         if not any(q.handle == CLSACT_HANDLE and q.kind == "clsact" for q in qdiscs(index)):
             return
-        from pyroute2 import NetlinkError
-
-        from .netlink import ipr
-
         try:
-            with ipr() as ip:
-                ip.tc("del", "clsact", index)
+            with Rtnl() as rtnl:
+                rtnl.request(RTM_DELQDISC, 0, _TCMSG.pack(socket.AF_UNSPEC, index, CLSACT_HANDLE, TC_H_CLSACT, 0)
+                             + attr(TCA_KIND, b"clsact\0"))
         except NetlinkError as e:
             if e.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
                 raise TcError(f"removing the clsact qdisc of {ifname}: {os.strerror(e.code)}") from None

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 REFERENCE_PLUGINS = "/usr/lib/cni"
+# Sluice's plugin as `make artifacts` builds it (cni/sluice.c), what the cni role ships to nodes.
+SLUICE_PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                             "build", "cni", "sluice")
 
 
 def exec_plugin(plugin: str, command: str, conf, cid: str = "", netns: str = "", ifname: str = "eth0",

@@ -1,6 +1,6 @@
 """A node for CNI tests that need the real sluice-agent: an `sltest-` node namespace with NIC sleth0,
 a throwaway cgroup, a state file, a private pin root and IPAM directory, the agent process, the CNI
-plugin launcher a runtime would execute, and pod namespaces. Everything is removed on exit.
+plugin a runtime would execute, and pod namespaces. Everything is removed on exit.
 
 The node has a network namespace of its own (unlike tests/runtime/test_cni.py, whose node is the test
 process's netns) so that a snapshot of its links and routes sees this test's work only, and so that a
@@ -9,7 +9,7 @@ GC here can never remove another test's veths.
 `failpoint` starts the agent with one of its ADD steps wrapped: the first time the agent reaches that
 step it creates <pause dir>/reached and waits, without doing the step, until <pause dir>/release
 exists. A test can then kill the agent (or the plugin waiting for it) at exactly that point. Only the
-launcher differs: the agent runs its own code (sluice.agent.main) with its own configuration.
+agent's launcher differs: it runs its own code (sluice.agent.main) with its own configuration.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import uuid
 from lib import netns
 from lib.agent import VENV_BIN, AgentProcess
 from lib.cgroup import cgroup
+from lib.cni_exec import SLUICE_PLUGIN
 from sluice.cni import podnet
 from sluice.datapath import Datapath
 from sluice.ipam import Ipam
@@ -36,14 +37,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BPF_BUILD = os.path.join(ROOT, "build", "bpf")
 NODE_IP = "192.168.94.11"
 PYTHON = os.path.join(VENV_BIN, "python")
-
-# What a node's CNI bin dir holds: the plugin started the cheap way (as tests/runtime/test_cni.py does).
-LAUNCHER = f"""#!{PYTHON} -IS
-import sys
-sys.path.insert(0, {os.path.join(ROOT, "src")!r})
-from sluice.cni.plugin import main
-sys.exit(main())
-"""
 
 # The agent's ADD steps a failpoint can stop before, in the order ADD takes them, and what each wraps.
 FAILPOINTS = {
@@ -122,9 +115,7 @@ class Node:
                       "prefilter": ["203.0.113.0/24"]}
         self.write_state(self.state)
         os.makedirs(self.bin_dir)
-        with open(self.plugin_path, "w") as f:
-            f.write(LAUNCHER)
-        os.chmod(self.plugin_path, 0o755)
+        shutil.copy(SLUICE_PLUGIN, self.plugin_path)     # what a node's CNI bin dir holds
         self.agent = Agent(ns, {"state_file": self.state_file, "pin_root": pin_root, "obj_dir": BPF_BUILD,
                                 "socket": os.path.join(workdir, "run", "agent.sock"), "metrics_address": "",
                                 "ipam_dir": self.ipam_dir, "cgroup": cgroup_path, "poll_interval": 0.2},
@@ -223,10 +214,15 @@ class Node:
     def link_pins(self) -> set[str]:
         return {name for name in os.listdir(self.dp.links_dir) if podnet.HOST_IFNAME.fullmatch(name)}
 
+    def pod_attachments(self) -> set[str]:
+        """Host veths with tc_from_pod on their ingress: a cls_bpf filter or a live tcx link."""
+        with netns.entered(self.ns):
+            return {lk["target"] for lk in self.dp.links() if lk["program"] == "tc_from_pod" and lk["attached"]}
+
     def assert_consistent(self, live: dict[tuple[str, str], str]) -> None:
         """The node holds exactly the attachments in `live` ({(container ID, ifname): netns path}):
         one address each, none shared, and IPAM records == endpoints == host veths == node routes ==
-        tc link pins == pod interfaces."""
+        tc attachments == pod interfaces, and no link pin of a veth that is gone."""
         allocations = self.ipam.allocations()
         held = {(r["container_id"], r["ifname"]): str(a) for a, r in allocations.items()}
         assert len(held) == len(allocations), f"an attachment holds two addresses: {allocations}"
@@ -240,7 +236,8 @@ class Node:
                                              f"allocations without endpoint: {sorted(addresses - set(endpoints))}")
         assert self.host_veths() == set(hosts), f"host veths {sorted(self.host_veths() ^ set(hosts))} differ"
         assert self.pod_routes() == {address: host for host, address in hosts.items()}
-        assert self.link_pins() == set(hosts)
+        assert self.pod_attachments() == set(hosts)
+        assert self.link_pins() <= set(hosts), f"stale link pins {sorted(self.link_pins() - set(hosts))}"
         with netns.entered(self.ns):
             for (cid, ifname), netns_path in live.items():
                 host = podnet.host_ifname(cid, ifname)

@@ -3,7 +3,9 @@
 What it holds, per part:
 
 - links, addresses and routes of the node's network namespace (`ip -j link`, `ip -j -4 addr`,
-  `ip -j route show table all`), so veths, XDP programs, MTUs and kernel routes are covered;
+  `ip -j route show table all`), so veths, XDP programs, MTUs and kernel routes are covered, and its
+  qdiscs and the ingress filters of every device with a clsact or ingress qdisc (`tc -j`: the cls_bpf
+  filters pod veths get);
 - every pin under the datapath's pin root, with the id of the object behind it (a pin replaced by
   a new map, program or bpf_link shows up even under the same name) and its mode;
 - the content of every datapath map, read through the sluice.maps classes, except the per-CPU
@@ -35,19 +37,26 @@ from sluice.bpf import libbpf as lb
 SKIPPED_MAPS = (m.MetricsMap,)
 
 
-def _ip_json(ns: str | None, *argv: str) -> list:
+def _ip_json(ns: str | None, *argv: str, tool: str = "ip") -> list:
     prefix = ["nsenter", f"--net=/run/netns/{ns}"] if ns else []
-    out = subprocess.run([*prefix, "ip", "-j", *argv], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([*prefix, tool, "-j", *argv], check=True, capture_output=True, text=True).stdout
     return json.loads(out or "[]")
 
 
+def _tc(ns: str | None) -> dict:
+    qdiscs = _ip_json(ns, "qdisc", "show", tool="tc")
+    filters = {q["dev"]: _ip_json(ns, "filter", "show", "dev", q["dev"], "ingress", tool="tc")
+               for q in qdiscs if q.get("kind") in ("clsact", "ingress")}
+    return {"qdiscs": qdiscs, "ingress_filters": filters}
+
+
 def network(ns: str | None = None) -> dict:
-    """Links, IPv4 addresses and routes (every table) of `ns` (None: this process's netns)."""
+    """Links, IPv4 addresses, routes (every table) and tc of `ns` (None: this process's netns)."""
     links = [_without_clocks(link) for link in _ip_json(ns, "-d", "link", "show")]
     for link in links:
         link.pop("operstate", None)  # follows the carrier, on its own
     return {"links": links, "addresses": _ip_json(ns, "-4", "addr", "show"),
-            "routes": _ip_json(ns, "route", "show", "table", "all")}
+            "routes": _ip_json(ns, "route", "show", "table", "all"), "tc": _tc(ns)}
 
 
 def _without_clocks(value):

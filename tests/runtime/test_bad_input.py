@@ -218,7 +218,7 @@ def test_the_snapshot_sees_what_an_add_changes():
         assert host in {link["ifname"] for link in after["network"]["links"]} - \
             {link["ifname"] for link in before["network"]["links"]}
         assert after["network"]["routes"] != before["network"]["routes"]
-        assert f"links/{host}/tc_from_pod" in set(after["pins"]) - set(before["pins"])
+        assert host in set(after["network"]["tc"]["ingress_filters"]) - set(before["network"]["tc"]["ingress_filters"])
         assert len(after["maps"]["sl_endpoints"]) == len(before["maps"]["sl_endpoints"]) + 1
         assert any(path.endswith(f"/{address}") for path in set(after["files"]) - set(before["files"]))
         with pytest.raises(AssertionError, match=host):

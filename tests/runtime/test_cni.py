@@ -16,21 +16,19 @@ import random
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
-import time
 import uuid
 
 import pytest
 
-from conftest import BPF_BUILD, ROOT
+from conftest import BPF_BUILD
 from lib import packets
-from lib.cni_exec import REFERENCE_PLUGINS, exec_plugin
+from lib.cni_exec import REFERENCE_PLUGINS, SLUICE_PLUGIN, exec_plugin
 from lib.netns import PREFIX, run, unique
 from sluice import agent_protocol, netlink
 from sluice.agent import Agent, AgentConfig
-from sluice.cni import ops, podnet
+from sluice.cni import ops, podnet, spec
 from sluice.cni.errors import CniError
 from sluice.datapath import Datapath
 from sluice.ipam import Ipam
@@ -39,20 +37,9 @@ from sluice.state import DesiredState
 
 pytestmark = pytest.mark.kernel
 
-VENV_BIN = os.path.join(ROOT, ".venv", "bin")
-CONSOLE_SCRIPT = os.path.join(VENV_BIN, "sluice-cni")
 NETWORK = "sluice-test"
 MTU = 1450
 REDIRECT_PEER = ("tc_from_pod", "redirect_peer")  # a key of Datapath.metrics()
-NO_AGENT = "/nonexistent/sluice-agent.sock"
-
-# What a node's CNI bin dir holds: the plugin started the cheap way (no site, no pyroute2).
-LAUNCHER = f"""#!{os.path.join(VENV_BIN, "python")} -IS
-import sys
-sys.path.insert(0, {os.path.join(ROOT, "src")!r})
-from sluice.cni.plugin import main
-sys.exit(main())
-"""
 
 
 # ---- fixtures ------------------------------------------------------------------------------
@@ -143,9 +130,7 @@ def agent(sluice_agent):
 def cni_bin(tmp_path_factory):
     """A CNI_PATH: the plugin as `sluice` plus the reference plugins the conflist chains."""
     directory = tmp_path_factory.mktemp("cni-bin")
-    launcher = directory / "sluice"
-    launcher.write_text(LAUNCHER)
-    launcher.chmod(0o755)
+    (directory / "sluice").symlink_to(SLUICE_PLUGIN)
     for name in ("tuning", "bandwidth"):
         (directory / name).symlink_to(os.path.join(REFERENCE_PLUGINS, name))
     return str(directory)
@@ -190,77 +175,18 @@ def assert_gone(node, cid: str, ifname: str = "eth0", address: str | None = None
 
 # ---- VERSION and start-up ----------------------------------------------------------------
 
-def test_version_is_answered_without_agent_or_pyroute2(cni_bin):
-    plugin = os.path.join(cni_bin, "sluice")
-    times = []
-    for _attempt in range(5):
-        start = time.perf_counter()
-        status, out = exec_plugin(plugin, "VERSION", "", cni_path=cni_bin)
-        times.append(time.perf_counter() - start)
-    assert status == 0
-    assert out == {"cniVersion": "1.1.0", "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]}
-    print(f"plugin VERSION through python -I -S: best {min(times) * 1000:.1f} ms of 5")
-
-    # Everything an ADD imports on the plugin side is the standard library and sluice.cni's client part.
-    probe = ("import sys, json; sys.path.insert(0, sys.argv[1]); import sluice.cni.plugin; "
-             "print(json.dumps(sorted(sys.modules)))")
-    proc = subprocess.run([os.path.join(VENV_BIN, "python"), "-I", "-S", "-c", probe, os.path.join(ROOT, "src")],
-                          capture_output=True, text=True, check=True)
-    modules = json.loads(proc.stdout)
-    foreign = {m for m in modules if m.split(".")[0] not in {*sys.stdlib_module_names, "__main__", "sluice"}}
-    assert not foreign, f"the plugin imports non-stdlib modules: {sorted(foreign)}"
-    assert {m for m in modules if m.startswith("sluice")} <= {
-        "sluice", "sluice.agent_protocol", "sluice.cni", "sluice.cni.plugin", "sluice.cni.errors", "sluice.cni.spec"}
+def test_version_is_answered_without_agent(cni_bin):
+    status, out = exec_plugin(os.path.join(cni_bin, "sluice"), "VERSION", "", cni_path=cni_bin)
+    assert (status, out) == (0, spec.version_info())
 
 
-def test_an_add_through_the_plugin_imports_neither_json_nor_socket(node, agent, pods, cni_bin):
-    """json (with re and enum) and socket.py (selectors, enum) cost a `python -IS` process about as much
-    as starting the interpreter: the plugin does without them unless something goes wrong."""
-    probe = ("import io, os, sys; sys.path.insert(0, sys.argv[1]); from sluice.cni import plugin; "
-             "sys.stdin = io.TextIOWrapper(io.BytesIO(sys.argv[2].encode())); "
-             "status, out = plugin.run(dict(os.environ), sys.stdin.buffer); "
-             "imported = sorted(set(sys.modules) & {'json', 're', 'enum', 'socket', 'selectors'}); "
-             "import json; print(json.dumps([status, out, imported]))")
-    cid, netns_path = pods.pod("imp")
-    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": cid, "CNI_NETNS": netns_path, "CNI_IFNAME": "eth0", "CNI_PATH": cni_bin}
-    for command in ("VERSION", "ADD"):
-        proc = subprocess.run([os.path.join(VENV_BIN, "python"), "-I", "-S", "-c", probe, os.path.join(ROOT, "src"),
-                               json.dumps(config(agent))], capture_output=True, text=True, check=True,
-                              env=dict(env, CNI_COMMAND=command))
-        status, out, imported = json.loads(proc.stdout)
-        assert status == 0 and imported == [], (command, out, imported)
-        assert json.loads(out)["cniVersion"] == ("1.1.0" if command == "VERSION" else config(agent)["cniVersion"])
-
-
-JSON_TEXTS = ['{"cniVersion": "1.0.0", "name": "n", "type": "sluice"}', ' \n{"a": [1, 2.5, -3e2, true, false, null]}\t',
-              '"\\u00e9t\\u00e9 \\ud83d\\ude00"', '[]', '{}', '{"a": NaN, "b": Infinity, "c": -Infinity}',
-              '{"a": 1} x', '{not json', '', '   ', '{"a": "\x01"}', '\ufeff{}', '{"a": 1,}', '[1, 2', '"abc', '01',
-              '{"a": {"b": {"c": [[[]]]}}}', '{"dup": 1, "dup": 2}', '1' * 5000]
-
-
-@pytest.mark.parametrize("text", JSON_TEXTS)
-def test_the_plugins_json_reads_exactly_as_json_loads(text):
-    from sluice.cni import spec
-
-    try:
-        want = ("ok", json.loads(text))
-    except (ValueError, RecursionError) as e:
-        want = ("error", type(e), str(e))
-    try:
-        got = ("ok", spec.loads(text))
-    except (ValueError, RecursionError) as e:
-        got = ("error", type(e), str(e))
-    assert repr(got) == repr(want)
-
-
-@pytest.mark.parametrize("value", [{"cniVersion": "1.1.0", "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]},
-                                   {"op": "cni", "env": {"CNI_ARGS": "K=v;é=\u2603", "CNI_X": ""}, "stdin": '{"a": "\n"}'},
-                                   [1, -2, True, False, None, "x\u0000y", [], {}], {"code": 7, "msg": "m", "details": ""},
-                                   {"f": 1.5, "n": float("nan")}, {1: "int key"}, ("t", 1)])
-def test_the_plugins_json_writes_exactly_as_json_dumps(value):
-    from sluice.cni import spec
-
-    assert spec.dumps(value) == json.dumps(value)
+def test_the_plugin_is_built_from_the_protocol_in_force():
+    """The plugin's constants (socket, timeout, versions, error texts) are agent_protocol's as they are now:
+    `make artifacts` regenerates its header whenever agent_protocol.py, spec.py or errors.py change."""
+    with open(os.path.join(os.path.dirname(SLUICE_PLUGIN), "protocol.h")) as f:
+        assert f.read() == agent_protocol.c_header()
+    assert os.path.getmtime(SLUICE_PLUGIN) >= os.path.getmtime(os.path.join(os.path.dirname(SLUICE_PLUGIN),
+                                                                            "protocol.h"))
 
 
 # ---- ADD, traffic, CHECK, DEL ------------------------------------------------------------------
@@ -424,7 +350,7 @@ def test_del_leaves_nothing_and_can_be_repeated(node, agent, pods, cni_bin):
     cid, netns = pods.pod()
     address = pod_address(handle(node, "ADD", cid, netns))
     host = podnet.host_ifname(cid, "eth0")
-    assert os.path.exists(os.path.join(node.datapath.links_dir, host, "tc_from_pod"))
+    assert node.datapath.tc_attached(host, "tc_from_pod")
     assert address in endpoints(node)
 
     assert exec_plugin(plugin, "DEL", config(agent), cid, netns) == (0, None)
@@ -451,7 +377,7 @@ def test_50_concurrent_adds_get_distinct_addresses(node, agent, pods):
     procs = []
     for _attempt in range(50):
         cid, netns = pods.pod("c")
-        procs.append(subprocess.Popen([CONSOLE_SCRIPT], env={**env, "CNI_CONTAINERID": cid, "CNI_NETNS": netns},
+        procs.append(subprocess.Popen([SLUICE_PLUGIN], env={**env, "CNI_CONTAINERID": cid, "CNI_NETNS": netns},
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     for proc in procs:  # all running before any gets its config, like a burst of pod starts
         proc.stdin.write(conf.encode())
@@ -469,39 +395,64 @@ def test_50_concurrent_adds_get_distinct_addresses(node, agent, pods):
 
 # ---- errors ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("stdin, omit, code, named", [
-    ("{not json", (), 6, "not valid JSON"),
-    (json.dumps(config(NO_AGENT, version="0.3.1")), (), 1, "0.3.1"),
-    (json.dumps(config(NO_AGENT)), ("CNI_NETNS",), 4, "CNI_NETNS"),
-    (json.dumps(config(NO_AGENT)), ("CNI_CONTAINERID",), 4, "CNI_CONTAINERID"),
+@pytest.mark.parametrize("stdin, code, named", [
+    ("{not json", 6, "'{not json'"),
+    ('{"a": 1} x', 6, "character 9"),
+    ("[]", 6, "not a JSON object"),
+    (b"{\xff}", 6, "not UTF-8"),
 ])
-def test_plugin_rejects_bad_requests_itself(cni_bin, stdin, omit, code, named):
-    # The configured agent socket does not exist: these requests must never get that far.
-    status, error = exec_plugin(os.path.join(cni_bin, "sluice"), "ADD", stdin, "sltest-c", "/run/netns/x",
-                                omit=omit)
+def test_plugin_rejects_what_is_no_configuration_itself(cni_bin, stdin, code, named):
+    # Without a JSON object there is no agentSocket to ask: these requests never get that far.
+    plugin = os.path.join(cni_bin, "sluice")
+    proc = subprocess.run([plugin], input=stdin if isinstance(stdin, bytes) else stdin.encode(), capture_output=True,
+                          env={"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "sltest-c", "CNI_NETNS": "/run/netns/x",
+                               "CNI_IFNAME": "eth0", "CNI_PATH": cni_bin}, check=False)
+    error = json.loads(proc.stdout)
+    assert proc.returncode == 1 and not proc.stderr
+    assert error["cniVersion"] == spec.CNI_VERSION and error["code"] == code and named in error["msg"], error
+
+
+@pytest.mark.parametrize("stdin, omit, code, named", [
+    (config(version="0.3.1"), (), 1, "0.3.1"),
+    (config(), ("CNI_NETNS",), 4, "CNI_NETNS"),
+    (config(), ("CNI_CONTAINERID",), 4, "CNI_CONTAINERID"),
+    (config(agentSocket=["a"]), (), 11, "/run/sluice/agent.sock"),    # not a string: the default socket
+])
+def test_plugin_relays_the_agents_refusal(agent, cni_bin, stdin, omit, code, named):
+    if "agentSocket" not in stdin:
+        stdin = dict(stdin, agentSocket=agent)
+    status, error = exec_plugin(os.path.join(cni_bin, "sluice"), "ADD", stdin, "sltest-c", "/run/netns/x", omit=omit)
     assert status == 1
     assert error["code"] == code and named in error["msg"], error
+    assert error["cniVersion"] == (stdin["cniVersion"] if stdin["cniVersion"] in spec.SUPPORTED_VERSIONS
+                                   else spec.CNI_VERSION)
 
 
-def test_unknown_command_and_unreachable_agent(cni_bin, tmp_path):
+def test_unknown_command_and_unreachable_agent(agent, cni_bin, tmp_path):
     plugin = os.path.join(cni_bin, "sluice")
-    socket_path = str(tmp_path / "no-agent.sock")
-    status, error = exec_plugin(plugin, "FROB", config(socket_path), "sltest-c", "/run/netns/x")
+    status, error = exec_plugin(plugin, "FROB", config(agent), "sltest-c", "/run/netns/x")
     assert (status, error["code"]) == (1, 4) and "FROB" in error["msg"]
-    status, error = exec_plugin(plugin, "ADD", config(socket_path), "sltest-c", "/run/netns/x")
-    assert (status, error["code"]) == (1, 11) and socket_path in error["msg"]
+    socket_path = str(tmp_path / "no-agent.sock")
+    for command in ("ADD", "DEL", "CHECK", "GC", "FROB"):
+        status, error = exec_plugin(plugin, command, config(socket_path), "sltest-c", "/run/netns/x")
+        assert (status, error["code"]) == (1, 11), error
+        assert error["msg"] == agent_protocol.UNREACHABLE.format(socket=socket_path,
+                                                                 reason="No such file or directory")
     status, error = exec_plugin(plugin, "STATUS", config(socket_path))
     assert (status, error["code"]) == (1, 50) and socket_path in error["msg"]
 
 
-@pytest.mark.parametrize("reply, code, named", [
-    (b"", 11, "closed the connection without an answer"),
-    (b"not json\n", 5, "unreadable reply"),
-    (b"[]\n", 5, "unreadable reply"),
-    (b'{"ok": false}\n', 5, "unreadable reply"),
-    (b'{"ok": false, "error": {"code": 7, "msg": "as the agent said"}}\n', 7, "as the agent said"),
+@pytest.mark.parametrize("reply, code, message", [
+    (b"", 11, agent_protocol.CLOSED.format(socket="{socket}")),
+    (b"not json\n", 5, agent_protocol.UNREADABLE.format(socket="{socket}", reason="not a JSON object")),
+    (b"[]\n", 5, agent_protocol.UNREADABLE.format(socket="{socket}", reason="not a JSON object")),
+    (b'{"result": null}\n', 5, agent_protocol.UNREADABLE.format(socket="{socket}", reason='no "ok"')),
+    (b'{"ok": false}\n', 5, agent_protocol.UNREADABLE.format(socket="{socket}", reason='an error without "output"')),
+    (json.dumps({"ok": False, "error": {"code": 7, "msg": "as the agent said"},
+                 "output": json.dumps({"cniVersion": "1.1.0", "code": 7, "msg": "as the agent said \u2603"})}).encode()
+     + b"\n", 7, "as the agent said \u2603"),
 ])
-def test_what_the_plugin_makes_of_an_agents_reply(reply, code, named):
+def test_what_the_plugin_makes_of_an_agents_reply(cni_bin, reply, code, message):
     directory = tempfile.mkdtemp(prefix="slcni-")  # short: a socket path has at most 107 bytes
     path = os.path.join(directory, "agent.sock")
 
@@ -517,12 +468,12 @@ def test_what_the_plugin_makes_of_an_agents_reply(reply, code, named):
             server.listen()
             thread = threading.Thread(target=answer_once, args=(server,))
             thread.start()
-            with pytest.raises(CniError) as failure:
-                agent_protocol.cni(path, "ADD", {}, "{}")
+            status, error = exec_plugin(os.path.join(cni_bin, "sluice"), "ADD", config(path), "sltest-c",
+                                        "/run/netns/x")
             thread.join()
     finally:
         shutil.rmtree(directory)
-    assert failure.value.code == code and named in failure.value.msg, failure.value
+    assert status == 1 and error["code"] == code and error["msg"] == message.replace("{socket}", path), error
 
 
 @pytest.mark.parametrize("line, code, named", [
@@ -539,6 +490,18 @@ def test_the_agent_answers_a_malformed_request_with_a_cni_error(agent, line, cod
         reply = json.loads(sock.makefile("rb").readline())
     assert reply == {"ok": False, "error": {"code": code, "msg": reply["error"]["msg"]}}
     assert named in reply["error"]["msg"]
+
+
+@pytest.mark.parametrize("request_", [
+    {"op": "cni", "command": "ADD", "env": ["CNI_CONTAINERID"], "stdin": json.dumps(config())},
+    {"op": "cni", "command": "DEL", "env": {"CNI_CONTAINERID": ["c"], "CNI_IFNAME": {}}, "stdin": json.dumps(config())},
+    {"op": "cni", "command": ["GC"], "env": {}, "stdin": 7},
+])
+def test_the_agent_answers_a_cni_request_of_the_wrong_shape(agent, request_):
+    """Whatever a client puts in a "cni" request, it gets an error result to print, not a closed socket."""
+    reply = agent_protocol.request(agent, request_, timeout=30)
+    assert reply["ok"] is False and reply["error"]["code"] in (4, 6, 999), reply
+    assert json.loads(reply["output"])["code"] == reply["error"]["code"]
 
 
 def test_missing_netns_is_an_unknown_container(node, agent, pods, cni_bin):

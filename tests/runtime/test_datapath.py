@@ -1,4 +1,5 @@
-"""The loader on the real kernel: pins, links, atomic upgrades, failed upgrades, removal."""
+"""The loader on the real kernel: pins, links, atomic upgrades, failed upgrades, removal. The links are
+tcx links (attach_tc in tcx mode: a pod veth gets a cls_bpf filter in tc mode auto, see test_tc_modes.py)."""
 
 import os
 import re
@@ -58,8 +59,8 @@ def test_reload_keeps_map_contents_and_swaps_links_atomically(pin_root, obj_copy
         with netns.namespaces("dp") as (ns,):
             netns.ns_exec(ns, "ip", "link", "add", "slveth0", "type", "veth", "peer", "name", "slveth1")
             with netns.entered(ns):
-                assert dp.attach_pod("slveth0") is True
-                assert dp.attach_pod("slveth0") is False  # already attached
+                assert dp.attach_tc("slveth0", "tc_from_pod", "tcx") is True
+                assert dp.attach_tc("slveth0", "tc_from_pod", "tcx") is False  # already attached
                 ifindex = netns.ifindex(ns, "slveth0")
                 before = lb.prog_query(ifindex, lb.BPF_TCX_INGRESS)
             with dp.open_map(m.EndpointsMap) as eps:
@@ -90,7 +91,7 @@ def test_rejected_upgrade_keeps_running_datapath(pin_root, obj_copy):
         with netns.namespaces("dp") as (ns,):
             netns.ns_exec(ns, "ip", "link", "add", "slveth0", "type", "veth", "peer", "name", "slveth1")
             with netns.entered(ns):
-                dp.attach_pod("slveth0")
+                dp.attach_tc("slveth0", "tc_from_pod", "tcx")
             tags = dp.pinned_tags()
             links = dp.links()
             build(os.path.join(ROOT, "tests", "fixtures", "bpf", "tc_pod_rejected.c"),
@@ -128,7 +129,7 @@ def test_stale_link_of_deleted_device_is_replaced(datapath):
         for _round in range(2):
             netns.ns_exec(ns, "ip", "link", "add", "slveth0", "type", "veth", "peer", "name", "slveth1")
             with netns.entered(ns):
-                assert datapath.attach_pod("slveth0") is True
+                assert datapath.attach_tc("slveth0", "tc_from_pod", "tcx") is True
             netns.ns_exec(ns, "ip", "link", "del", "slveth0")
         assert [l["attached"] for l in datapath.links()] == [False]
 
@@ -139,7 +140,7 @@ def test_remove_detaches_everything(pin_root):
     with netns.namespaces("dp") as (ns,):
         netns.ns_exec(ns, "ip", "link", "add", "slveth0", "type", "veth", "peer", "name", "slveth1")
         with netns.entered(ns):
-            dp.attach_pod("slveth0")
+            dp.attach_tc("slveth0", "tc_from_pod", "tcx")
             ifindex = netns.ifindex(ns, "slveth0")
             assert lb.prog_query(ifindex, lb.BPF_TCX_INGRESS)
             assert dp.remove() is True

@@ -82,7 +82,7 @@ def test_agent_killed_mid_add(failpoint, recovery):
         done = steps[:steps.index(failpoint)]
         assert (host in node.host_veths()) == ("create_veth" in done), "half-made: the veth pair"
         assert (str(allocated) in node.pod_routes()) == ("configure_pod" in done), "half-made: the node route"
-        assert (host in node.link_pins()) == ("attach_pod" in done), "half-made: tc_from_pod"
+        assert (host in node.pod_attachments()) == ("attach_pod" in done), "half-made: tc_from_pod"
         assert str(allocated) not in node.endpoints()
 
         node.agent.stop(signal.SIGKILL)

@@ -19,13 +19,13 @@ from conftest import BPF_BUILD, ROOT
 from lib import netns
 from lib.agent import AgentProcess
 from lib.cgroup import cgroup
-from lib.cni_exec import exec_plugin
+from lib.cni_exec import SLUICE_PLUGIN, exec_plugin
 from lib.procs import Child, children
 from sluice.datapath import Datapath
 
 pytestmark = pytest.mark.kernel
 
-PLUGIN = os.path.join(ROOT, ".venv", "bin", "sluice-cni")
+PLUGIN = SLUICE_PLUGIN
 POD_CIDR = "10.246.1.0/24"
 TCP_VIP, UDP_VIP = "10.98.0.10", "10.98.0.53"
 

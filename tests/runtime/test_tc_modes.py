@@ -1,7 +1,8 @@
-"""tc attach modes on the real kernel: `auto` picks tcx here; `legacy` (clsact + cls_bpf, what a kernel
-without tcx gets) carries real traffic, is upgraded by an atomic filter replace under a UDP flow that
-loses nothing, finds and removes exactly its own filters (a foreign cls_bpf filter and a foreign clsact
-survive), works through the agent and the CNI plugin, and is reported by `sluice status`.
+"""tc attach modes on the real kernel: `auto` picks tcx here (pod veths get cls_bpf filters all the same:
+see sluice.datapath); `legacy` (clsact + cls_bpf, what a kernel without tcx gets) carries real traffic, is
+upgraded by an atomic filter replace under a UDP flow that loses nothing, finds and removes exactly its own
+filters (a foreign cls_bpf filter and a foreign clsact survive), works through the agent and the CNI
+plugin, and is reported by `sluice status`.
 
 Every device lives in an `sltest-` namespace; the node namespaces keep IPv4 forwarding off, so pod
 traffic only gets through when the program on the host veth redirects it."""
@@ -31,7 +32,7 @@ from lib.cgroup import cgroup
 from sluice import cli, tc
 from sluice.agent import AgentConfig
 from sluice.bpf import libbpf as lb
-from sluice.datapath import Datapath, DatapathError
+from sluice.datapath import NIC_PROG, Datapath, DatapathError
 from sluice.maps import EndpointsMap
 from sluice.netlink import ipr
 
@@ -162,18 +163,38 @@ class UdpFlow:
 
 # ---- the mode ----------------------------------------------------------------------------------
 
-def test_auto_picks_tcx_on_this_kernel(pin_root):
+def test_auto_picks_tcx_on_this_kernel_and_cls_bpf_for_pods(pin_root):
     assert tc.probe_tcx() is True
     dp = Datapath(pin_root, BPF_BUILD)
-    assert dp.tc_mode == "auto" and dp.tc_mode_in_force() == "tcx"
+    assert dp.tc_mode == "auto" and dp.tc_mode_in_force() == "tcx" and dp.pod_tc_mode() == "legacy"
     dp.load()
     try:
         with netns.namespaces("auto") as (ns,):
             netns.ns_exec(ns, "ip", "link", "add", "slveth0", "type", "veth", "peer", "name", "slveth1")
+            netns.ns_exec(ns, "ip", "link", "add", "slveth2", "type", "veth", "peer", "name", "slveth3")
+            with netns.entered(ns):
+                assert dp.attach_tc("slveth0", NIC_PROG) is True      # what attach_nic does
+                assert dp.attach_pod("slveth2") is True
+                assert sorted((lk["target"], lk["kind"]) for lk in dp.links()) == [
+                    ("slveth0", "tcx"), ("slveth2", "cls_bpf")]
+                assert dp.status()["tc_mode"] == {"setting": "auto", "in_force": "tcx", "pods": "legacy",
+                                                  "tcx_available": True}
+            assert "clsact" not in tc_show(ns, "qdisc", "show", "dev", "slveth0")
+            assert "clsact" in tc_show(ns, "qdisc", "show", "dev", "slveth2")
+    finally:
+        dp.remove()
+
+
+def test_tcx_mode_puts_pods_on_tcx_too(pin_root):
+    dp = Datapath(pin_root, BPF_BUILD, tc_mode="tcx")
+    assert dp.pod_tc_mode() == "tcx"
+    dp.load()
+    try:
+        with netns.namespaces("tcx") as (ns,):
+            netns.ns_exec(ns, "ip", "link", "add", "slveth0", "type", "veth", "peer", "name", "slveth1")
             with netns.entered(ns):
                 assert dp.attach_pod("slveth0") is True
                 assert [(lk["target"], lk["kind"]) for lk in dp.links()] == [("slveth0", "tcx")]
-                assert dp.status()["tc_mode"] == {"setting": "auto", "in_force": "tcx", "tcx_available": True}
             assert "clsact" not in tc_show(ns, "qdisc", "show", "dev", "slveth0")
     finally:
         dp.remove()

@@ -1,7 +1,3 @@
-"""Sluice's CNI plugin: a thin stdlib-only client (plugin.py) of the agent, which
-does the work (ops.py), as cilium-cni talks to cilium-agent.
-
-Nothing in this package's __init__, errors.py, spec.py or plugin.py, nor
-sluice.agent_protocol, may import beyond the standard library: they run once per
-pod, under `python -I -S`.
+"""Sluice's CNI plugin: a small C client (cni/sluice.c at the top of the repository) of the agent,
+which does the work (ops.py) and checks the requests (spec.py), as cilium-cni talks to cilium-agent.
 """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 # Codes 1-99 are reserved by the spec.
 INCOMPATIBLE_CNI_VERSION = 1
 UNSUPPORTED_FIELD = 2
@@ -40,6 +42,4 @@ class CniError(Exception):
 
     def to_json(self, cni_version: str) -> str:
         """The error result a runtime reads from the plugin's stdout."""
-        from .spec import dumps  # (spec imports this module)
-
-        return dumps({"cniVersion": cni_version, **self.to_dict()})
+        return json.dumps({"cniVersion": cni_version, **self.to_dict()})

@@ -1,11 +1,13 @@
 """The CNI commands, executed inside the agent.
 
-The agent runs them one at a time under its lock. handle() raises CniError and
-nothing else, so the agent can always answer the plugin with a CNI error.
+The agent runs them concurrently, one at a time per attachment, GC alone
+(sluice.agent.CniLocks). handle() raises CniError and nothing else, so the
+agent can always answer the plugin with a CNI error.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 from dataclasses import dataclass
@@ -104,9 +106,9 @@ def _add_with(req: Request, node: NodeContext, nl: podnet.Sockets) -> dict:
         requested = _requested_address(req.conf)
         mtu = _mtu(req.conf, node.mtu)
         with _step("allocating an address", IPAM_FAILURE):
-            held = node.ipam.lookup(req.container_id, req.ifname)
-            address = str(node.ipam.allocate(req.container_id, req.ifname, requested))
-        if held is None:
+            claimed, new = node.ipam.claim(req.container_id, req.ifname, requested)
+            address = str(claimed)
+        if new:
             undo.append((f"releasing {address}", lambda: node.ipam.release(req.container_id, req.ifname)))
         with _step(f"creating veth pair {host} - {req.ifname} in {req.netns}"):
             left = podnet.host_link(host, nl)
@@ -203,15 +205,24 @@ def _del(req: Request, node: NodeContext) -> None:
     _teardown(node, req.container_id, req.ifname)
 
 
-def _teardown(node: NodeContext, container_id: str, ifname: str, address: IPAddress | None = None) -> None:
+def _teardown(node: NodeContext, container_id: str, ifname: str) -> None:
     host = podnet.host_ifname(container_id, ifname)
-    if address is None:
-        address = node.ipam.lookup(container_id, ifname)
-    if address is not None:
-        _delete_endpoint(node, str(address))
+    # Deleting the veth takes the pod end, the node route and the tc attachments with it, so detach_device
+    # only unpins (detaching a tcx link of a live device would wait for an RCU grace period). The kernel's
+    # deletion waits ~16-20 ms for RCU callbacks, with the GIL released: IPAM's part runs meanwhile, on this
+    # thread (a thread started here is in this thread's netns, the node's). An address freed before its old
+    # veth is gone is harmless: a new pod gets a veth, route and endpoint entry of its own, and the old veth
+    # is out of the node's maps already.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="veth-delete") as pool:
+        deleting = pool.submit(netlink.delete_link, host)
+        try:
+            # The endpoint entries go with the allocation, under IPAM's lock: one scan of the records, and no
+            # ADD of another pod can be given the address before its entry is gone.
+            node.ipam.release(container_id, ifname,
+                              before=lambda addresses: [_delete_endpoint(node, str(a)) for a in addresses])
+        finally:
+            deleting.result()   # the DEL answers once the veth is gone (and fails if it could not go)
     node.datapath.detach_device(host)
-    netlink.delete_link(host)  # takes the pod end and the node route with it
-    node.ipam.release(container_id, ifname)
 
 
 def _delete_endpoint(node: NodeContext, address: str) -> None:
@@ -221,10 +232,10 @@ def _delete_endpoint(node: NodeContext, address: str) -> None:
 
 def _gc(req: Request, node: NodeContext) -> None:
     valid = _valid_attachments(req.conf)
-    for address, record in node.ipam.allocations().items():
-        key = (record.get("container_id"), record.get("ifname"))
-        if key not in valid and all(isinstance(part, str) and part for part in key):
-            _teardown(node, *key, address=address)
+    held = {(record.get("container_id"), record.get("ifname")) for record in node.ipam.allocations().values()}
+    for key in sorted(held - valid, key=str):
+        if all(isinstance(part, str) and part for part in key):
+            _teardown(node, *key)
     node.ipam.gc(valid)  # also records too damaged to name their attachment
     keep = {podnet.host_ifname(*key) for key in valid}
     # Veths an interrupted ADD left without an allocation, and pins of veths already gone.
@@ -232,8 +243,8 @@ def _gc(req: Request, node: NodeContext) -> None:
     pinned = set(os.listdir(links_dir)) if os.path.isdir(links_dir) else set()
     for host in sorted(set(podnet.host_veths()) | {name for name in pinned if podnet.HOST_IFNAME.fullmatch(name)}):
         if host not in keep:
+            netlink.delete_link(host)   # (first, as in _teardown)
             node.datapath.detach_device(host)
-            netlink.delete_link(host)
     allocated = {str(address) for address in node.ipam.allocations()}
     with node.datapath.open_map(EndpointsMap) as endpoints:
         for address in endpoints.items():

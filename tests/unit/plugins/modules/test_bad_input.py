@@ -9,7 +9,6 @@ The table of all rows is docs/bad-input.md."""
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
@@ -115,11 +114,13 @@ def test_nic_module(nic_node, row):
 
 @pytest.fixture
 def cni_dirs(tmp_path):
-    """An installed conflist and launcher, and another runtime's configuration that exclusive=true would move."""
+    """An installed conflist and plugin, and another runtime's configuration that exclusive=true would move."""
     conf_dir, bin_dir = tmp_path / "net.d", tmp_path / "bin"
     conf_dir.mkdir()
     (conf_dir / "10-bridge.conflist").write_text('{"cniVersion": "1.0.0", "name": "bridge", "plugins": []}\n')
-    args = {"conf_dir": str(conf_dir), "bin_dir": str(bin_dir), "plugin_python": sys.executable, "mtu": 1450}
+    bin_dir.mkdir()
+    (bin_dir / "sluice").write_text("plugin")   # what the cni role copies
+    args = {"conf_dir": str(conf_dir), "bin_dir": str(bin_dir), "mtu": 1450}
     assert run_module(cni_config, args)["changed"] is True
     return {"args": dict(args, exclusive=True), "paths": [str(conf_dir), str(bin_dir)]}
 

@@ -1,11 +1,9 @@
-"""sluice.network.cni_config in temporary conf/bin dirs; the launcher is executed for real."""
+"""sluice.network.cni_config in temporary conf/bin dirs (the plugin itself is the cni role's copy)."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -18,10 +16,10 @@ from .utils import fail_module, run_module
 def dirs(tmp_path):
     conf, bindir = tmp_path / "net.d", tmp_path / "bin"
     conf.mkdir()
-    return {"conf_dir": str(conf), "bin_dir": str(bindir), "plugin_python": sys.executable}
+    return {"conf_dir": str(conf), "bin_dir": str(bindir)}
 
 
-def test_writes_conflist_and_launcher_then_idempotent(dirs):
+def test_writes_conflist_then_idempotent(dirs):
     a = dict(dirs, mtu=1450, chained_plugins=[{"type": "portmap", "capabilities": {"portMappings": True}}])
     result = run_module(cni_config, a, diff=True)
     assert result["changed"] is True
@@ -34,21 +32,11 @@ def test_writes_conflist_and_launcher_then_idempotent(dirs):
                                  "capabilities": {"ips": True}},
                                 {"type": "portmap", "capabilities": {"portMappings": True}}]}
     assert result["diff"][0]["before"] == "" and json.loads(result["diff"][0]["after"]) == conf
-    assert os.access(result["plugin"], os.X_OK)
-    with open(result["plugin"]) as f:
-        assert f.readline() == f"#!{sys.executable} -IS\n"
+    assert any("plugin" in w and "missing" in w for w in result.get("warnings", [])), result
 
     again = run_module(cni_config, a, diff=True)
     assert again["changed"] is False and again["moved"] == []
     assert again["diff"][0]["before"] == again["diff"][0]["after"]
-
-
-def test_launcher_runs_the_plugin(dirs):
-    result = run_module(cni_config, dirs)
-    env = {"CNI_COMMAND": "VERSION", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([result["plugin"]], env=env, input="", capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr
-    assert "1.1.0" in json.loads(proc.stdout)["supportedVersions"]
 
 
 def test_check_mode_writes_nothing(dirs):
@@ -73,6 +61,9 @@ def test_exclusive_moves_others_and_absent_restores(dirs):
     assert sorted(os.listdir(conf)) == [".sluice-moved", "05-sluice.conflist", "README"]
     assert run_module(cni_config, dict(dirs, exclusive=True))["changed"] is False
 
+    os.makedirs(dirs["bin_dir"])
+    with open(result["plugin"], "w") as f:      # what the cni role copies
+        f.write("plugin")
     gone = run_module(cni_config, dict(dirs, state="absent"), check_mode=True)
     assert gone["changed"] is True and os.path.exists(result["conflist"])
     gone = run_module(cni_config, dict(dirs, state="absent"), diff=True)
@@ -88,7 +79,6 @@ def test_exclusive_moves_others_and_absent_restores(dirs):
     ({"priority": 123}, "123"),
     ({"mtu": 10}, "10"),
     ({"cni_version": "0.3.1"}, "0.3.1"),
-    ({"plugin_python": "python3"}, "python3"),
     ({"network_name": "a b"}, "a b"),
 ])
 def test_bad_input_is_named_and_nothing_written(dirs, bad, named):
