@@ -52,7 +52,8 @@ static __always_inline int reject(struct xdp_md *ctx, enum sl_outcome *outcome)
 	return action;
 }
 
-/* Full-NAT load balancing of a TCP/UDP packet whose 5-tuple is `t`. Returns an
+/* Load balancing of a TCP/UDP packet whose 5-tuple is `t`: full NAT, or only
+ * the destination where the VIP keeps the client's source (lb.h). Returns an
  * XDP action, or -1 when the packet is not load-balanced traffic. */
 static __always_inline int lb_handle(struct xdp_md *ctx, struct ethhdr *eth, struct iphdr *ip,
 				     struct sl_l4_ports *l4, __sum16 *l4sum, const struct sl_flow_tuple *t,

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* XDP L4 load balancer: flow hash, Maglev backend selection, full NAT (SNAT to
- * the node so replies come back through it) and the packet rewrite, in XDP
- * and, for the replies of backends that are pods of this node, in tc.
+/* L4 load balancer: flow hash, Maglev backend selection (or the client's
+ * backend under ClientIP affinity), full NAT (SNAT to the node so replies come
+ * back through it; only DNAT towards a local pod where the VIP keeps the
+ * client's source) and the packet rewrite, in XDP and in tc (lb_tc.h).
  * A flow is described by a struct sl_flow_tuple, exactly as its packets carry it. */
 #pragma once
 
