@@ -474,17 +474,19 @@ def test_routes_to_other_nodes_come_from_their_node_objects_when_the_inventory_l
 
 
 def node_view(the_lab: lab.Lab, i: int) -> dict:
-    """What Sluice holds for pods on node i: endpoint map entries, IPAM allocations, host veths, link pins."""
+    """What Sluice holds for pods on node i: endpoint map entries, IPAM allocations, host veths, the programs
+    attached to them (a cls_bpf filter, or a pinned tcx link in tc mode tcx), link pins."""
     allocations = the_lab.node_run(i, "find", "/var/lib/sluice/ipam", "-type", "f").stdout.split()
     links = json.loads(the_lab.node_run(i, "ip", "-j", "link", "show").stdout)
     pins = the_lab.node_run(i, "find", "/sys/fs/bpf/sluice/links", "-mindepth", "1", "-maxdepth", "1").stdout.split()
     return {"endpoints": {ip: e["ifindex"] for ip, e in node_json(the_lab, i, "endpoints").items()},
             "allocations": {os.path.basename(p) for p in allocations},
             "links": {(link["ifindex"], link["ifname"]) for link in links},
+            "hooks": {(h["target"], h["program"], h["kind"]) for h in node_json(the_lab, i, "status")["links"]},
             "pins": set(pins)}
 
 
-def test_deleting_a_pod_leaves_no_link_map_entry_allocation_or_pin(cluster):
+def test_deleting_a_pod_leaves_no_link_hook_map_entry_allocation_or_pin(cluster):
     the_lab, k8s = cluster
     empty = node_view(the_lab, 1)
     k8s.apply(pod("gone", "node1"))
@@ -493,7 +495,7 @@ def test_deleting_a_pod_leaves_no_link_map_entry_allocation_or_pin(cluster):
     assert set(with_pod["endpoints"]) - set(empty["endpoints"]) == {gone["ip"]}
     assert any(gone["ip"] in a for a in with_pod["allocations"] - empty["allocations"]), with_pod["allocations"]
     (veth,) = [link for link in with_pod["links"] - empty["links"] if link[0] == with_pod["endpoints"][gone["ip"]]]
-    assert any(veth[1] in p for p in with_pod["pins"] - empty["pins"]), with_pod["pins"]
+    assert {h[:2] for h in with_pod["hooks"] - empty["hooks"]} == {(veth[1], "tc_from_pod")}, with_pod["hooks"]
 
     k8s.kubectl("delete", "pod", "-n", NS, "gone", "--wait=true", "--timeout=60s")
     deadline = time.monotonic() + 30  # kubelet tears the sandbox down (CNI DEL) after the API object is gone
