@@ -10,6 +10,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import time
 import uuid
 
@@ -230,3 +231,22 @@ def target(name: str, measured: float | None, limit: float, detail: str = "", be
         met = measured <= limit if below else measured >= limit
     return {"target": name, "measured": measured, "limit": limit, "met": met, "detail": detail,
             "direction": "<=" if below else ">="}
+
+
+# ---- the benchmarks' own labs (lab/lab.py), converged by the real playbooks ----------------------------
+
+def lab_cli(name: str, *args: str) -> None:
+    """`lab.py --name NAME ARGS...`; RuntimeError with its output's tail when it fails."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "lab", "lab.py"), "--name", name, *args],
+                         capture_output=True, text=True, timeout=900, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"lab.py {' '.join(args)} failed: {(out.stdout + out.stderr).strip()[-1000:]}")
+
+
+def lab_play(name: str, playbook: str) -> None:
+    """Run playbooks/PLAYBOOK against lab NAME's inventory; RuntimeError with its output's tail when it fails."""
+    out = subprocess.run([os.path.join(ROOT, ".venv", "bin", "ansible-playbook"), "-i",
+                          f"/var/lib/sluice-lab/{name}/inventory/hosts.yml", os.path.join(ROOT, "playbooks", playbook)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{playbook} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-1000:]}")

@@ -31,7 +31,7 @@ import time
 from sluice.k8s.client import Kubeconfig
 
 from . import ROOT
-from .common import fmt_ratio, percentile, ratio, summary
+from .common import fmt_ratio, lab_cli, lab_play, percentile, ratio, summary
 
 sys.path.insert(0, os.path.join(ROOT, "lab"))
 import kube  # noqa: E402  pylint: disable=wrong-import-position
@@ -41,7 +41,6 @@ NAME = "kubernetes"
 TITLE = "Kubernetes Services: 10,000 Services / 50,000 endpoints through the API, change to datapath"
 LAB = "slbk8s"
 SUBNET = "192.168.96.0/24"
-PLAYBOOK = os.path.join(ROOT, ".venv", "bin", "ansible-playbook")
 NS = "bench"
 COUNT, PER = 10000, 5
 SLUICE = "/opt/sluice/venv/bin/sluice"
@@ -92,21 +91,6 @@ def _slice(i: int, ips: list[str]) -> dict:
             "metadata": {"name": f"svc-{i}", "namespace": NS, "labels": {"kubernetes.io/service-name": f"svc-{i}"}},
             "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
             "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in ips]}
-
-
-def _play(name: str) -> None:
-    out = subprocess.run([PLAYBOOK, "-i", f"/var/lib/sluice-lab/{LAB}/inventory/hosts.yml",
-                          os.path.join(ROOT, "playbooks", name)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=1800, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"{name} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-1000:]}")
-
-
-def _lab_cli(*args: str) -> None:
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "lab", "lab.py"), "--name", LAB, *args],
-                         capture_output=True, text=True, timeout=900, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"lab.py {' '.join(args)} failed: {(out.stdout + out.stderr).strip()[-1000:]}")
 
 
 class Api:
@@ -195,8 +179,8 @@ def run(opts) -> dict:
     res: dict = {"measured": True, "services": count, "endpoints": count * PER, "changes": changes}
     poller = None
     try:
-        _lab_cli("up", "--kubernetes", "--nodes", "2", "--subnet", SUBNET)
-        _play("site.yml")
+        lab_cli(LAB, "up", "--kubernetes", "--nodes", "2", "--subnet", SUBNET)
+        lab_play(LAB, "site.yml")
         the_lab = lab.Lab(LAB)
         k8s = kube.Cluster(the_lab)
         k8s.kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=180s")
@@ -276,7 +260,7 @@ def run(opts) -> dict:
         if poller is not None:
             poller.kill()
             poller.wait()
-        _lab_cli("down")
+        lab_cli(LAB, "down")
     return res
 
 

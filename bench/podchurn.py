@@ -16,14 +16,13 @@ import http.client
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 from sluice.k8s.client import Kubeconfig
 
 from . import ROOT
-from .common import fmt_ratio, fmt_spread, ratio, summary
+from .common import fmt_ratio, fmt_spread, lab_cli, lab_play, ratio, summary
 
 sys.path.insert(0, os.path.join(ROOT, "lab"))
 import images  # noqa: E402  pylint: disable=wrong-import-position
@@ -34,26 +33,10 @@ NAME = "podchurn"
 TITLE = "Pod churn through kubelet: a Deployment scaled 0 → 100 pods on one node and back, Sluice vs bridge"
 LAB = "slbchurn"
 SUBNET = "192.168.98.0/24"
-PLAYBOOK = os.path.join(ROOT, ".venv", "bin", "ansible-playbook")
 NS = "churn"
 REFERENCE = ("bridge", "host-local")
 REFERENCE_CONFLIST = "00-bench-bridge.conflist"
 TARGETS: list = []
-
-
-def _lab_cli(*args: str) -> None:
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "lab", "lab.py"), "--name", LAB, *args],
-                         capture_output=True, text=True, timeout=900, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"lab.py {' '.join(args)} failed: {(out.stdout + out.stderr).strip()[-1000:]}")
-
-
-def _play(name: str) -> None:
-    out = subprocess.run([PLAYBOOK, "-i", f"/var/lib/sluice-lab/{LAB}/inventory/hosts.yml",
-                          os.path.join(ROOT, "playbooks", name)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=1800, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"{name} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-1000:]}")
 
 
 def _install_reference(the_lab: lab.Lab, index: int) -> None:
@@ -158,8 +141,8 @@ def run(opts) -> dict:
     res: dict = {"measured": True, "pods": pods, "rounds": rounds,
                  "raw": {side: {"up": [], "down": [], "node": []} for side in ("sluice", "bridge")}}
     try:
-        _lab_cli("up", "--kubernetes", "--nodes", "2", "--subnet", SUBNET)
-        _play("site.yml")
+        lab_cli(LAB, "up", "--kubernetes", "--nodes", "2", "--subnet", SUBNET)
+        lab_play(LAB, "site.yml")
         the_lab = lab.Lab(LAB)
         k8s = kube.Cluster(the_lab)
         for index in (1, 2):
@@ -186,7 +169,7 @@ def run(opts) -> dict:
         res["ratios"] = {k: ratio(res["summary"]["sluice"][k]["median"], res["summary"]["bridge"][k]["median"])
                          for k in ("up", "down")}
     finally:
-        _lab_cli("down")
+        lab_cli(LAB, "down")
     return res
 
 
