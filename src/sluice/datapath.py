@@ -65,14 +65,13 @@ SOCKMAP_PROG = "sk_msg_redir"   # on the sockhash (attach_sockmap)
 # the cgroup socket hooks and sockops (attach_cgroup), the sk_msg program (attach_sockmap).
 NODE_HOOKS = {"nic": (NIC_PROG,), "cgroup": tuple(CGROUP_HOOKS), "sockhash": (SOCKMAP_PROG,)}
 XDP_MODES = ("native", "generic", "best-effort", "disabled")
+XDP_FLAGS = {"native": lb.XDP_FLAGS_DRV_MODE, "generic": lb.XDP_FLAGS_SKB_MODE}
+TC_MODES = tc.TC_MODES          # auto (tcx if the kernel has it, else legacy), tcx, legacy (clsact + cls_bpf)
 
 
 def xdp_wanted(policy: str) -> list[str]:
     """XDP modes in force that satisfy an xdp_mode policy (none for `disabled`), in order of preference."""
     return {"best-effort": ["native", "generic"], "disabled": []}.get(policy, [policy])
-
-XDP_FLAGS = {"native": lb.XDP_FLAGS_DRV_MODE, "generic": lb.XDP_FLAGS_SKB_MODE}
-TC_MODES = tc.TC_MODES          # auto (tcx if the kernel has it, else legacy), tcx, legacy (clsact + cls_bpf)
 
 
 class DatapathError(Exception):
