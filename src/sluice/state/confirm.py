@@ -105,6 +105,8 @@ def revert_if_due(state_file: str, now: float | None = None) -> dict | None:
     what was reverted, or None."""
     checkpoint, waiting, reverted = _paths(state_file)
     now = time.time() if now is None else now
+    if not os.path.exists(waiting):     # the agent asks every poll: no lock for the common answer
+        return None
     with _locked(state_file):
         record = _read_json(waiting)
         if record is None or record.get("deadline", 0) > now:
