@@ -67,31 +67,27 @@ def _diff(old: dict, new: dict) -> list[tuple]:
     return sorted(changed, key=lambda c: c[0])
 
 
+def _options_changed(changes: list[tuple], old_options: dict, new_options: dict, old: dict, new: dict) -> list[tuple]:
+    """`changes` (of _diff) with the frontends whose options alone changed (affinity, LB options): those are
+    rewritten too, as in the full plan. Options hold only what is not the default."""
+    seen = {c[0] for c in changes}
+    extra = [(fe, old[fe], new[fe]) for fe in old_options.keys() | new_options.keys()
+             if old_options.get(fe) != new_options.get(fe) and fe not in seen and fe in old and fe in new]
+    return sorted(changes + extra, key=lambda c: c[0]) if extra else changes
+
+
 def apply_delta(datapath, last: Applied, state: DesiredState) -> Plan:
     """Apply `state` as a change from `last` (updated in place to describe the maps after it).
     Every entry the delta changes is checked first (reads only), then written: a Drift leaves the
     maps as they were."""
     plan = Plan()
     old = last.state
-    services = _diff(old.services, state.services)
-    # a service whose affinity alone changed is rewritten too, as in the full plan
-    reaffined = {fe for fe in old.affinity.keys() | state.affinity.keys()
-                 if old.affinity.get(fe, 0) != state.affinity.get(fe, 0)}
-    if reaffined:
-        reaffined -= {c[0] for c in services}
-        services += [(fe, old.services[fe], state.services[fe]) for fe in reaffined
-                     if fe in old.services and fe in state.services]
-        services.sort(key=lambda c: c[0])
+    services = _options_changed(_diff(old.services, state.services), old.affinity, state.affinity, old.services,
+                                state.services)
     # an LB VIP's backends are a set (the Maglev table), as in the full plan
-    vips = _diff({fe: tuple(sorted(bs)) for fe, bs in old.lb_vips.items()},
-                 {fe: tuple(sorted(bs)) for fe, bs in state.lb_vips.items()})
-    # and one whose options alone changed
-    reoptioned = {fe for fe in old.lb_options.keys() | state.lb_options.keys()
-                  if old.lb_options.get(fe) != state.lb_options.get(fe)} - {c[0] for c in vips}
-    if reoptioned:
-        vips += [(fe, tuple(sorted(old.lb_vips[fe])), tuple(sorted(state.lb_vips[fe]))) for fe in reoptioned
-                 if fe in old.lb_vips and fe in state.lb_vips]
-        vips.sort(key=lambda c: c[0])
+    old_vips = {fe: tuple(sorted(bs)) for fe, bs in old.lb_vips.items()}
+    new_vips = {fe: tuple(sorted(bs)) for fe, bs in state.lb_vips.items()}
+    vips = _options_changed(_diff(old_vips, new_vips), old.lb_options, state.lb_options, old_vips, new_vips)
     pf_add, pf_remove = sorted(state.prefilter - old.prefilter), sorted(old.prefilter - state.prefilter)
     if not (services or vips or pf_add or pf_remove):
         return plan
