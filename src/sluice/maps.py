@@ -735,12 +735,16 @@ class LbAffinityMap(Map):
     name = "sl_lb_affinity"
     key_type, value_type = sl_lb_affinity_key, sl_lb_affinity
 
-    def forget(self, vip: str, port: int, proto: str, keep: set[int] | None = None) -> int:
-        """Remove the VIP's client entries whose backend id is not in `keep` (all of them without it), so
-        that no client sticks to a backend the VIP lost; returns how many."""
-        key = (be32(vip), be16(port), IPPROTO[proto])
-        stale = [k for k, v in self.raw_items() if (k.vip, k.port, k.proto) == key
-                 and (keep is None or v.backend_id not in keep)]
+    def forget(self, keep: dict[tuple[str, int, str], set[int] | None]) -> int:
+        """For each VIP (frontend) of `keep`, remove its client entries whose backend id is not in the VIP's set
+        (all of them for None), so that no client sticks to a backend the VIP lost: one read of the map for
+        all of them. Returns how many went."""
+        wanted = {(be32(vip), be16(port), IPPROTO[proto]): ids for (vip, port, proto), ids in keep.items()}
+        stale = []
+        for k, v in self.raw_items():
+            vip = (k.vip, k.port, k.proto)
+            if vip in wanted and (wanted[vip] is None or v.backend_id not in wanted[vip]):
+                stale.append(k)
         for k in stale:
             self.remove(k)
         return len(stale)

@@ -461,10 +461,10 @@ def test_lb_client_ip_affinity(node):
     assert new != first.ip and backend_of(CLIENT, sport + 1) == new
     # user space forgets the clients of a backend the VIP no longer has
     keep = {ids[b] for b in backends.values() if b.ip != new}
-    assert affinity.forget(VIP, VPORT, "tcp", keep) == 1 + sum(ip == new for ip in others.values())
+    assert affinity.forget({(VIP, VPORT, "tcp"): keep}) == 1 + sum(ip == new for ip in others.values())
     assert {c: backends[i].ip for (_fe, c), i in affinity.clients().items()} == \
         {c: ip for c, ip in others.items() if ip != new}
-    assert affinity.forget(VIP, VPORT, "tcp") > 0 and not affinity.clients()
+    assert affinity.forget({(VIP, VPORT, "tcp"): None}) > 0 and not affinity.clients()
 
 
 def test_lb_fragment_to_vip_dropped(node):

@@ -145,18 +145,19 @@ def apply_delta(datapath, last: Applied, state: DesiredState) -> Plan:
                        old=live_svc[fe])
             plan.frontend("services", fe, want, was, frontend_options("services", state, fe),
                           frontend_options("services", old, fe) if was is not None else None)
+        forget = {}     # VIPs that had affinity -> the backend ids their clients may keep (None: none)
         for fe, was, want in vips:
             sticky = was is not None and old.lb_options.get(fe, m.LbOptions()).affinity_timeout
             if want is None:
                 lm.delete(*fe)
                 if sticky:
-                    am.forget(*fe)
+                    forget[fe] = None
                 plan.frontend("lb_vips", fe, None, was)
                 continue
             backends, options = state.lb_vips[fe], state.lb_options.get(fe, m.LbOptions())
             lm.put(*fe, {ids[b]: b for b in backends}, options)
             if sticky:
-                am.forget(*fe, {ids[b] for b in backends} if options.affinity_timeout else None)
+                forget[fe] = {ids[b] for b in backends} if options.affinity_timeout else None
             plan.frontend("lb_vips", fe, backends, was, frontend_options("lb_vips", state, fe),
                           frontend_options("lb_vips", old, fe) if was is not None else None)
         for i, cidr in enumerate(pf_add):     # rule ids as a full apply numbers them
@@ -164,6 +165,8 @@ def apply_delta(datapath, last: Applied, state: DesiredState) -> Plan:
         for cidr in pf_remove:
             pm.delete(cidr)
         plan.prefilter(pf_add, pf_remove)
+        if forget:
+            am.forget(forget)
         for b in unused:
             del refs[b]
             bm.delete(ids.pop(b))

@@ -214,17 +214,21 @@ class Reconciler:
                 sm.put(*fe, m.Service(svc_ids[fe], tuple(ids[b] for b in backends), affinity))
             for fe in set(snap.services) - set(state.services):
                 sm.delete(*fe)
-        with self.dp.open_map(m.LbVipsMap) as lm, self.dp.open_map(m.LbAffinityMap) as am:
+        forget = {}     # VIPs that had affinity -> the backend ids their clients may keep (None: none)
+        with self.dp.open_map(m.LbVipsMap) as lm:
             for fe, backends in state.lb_vips.items():
                 options, had = state.lb_options.get(fe, m.LbOptions()), snap.lb_options.get(fe, m.LbOptions())
                 if snap.lb_vips.get(fe) != tuple(sorted(backends)) or had != options:
                     lm.put(*fe, {ids[b]: b for b in backends}, options)
                     if had.affinity_timeout:     # no client sticks to a backend the VIP lost
-                        am.forget(*fe, {ids[b] for b in backends} if options.affinity_timeout else None)
+                        forget[fe] = {ids[b] for b in backends} if options.affinity_timeout else None
             for fe in set(snap.lb_vips) - set(state.lb_vips):
                 lm.delete(*fe)
                 if snap.lb_options.get(fe, m.LbOptions()).affinity_timeout:
-                    am.forget(*fe)
+                    forget[fe] = None
+        if forget:
+            with self.dp.open_map(m.LbAffinityMap) as am:
+                am.forget(forget)
         with self.dp.open_map(m.BackendsMap) as bm:
             for b, i in ids.items():
                 if b not in wanted:
