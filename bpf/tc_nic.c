@@ -41,12 +41,11 @@ static __always_inline bool lb_from_nic(struct __sk_buff *skb, struct iphdr *ip,
 {
 	struct sl_flow_tuple t = {};
 	struct sl_lb_vip_key vk = {};
-	const struct sl_backend *be;
 	struct sl_lb_vip *vip;
 	struct sl_config *cfg;
 	struct sl_nat *nat, to;
-	bool keep_source;
-	__u32 zero = 0, hash;
+	__u32 zero = 0;
+	int refused;
 
 	if (!sl_tc_flow_tuple(skb, ip, &t))
 		return false;
@@ -67,19 +66,12 @@ static __always_inline bool lb_from_nic(struct __sk_buff *skb, struct iphdr *ip,
 		vip = bpf_map_lookup_elem(&sl_lb_vips, &vk);
 		if (!vip)
 			return false;
-		hash = sl_flow_hash(&t);
-		be = vip->backend_count ? sl_lb_select_backend(vip, &t, hash) : NULL;
-		if (!be) {
-			/* The stack refuses a port of its own (reset, port unreachable). */
-			if (t.daddr == cfg->node_ip)
-				return false;
-			*verdict = sl_tc_drop(skb, hook, SL_DROP_NO_BACKEND);
-			return true;
-		}
-		keep_source = (vip->flags & SL_LB_KEEP_SOURCE) && sl_lookup_endpoint(be->ip);
-		if ((!keep_source || sl_lb_dnat_create(&t, be, &to)) &&
-		    sl_lb_nat_create(&t, be, cfg->node_ip, hash, &to)) {
-			*verdict = sl_tc_drop(skb, hook, SL_DROP_NAT_EXHAUSTED);
+		refused = sl_lb_new_flow(vip, &t, sl_flow_hash(&t), cfg->node_ip, &to);
+		/* The stack refuses a port of its own (reset, port unreachable). */
+		if (refused == SL_DROP_NO_BACKEND && t.daddr == cfg->node_ip)
+			return false;
+		if (refused) {
+			*verdict = sl_tc_drop(skb, hook, refused);
 			return true;
 		}
 	}

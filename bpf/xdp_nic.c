@@ -61,12 +61,11 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct ethhdr *eth, str
 {
 	struct sl_lb_vip_key vk = { .vip = t->daddr, .port = t->dport, .proto = t->proto };
 	struct sl_endpoint_key ek = {};
-	const struct sl_backend *be;
 	struct sl_lb_vip *vip;
 	struct sl_config *cfg;
 	struct sl_nat *nat, new;
-	bool keep_source;
 	__u32 zero = 0;
+	int refused;
 
 	/* One lookup serves both directions: the forward entry of a known
 	 * client flow and the reverse entry of a backend's reply are both
@@ -83,16 +82,11 @@ static __always_inline int lb_handle(struct xdp_md *ctx, struct ethhdr *eth, str
 		cfg = bpf_map_lookup_elem(&sl_config, &zero);
 		if (!cfg || !cfg->node_ip)
 			return -1;      /* not configured: the stack decides */
-		be = sl_lb_select_backend(vip, t, hash);
-		if (!be)
+		refused = sl_lb_new_flow(vip, t, hash, cfg->node_ip, &new);
+		if (refused == SL_DROP_NO_BACKEND)
 			return reject(ctx, outcome);
-		/* The client's address is kept only towards a pod of this node:
-		 * only there does tc_from_pod see the reply to translate back. */
-		ek.ip = be->ip;
-		keep_source = (vip->flags & SL_LB_KEEP_SOURCE) && bpf_map_lookup_elem(&sl_endpoints, &ek);
-		if ((!keep_source || sl_lb_dnat_create(t, be, &new)) &&
-		    sl_lb_nat_create(t, be, cfg->node_ip, hash, &new)) {
-			*outcome = SL_DROP_NAT_EXHAUSTED;
+		if (refused) {
+			*outcome = refused;
 			return XDP_DROP;
 		}
 	}

@@ -168,6 +168,28 @@ static __always_inline int sl_lb_nat_create(const struct sl_flow_tuple *fwd, con
 	return -1;
 }
 
+/* A new flow `t` to `vip`: its backend and both NAT entries, `out` the
+ * rewrite of its packets. The client's address is kept only towards a pod of
+ * this node (where the VIP asks for it): only there does tc_from_pod see the
+ * reply to translate back. 0, or the reason it cannot be balanced:
+ * SL_DROP_NO_BACKEND or SL_DROP_NAT_EXHAUSTED. */
+static __always_inline int sl_lb_new_flow(const struct sl_lb_vip *vip, const struct sl_flow_tuple *t, __u32 hash,
+					  __be32 node_ip, struct sl_nat *out)
+{
+	struct sl_endpoint_key ek = {};
+	const struct sl_backend *be;
+	bool keep_source;
+
+	be = vip->backend_count ? sl_lb_select_backend(vip, t, hash) : NULL;
+	if (!be)
+		return SL_DROP_NO_BACKEND;
+	ek.ip = be->ip;
+	keep_source = (vip->flags & SL_LB_KEEP_SOURCE) && bpf_map_lookup_elem(&sl_endpoints, &ek);
+	if ((!keep_source || sl_lb_dnat_create(t, be, out)) && sl_lb_nat_create(t, be, node_ip, hash, out))
+		return SL_DROP_NAT_EXHAUSTED;
+	return 0;
+}
+
 /* Rewrite addresses and ports of a TCP/UDP packet to `to`, updating the IPv4
  * checksum and (through the pseudo header) the L4 checksum `l4sum`
  * incrementally; UDP keeps the "no checksum" zero. For XDP: a frame from a
