@@ -7,6 +7,8 @@
  *   shorter than Ethernet, truncated
  *   or malformed IPv4 (ihl < 5, ...)   TC_ACT_SHOT                  SL_DROP_INVALID
  *   destination is a local pod         redirect_peer into it        SL_OUT_REDIRECT_PEER
+ *     a new flow its NetworkPolicy
+ *     does not allow in (policy.h)     TC_ACT_SHOT                  SL_DROP_POLICY_INGRESS
  *   a management flow of the node
  *   (failsafe.h)                       pass                         SL_OUT_FAILSAFE
  *   TCP/UDP flow in sl_lb_nat (either

@@ -7,6 +7,8 @@
  *   or malformed IPv4 (ihl < 5, ...)   TC_ACT_SHOT                  SL_DROP_INVALID
  *   source not the endpoint of this
  *   veth                               TC_ACT_SHOT                  SL_DROP_SPOOFED
+ *   a new flow the pod's NetworkPolicy
+ *   does not allow out (policy.h)      TC_ACT_SHOT                  SL_DROP_POLICY_EGRESS
  *   TCP/UDP tuple in sl_lb_nat (a
  *   local backend's reply to an XDP
  *   LB flow)                           rewritten to VIP -> client,
@@ -15,6 +17,8 @@
  *                                      ICMP)                        SL_OUT_PASS
  *     a rewrite helper failing         TC_ACT_SHOT                  SL_DROP_REWRITE_FAILED
  *   destination is a local pod         redirect_peer into it        SL_OUT_REDIRECT_PEER
+ *     a new flow its NetworkPolicy
+ *     does not allow in                TC_ACT_SHOT                  SL_DROP_POLICY_INGRESS
  *   destination in sl_routes, tunnel   redirect to VXLAN device     SL_OUT_REDIRECT_TUNNEL
  *   destination in sl_routes, native   redirect_neigh out the NIC   SL_OUT_REDIRECT_NEIGH
  *   TTL would expire on forwarding     pass (stack sends ICMP)      SL_OUT_PASS
@@ -61,7 +65,7 @@ int tc_from_pod(struct __sk_buff *skb)
 	struct sl_endpoint *ep;
 	struct ethhdr *eth;
 	struct iphdr *ip;
-	int verdict;
+	int verdict, refused;
 
 	if (!sl_tc_parse_ipv4(skb, hook, &eth, &ip, &verdict))
 		return verdict;
@@ -71,6 +75,10 @@ int tc_from_pod(struct __sk_buff *skb)
 	ep = sl_lookup_endpoint(ip->saddr);
 	if (!ep || ep->ifindex != skb->ifindex)
 		return sl_tc_drop(skb, hook, SL_DROP_SPOOFED);
+
+	refused = sl_policy_check(skb, ip, ip->saddr, ip->daddr, SL_POLICY_EGRESS);
+	if (refused)
+		return sl_tc_drop(skb, hook, refused);
 
 	/* Before the destination lookups: a load-balanced reply is addressed
 	 * to the node itself and would otherwise be passed to its stack. */

@@ -8,6 +8,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "csum.h"
+#include "policy.h"
 
 /* To the stack (or the next program), counted as `outcome`. */
 static __always_inline int sl_tc_count_pass(struct __sk_buff *skb, enum sl_hook hook, enum sl_outcome outcome)
@@ -74,13 +75,18 @@ static __always_inline struct sl_route *sl_lookup_route(__be32 ip)
 	return bpf_map_lookup_elem(&sl_routes, &key);
 }
 
-/* Into a pod of this node. bpf_redirect_peer switches straight to the pod's
- * eth0 (no second trip through the host veth's backlog); the MACs are the ones
- * the pod sees on its gateway. An expiring TTL goes to the stack, which
- * answers with ICMP time exceeded. */
+/* Into a pod of this node, if its NetworkPolicies let the packet in.
+ * bpf_redirect_peer switches straight to the pod's eth0 (no second trip
+ * through the host veth's backlog); the MACs are the ones the pod sees on its
+ * gateway. An expiring TTL goes to the stack, which answers with ICMP time
+ * exceeded. */
 static __always_inline int sl_deliver_local(struct __sk_buff *skb, struct ethhdr *eth, struct iphdr *ip,
 					    const struct sl_endpoint *ep, enum sl_hook hook)
 {
+	int refused = sl_policy_check(skb, ip, ip->daddr, ip->saddr, SL_POLICY_INGRESS);
+
+	if (refused)
+		return sl_tc_drop(skb, hook, refused);
 	if (!sl_ipv4_dec_ttl(ip))
 		return sl_tc_pass(skb, hook);
 	__builtin_memcpy(eth->h_dest, ep->pod_mac, ETH_ALEN);

@@ -25,11 +25,16 @@
 #define SL_MAX_SOCKS       65536
 #define SL_MAX_CPUS        64
 #define SL_MAX_FAILSAFE    64
+#define SL_MAX_IPCACHE     262144
+#define SL_MAX_POLICY_CIDRS 16384
+#define SL_MAX_POLICY      262144
+#define SL_MAX_CT          262144
 #define SL_MAGLEV_SIZE     1021     /* prime: Maglev lookup table size per LB VIP */
 
 /* ---- node configuration (single slot array, written by the agent) ---- */
 enum sl_config_flags {
 	SL_CFG_CPUMAP = 1 << 0,     /* XDP spreads non-LB traffic over sl_cpu_map */
+	SL_CFG_POLICY = 1 << 1,     /* tc tracks pods' flows and enforces NetworkPolicy (lib/policy.h) */
 };
 
 struct sl_config {
@@ -309,6 +314,148 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sl_lb_nat SEC(".maps");
 
+/* ---- NetworkPolicy (lib/policy.h, lib/conntrack.h) ---- */
+struct sl_ipv4_prefix_key {
+	__u32 prefixlen;
+	__be32 ip;
+};
+
+/* Identities: pods sharing a namespace and labels share one (Cilium's model),
+ * so a new pod changes the ipcache, not the policies. */
+enum sl_identity_reserved {
+	SL_ID_ANY          = 0,         /* sl_policy: any peer; never an address's identity */
+	SL_ID_HOST         = 1,         /* this node's own addresses: always allowed */
+	SL_ID_WORLD        = 2,         /* an address sl_ipcache does not know */
+	SL_ID_REMOTE_NODE  = 3,         /* another node's address */
+	SL_ID_FIRST_POD    = 256,       /* pod identities (namespace, labels) from here */
+	SL_ID_FIRST_CIDR   = 1 << 24,   /* ipBlock prefixes' identities (sl_policy_cidrs) from here */
+};
+
+/* Every pod of the cluster (/32) and every node address -> its identity. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, SL_MAX_IPCACHE);
+	__type(key, struct sl_ipv4_prefix_key);
+	__type(value, __u32);       /* identity */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_ipcache SEC(".maps");
+
+/* Every prefix an ipBlock (cidr or except) of a local pod's policy names ->
+ * its identity: an address is in an ipBlock exactly when its longest match
+ * here lies inside the cidr and inside none of the excepts. Looked up apart
+ * from sl_ipcache, so that an ipBlock also matches pods' addresses. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, SL_MAX_POLICY_CIDRS);
+	__type(key, struct sl_ipv4_prefix_key);
+	__type(value, __u32);       /* identity */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_policy_cidrs SEC(".maps");
+
+/* Both a direction (sl_policy_key) and a bit of a pod's isolation. */
+enum sl_policy_direction {
+	SL_POLICY_INGRESS = 1 << 0,
+	SL_POLICY_EGRESS  = 1 << 1,
+};
+
+/* Local pods isolated by a NetworkPolicy in a direction: endpoint address ->
+ * enum sl_policy_direction bits. A pod without an entry allows everything. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SL_MAX_ENDPOINTS);
+	__type(key, struct sl_endpoint_key);
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_policy_isolation SEC(".maps");
+
+/* What an isolated pod allows: (endpoint, peer identity, direction, protocol,
+ * port). An entry matches the leading `prefixlen` bits: every protocol and
+ * port (SL_POLICY_PREFIX_PEER), every port of a protocol
+ * (SL_POLICY_PREFIX_PROTO), or a block of ports (more bits, up to
+ * SL_POLICY_PREFIX_FULL): how a range (endPort) is written. */
+struct sl_policy_key {
+	__u32 prefixlen;
+	__be32 endpoint;            /* the local pod */
+	__u32 identity;             /* the peer's; SL_ID_ANY: every peer */
+	__u8 direction;             /* enum sl_policy_direction */
+	__u8 proto;
+	__be16 port;                /* the pod's port (ingress), the peer's (egress) */
+};
+
+enum sl_policy_prefix {
+	SL_POLICY_PREFIX_PEER  = 72,
+	SL_POLICY_PREFIX_PROTO = 80,
+	SL_POLICY_PREFIX_FULL  = 96,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, SL_MAX_POLICY);
+	__type(key, struct sl_policy_key);
+	__type(value, __u32);       /* 1 */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_policy SEC(".maps");
+
+/* Policy drops per pod and direction. */
+struct sl_policy_drop_key {
+	__be32 endpoint;
+	__u32 direction;            /* enum sl_policy_direction */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_PERCPU_HASH);
+	__uint(max_entries, SL_MAX_ENDPOINTS);
+	__type(key, struct sl_policy_drop_key);
+	__type(value, struct sl_metric);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_policy_drops SEC(".maps");
+
+/* Connection tracking of pods' flows, one entry per flow and direction in
+ * which a local pod saw it first: (flow, SL_POLICY_EGRESS) when the pod sent
+ * it, (flow, SL_POLICY_INGRESS) when the pod received it. A packet belongs to
+ * a tracked flow when (its tuple, its direction) or (its reversed tuple, the
+ * other direction) is there and not expired. */
+struct sl_ct_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;               /* ICMP echo: the identifier, in both ports */
+	__be16 dport;
+	__u8 proto;
+	__u8 direction;             /* enum sl_policy_direction */
+	__u16 pad;
+};
+
+enum sl_ct_flags {
+	SL_CT_REPLIED = 1 << 0,     /* a packet came back */
+	SL_CT_CLOSING = 1 << 1,     /* TCP: FIN or RST seen */
+};
+
+/* Seconds an entry lives after its flow's last packet (Cilium's figures). */
+enum sl_ct_lifetime {
+	SL_CT_LIFETIME_TCP     = 21600,
+	SL_CT_LIFETIME_TCP_SYN = 60,
+	SL_CT_LIFETIME_CLOSING = 10,
+	SL_CT_LIFETIME_OTHER   = 60,
+};
+
+struct sl_ct_entry {
+	__u64 expires_ns;           /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u32 flags;                /* enum sl_ct_flags */
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SL_MAX_CT);
+	__type(key, struct sl_ct_key);
+	__type(value, struct sl_ct_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sl_ct SEC(".maps");
+
 /* ---- XDP: spreading over CPUs ---- */
 struct {
 	__uint(type, BPF_MAP_TYPE_CPUMAP);
@@ -365,6 +512,11 @@ struct sl_btf_enums {
 	enum sl_route_flags route_flags;
 	enum sl_service_flags service_flags;
 	enum sl_lb_vip_flags lb_vip_flags;
+	enum sl_identity_reserved identity_reserved;
+	enum sl_policy_direction policy_direction;
+	enum sl_policy_prefix policy_prefix;
+	enum sl_ct_flags ct_flags;
+	enum sl_ct_lifetime ct_lifetime;
 };
 const struct sl_btf_enums sl_btf_enums SEC(".sl_btf");
 

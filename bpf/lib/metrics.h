@@ -52,7 +52,9 @@ enum sl_outcome {
 	SL_DROP_NAT_EXHAUSTED      = 133,   /* xdp LB: no free NAT port for a new flow */
 	SL_DROP_REDIRECT_FAILED    = 134,   /* a redirect helper returned an error */
 	SL_DROP_REWRITE_FAILED     = 135,   /* tc: a store or checksum helper refused a NAT rewrite */
-	SL_DROP_MAX                = 136,
+	SL_DROP_POLICY_INGRESS     = 136,   /* tc: a new flow into a pod its NetworkPolicies do not allow */
+	SL_DROP_POLICY_EGRESS      = 137,   /* tc: a new flow out of a pod its NetworkPolicies do not allow */
+	SL_DROP_MAX                = 138,
 };
 
 /* Counter slot of (hook, outcome): hook * SL_METRICS_PER_HOOK + outcome. An

@@ -17,6 +17,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from ctypes import Structure, Union, _SimpleCData, byref, c_uint8, c_uint16, c_uint32, c_uint64, sizeof
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
@@ -29,6 +30,7 @@ from .bpf import libbpf as lb
 MAGLEV_SIZE = 1021          # SL_MAGLEV_SIZE, the length of sl_lb_vip.table
 IPPROTO = {"tcp": 6, "udp": 17}
 PROTO_NAME = {v: k for k, v in IPPROTO.items()}
+INGRESS, EGRESS = 1, 2      # enum sl_policy_direction: a direction, and a bit of a pod's isolation
 
 
 def be32(ip: str) -> int:
@@ -164,6 +166,28 @@ class sl_metric(Structure):
     _fields_ = [("packets", c_uint64), ("bytes", c_uint64)]
 
 
+class sl_ipv4_prefix_key(Structure):
+    _fields_ = [("prefixlen", c_uint32), ("ip", c_uint32)]
+
+
+class sl_policy_key(Structure):
+    _fields_ = [("prefixlen", c_uint32), ("endpoint", c_uint32), ("identity", c_uint32), ("direction", c_uint8),
+                ("proto", c_uint8), ("port", c_uint16)]
+
+
+class sl_policy_drop_key(Structure):
+    _fields_ = [("endpoint", c_uint32), ("direction", c_uint32)]
+
+
+class sl_ct_key(Structure):
+    _fields_ = [("saddr", c_uint32), ("daddr", c_uint32), ("sport", c_uint16), ("dport", c_uint16),
+                ("proto", c_uint8), ("direction", c_uint8), ("pad", c_uint16)]
+
+
+class sl_ct_entry(Structure):
+    _fields_ = [("expires_ns", c_uint64), ("flags", c_uint32), ("pad", c_uint32)]
+
+
 class bpf_cpumap_val(Structure):
     _fields_ = [("qsize", c_uint32), ("bpf_prog_fd", c_uint32)]
 
@@ -183,7 +207,7 @@ LAYOUTS = [sl_config, sl_endpoint_key, sl_endpoint, sl_route_key, sl_route, sl_s
            sl_backend, sl_sock_revnat_key, sl_sock_revnat, sl_sock_affinity_key, sl_sock_affinity, sl_failsafe_key,
            sl_prefilter_key,
            sl_lb_vip_key, sl_lb_vip, sl_lb_affinity_key, sl_lb_affinity, sl_flow_tuple, sl_nat, sl_sock_key,
-           sl_metric]
+           sl_metric, sl_ipv4_prefix_key, sl_policy_key, sl_policy_drop_key, sl_ct_key, sl_ct_entry]
 
 
 def members(struct) -> dict[str, tuple[int, int]]:
@@ -676,14 +700,17 @@ class ConfigMap(Map):
     name = "sl_config"
     key_type, value_type = c_uint32, sl_config
     CPUMAP = 1                  # SL_CFG_CPUMAP of enum sl_config_flags
+    POLICY = 2                  # SL_CFG_POLICY
 
-    def set(self, node_ip: str, nic_ifindex: int, cpus: int = 0) -> None:
-        self.update(c_uint32(0), sl_config(be32(node_ip), nic_ifindex, self.CPUMAP if cpus else 0, cpus))
+    def set(self, node_ip: str, nic_ifindex: int, cpus: int = 0, policy: bool = False) -> None:
+        flags = (self.CPUMAP if cpus else 0) | (self.POLICY if policy else 0)
+        self.update(c_uint32(0), sl_config(be32(node_ip), nic_ifindex, flags, cpus))
 
     def get(self) -> dict:
         v = self.lookup(c_uint32(0))
         return {"node_ip": ip_str(v.node_ip), "nic_ifindex": v.nic_ifindex,
-                "cpumap": bool(v.flags & self.CPUMAP), "cpu_count": v.cpu_count}
+                "cpumap": bool(v.flags & self.CPUMAP), "cpu_count": v.cpu_count,
+                "network_policy": bool(v.flags & self.POLICY)}
 
 
 class CpuMap(Map):
@@ -793,5 +820,150 @@ class MetricsMap(Map):
             lb.bpf_map_update_elem(self.fd, byref(c_uint32(slot)), byref(zero), lb.BPF_ANY)
 
 
+# ---- NetworkPolicy ---------------------------------------------------------------------
+
+def _prefix(k) -> str:
+    return f"{ip_str(k.ip)}/{k.prefixlen}"
+
+
+class PrefixIdentityMap(Map):
+    """An LPM trie of IPv4 prefixes -> identities."""
+
+    key_type, value_type = sl_ipv4_prefix_key, c_uint32
+
+    def items(self) -> dict[str, int]:
+        return {_prefix(k): v.value for k, v in self.raw_items()}
+
+    def sync(self, want: dict[str, int], have: dict[str, int] | None = None) -> int:
+        """Make the map hold exactly `want` (`have`: what it holds, when the caller knows): new and changed
+        entries first, then the removals. Returns how many entries were written or removed."""
+        have = self.items() if have is None else have
+        put = [(_lpm_key(sl_ipv4_prefix_key, p), c_uint32(i)) for p, i in want.items() if have.get(p) != i]
+        self.update_batch(put)
+        gone = [p for p in have if p not in want]
+        for p in gone:
+            self.remove(_lpm_key(sl_ipv4_prefix_key, p))
+        return len(put) + len(gone)
+
+
+class IpcacheMap(PrefixIdentityMap):
+    """Every pod of the cluster and every node address -> identity (enum sl_identity_reserved)."""
+
+    name = "sl_ipcache"
+
+
+class PolicyCidrsMap(PrefixIdentityMap):
+    """The prefixes local pods' ipBlocks name -> their identities."""
+
+    name = "sl_policy_cidrs"
+
+
+class PolicyIsolationMap(Map):
+    """Local pods isolated by a NetworkPolicy: address -> INGRESS | EGRESS bits."""
+
+    name = "sl_policy_isolation"
+    key_type, value_type = sl_endpoint_key, c_uint32
+
+    def items(self) -> dict[str, int]:
+        return {ip_str(k.ip): v.value for k, v in self.raw_items()}
+
+    def sync(self, want: dict[str, int], have: dict[str, int] | None = None) -> int:
+        have = self.items() if have is None else have
+        put = [(sl_endpoint_key(be32(ip)), c_uint32(f)) for ip, f in want.items() if have.get(ip) != f]
+        self.update_batch(put)
+        gone = [ip for ip in have if ip not in want]
+        for ip in gone:
+            self.remove(sl_endpoint_key(be32(ip)))
+        return len(put) + len(gone)
+
+
+class PolicyEntryTuple(NamedTuple):
+    """What an isolated pod allows: its address, a direction, the peer's identity (0: any), a protocol
+    (0: every protocol and port) and a block of ports: the `port_bits` leading bits of `port` (0: any)."""
+
+    endpoint: str
+    direction: int
+    identity: int
+    proto: int
+    port: int
+    port_bits: int
+
+
+class PolicyMap(Map):
+    name = "sl_policy"
+    key_type, value_type = sl_policy_key, c_uint32
+    PREFIX_PEER, PREFIX_PROTO, PREFIX_FULL = 72, 80, 96     # enum sl_policy_prefix
+
+    @classmethod
+    def _key(cls, e) -> sl_policy_key:
+        if not e.proto:
+            return sl_policy_key(cls.PREFIX_PEER, be32(e.endpoint), e.identity, e.direction, 0, 0)
+        return sl_policy_key(cls.PREFIX_PROTO + e.port_bits, be32(e.endpoint), e.identity, e.direction, e.proto,
+                             be16(e.port))
+
+    @classmethod
+    def _entry(cls, k) -> PolicyEntryTuple:
+        if k.prefixlen < cls.PREFIX_PROTO:
+            return PolicyEntryTuple(ip_str(k.endpoint), k.direction, k.identity, 0, 0, 0)
+        return PolicyEntryTuple(ip_str(k.endpoint), k.direction, k.identity, k.proto, port_int(k.port),
+                                k.prefixlen - cls.PREFIX_PROTO)
+
+    def entries(self) -> set[PolicyEntryTuple]:
+        return {self._entry(k) for k in self.raw_keys()}
+
+    def add(self, entries) -> None:
+        self.update_batch([(self._key(e), c_uint32(1)) for e in entries])
+
+    def discard(self, entries) -> None:
+        for e in entries:
+            self.remove(self._key(e))
+
+
+class PolicyDropsMap(Map):
+    """Policy drops per local pod and direction, summed over CPUs."""
+
+    name = "sl_policy_drops"
+    key_type, value_type = sl_policy_drop_key, sl_metric
+    percpu = True
+
+    def read(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """{(pod address, direction): (packets, bytes)}."""
+        return {(ip_str(k.endpoint), k.direction): (sum(v.packets for v in vs), sum(v.bytes for v in vs))
+                for k, vs in self.raw_items()}
+
+
+class CtEntry(NamedTuple):
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    proto: int
+    direction: int
+    expires_ns: int
+    flags: int
+
+
+class CtMap(Map):
+    """Connection tracking of pods' flows (bpf/lib/conntrack.h)."""
+
+    name = "sl_ct"
+    key_type, value_type = sl_ct_key, sl_ct_entry
+    REPLIED, CLOSING = 1, 2     # enum sl_ct_flags
+
+    def entries(self) -> list[CtEntry]:
+        return [CtEntry(ip_str(k.saddr), port_int(k.sport), ip_str(k.daddr), port_int(k.dport), k.proto,
+                        k.direction, v.expires_ns, v.flags) for k, v in self.raw_items()]
+
+    def expire(self, now_ns: int | None = None) -> int:
+        """Remove the entries expired by `now_ns` (CLOCK_MONOTONIC, the programs' bpf_ktime_get_ns();
+        now when None). Returns how many went."""
+        now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if now_ns is None else now_ns
+        stale = [k for k, v in self.raw_items() if v.expires_ns <= now_ns]
+        if stale:
+            self.delete_batch(stale)
+        return len(stale)
+
+
 ALL_MAPS = [ConfigMap, EndpointsMap, RoutesMap, ServicesMap, BackendsMap, SockRevNatMap, SockAffinityMap, FailsafeMap,
-            PrefilterMap, LbVipsMap, LbAffinityMap, NatMap, CpuMap, CpuListMap, SockHash, MetricsMap]
+            PrefilterMap, LbVipsMap, LbAffinityMap, NatMap, CpuMap, CpuListMap, SockHash, MetricsMap, IpcacheMap,
+            PolicyCidrsMap, PolicyIsolationMap, PolicyMap, PolicyDropsMap, CtMap]

@@ -58,7 +58,12 @@ def test_maglev_size_matches_c():
 # The C enums whose values maps.py types again, each in full: an enumerator added in C fails here until Python
 # knows it too.
 MIRRORED_ENUMS = {
-    "sl_config_flags": {"SL_CFG_CPUMAP": maps.ConfigMap.CPUMAP},
+    "sl_config_flags": {"SL_CFG_CPUMAP": maps.ConfigMap.CPUMAP, "SL_CFG_POLICY": maps.ConfigMap.POLICY},
+    "sl_policy_direction": {"SL_POLICY_INGRESS": maps.INGRESS, "SL_POLICY_EGRESS": maps.EGRESS},
+    "sl_policy_prefix": {"SL_POLICY_PREFIX_PEER": maps.PolicyMap.PREFIX_PEER,
+                         "SL_POLICY_PREFIX_PROTO": maps.PolicyMap.PREFIX_PROTO,
+                         "SL_POLICY_PREFIX_FULL": maps.PolicyMap.PREFIX_FULL},
+    "sl_ct_flags": {"SL_CT_REPLIED": maps.CtMap.REPLIED, "SL_CT_CLOSING": maps.CtMap.CLOSING},
     "sl_route_flags": {"SL_ROUTE_TUNNEL": maps.RoutesMap.TUNNEL},
     "sl_service_flags": {"SL_SVC_AFFINITY": maps.ServicesMap.AFFINITY},
     "sl_lb_vip_flags": {"SL_LB_KEEP_SOURCE": maps.LbVipsMap.KEEP_SOURCE, "SL_LB_AFFINITY": maps.LbVipsMap.AFFINITY,
