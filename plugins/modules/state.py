@@ -138,6 +138,12 @@ options:
         a node always keeps a failsafe. At most 64 ports.
     type: list
     elements: str
+  network_policy:
+    description:
+      - Enforce Kubernetes NetworkPolicy in the datapath. The node's pods' flows are tracked, and the agent, given a
+        kubeconfig, isolates pods as the API's NetworkPolicies say. Without the API nothing is isolated.
+    type: bool
+    default: false
   lb_vips:
     description: External load-balancer VIPs (XDP, Maglev), same shape as O(services), and O(lb_vips[].keep_source).
     type: list
@@ -305,6 +311,8 @@ def build_state(p):
     if p["failsafe"]:
         raw["failsafe"] = list(p["failsafe"])
     raw["lb_vips"] = [clean(s) for s in p["lb_vips"]]
+    if p["network_policy"]:
+        raw["network_policy"] = True
     if p["xdp"]:
         raw["xdp"] = clean(p["xdp"])
     return raw
@@ -333,6 +341,7 @@ def main():
         services=dict(type="list", elements="dict", default=[], options=FRONTEND),
         prefilter=dict(type="list", elements="str", default=[]),
         failsafe=dict(type="list", elements="str"),
+        network_policy=dict(type="bool", default=False),
         lb_vips=dict(type="list", elements="dict", default=[], options=LB_VIP),
         xdp=dict(type="dict", options=dict(cpumap_cpus=dict(type="list", elements="int", default=[]))),
         kubernetes_cache=dict(type="path", default="/var/lib/sluice/kubernetes"),

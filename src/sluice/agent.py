@@ -65,6 +65,7 @@ class AgentConfig:
     full_reconcile_interval: float = 60.0       # seconds between full reconciles (drift repair); 0: always full
     kubeconfig: str = ""                        # empty: no Kubernetes API (services from the state file only)
     kubernetes_cache: str = DEFAULT_KUBERNETES_CACHE
+    policy_identities: str = "/var/lib/sluice/policy-identities.json"   # NetworkPolicy identity numbers
 
     @classmethod
     def load(cls, path: str | None) -> "AgentConfig":
@@ -147,6 +148,7 @@ class Agent:
         self.file_state: DesiredState | None = None     # the state file's, as last accepted
         self.api: ApiFrontends | None = None            # the Kubernetes API's frontends, as last learnt
         self.kubernetes = None                          # sluice.k8s.source.KubernetesSource, once started
+        self.policy = None                              # sluice.policy.engine.PolicyEngine, when enforced
         self.reconciler = Reconciler(self.dp)   # keeps what it applied last, for delta reconciles
         self.health = {"ready": False, "pid": os.getpid(), "package": package_fingerprint(),
                        "state_file": config.state_file,
@@ -275,17 +277,22 @@ class Agent:
     def start_kubernetes(self) -> None:
         """Watch the API from threads; needs the node's name and address from a valid state file."""
         from .k8s.source import KubernetesSource
+        from .policy.engine import PolicyEngine
 
         health = self.health["kubernetes"]
+        network_policy = self.file_state.network_policy
         try:
             self.kubernetes = KubernetesSource.from_kubeconfig(self.config.kubeconfig, self.file_state.node_name,
-                                                               self.file_state.node_ip)
+                                                               self.file_state.node_ip, network_policy)
         except (ValueError, OSError) as e:
             health["last_error"] = str(e)
             log.error("not watching the Kubernetes API: %s", e)
             return
         self.kubernetes.start(self._stop)
         threading.Thread(target=self._follow_api, name="kubernetes", daemon=True).start()
+        if network_policy:
+            self.policy = PolicyEngine(self.dp, self.file_state.node_name, self.config.policy_identities)
+            threading.Thread(target=self._follow_policy, name="network-policy", daemon=True).start()
 
     def _follow_api(self) -> None:
         """Apply the API's frontends whenever they change (after every watch has listed once). A changed
@@ -314,6 +321,19 @@ class Agent:
                 self.api = source.api
                 self._apply_api()
 
+    def _follow_policy(self) -> None:
+        """Resolve and apply NetworkPolicy whenever a Pod, Namespace, NetworkPolicy or Node changes (once all
+        of them are listed); bursts of changes are taken together. Expired conntrack entries go meanwhile."""
+        source, engine = self.kubernetes, self.policy
+        while not self._stop.is_set():
+            if source.wait_policy_changed(1.0):
+                self._stop.wait(0.02)
+                engine.update(source.policy_inputs())
+            try:
+                engine.gc_conntrack()
+            except OSError as e:
+                log.error("removing expired conntrack entries failed: %s", e)
+
     def _apply_api(self) -> None:
         """With the lock held: the state file's state and the API's frontends, as a delta."""
         health = self.health["kubernetes"]
@@ -337,6 +357,8 @@ class Agent:
         health = dict(self.health.get("kubernetes") or {})
         if self.kubernetes is not None:
             health.update(self.kubernetes.health())
+        if self.policy is not None:
+            health["network_policy"] = dict(self.policy.health)
         return health
 
     # ---- serving -----------------------------------------------------------------
@@ -353,6 +375,11 @@ class Agent:
             return {"ok": ok, "result": self.health}
         if op == "cni":
             return self._handle_cni(request)
+        if op == "policy":
+            if self.policy is None:
+                return {"ok": False, "error": "NetworkPolicy is not enforced on this node (network_policy in the "
+                                              "state file, and a kubeconfig for the agent)"}
+            return {"ok": True, "result": self.policy.explain(str(request.get("pod", "")))}
         return agent_protocol.error_reply(CniError(INVALID_ENVIRONMENT_VARIABLES, f"unknown request op {op!r}"))
 
     def _handle_cni(self, request: dict) -> dict:
@@ -367,13 +394,31 @@ class Agent:
                                    self.health["last_error"] or "")
                 node = ops.NodeContext(datapath=self.dp, ipam=self._ipam_of(state.pod_cidr), mtu=self.config.mtu,
                                        ready=lambda: bool(self.health["ready"]))
-                return agent_protocol.cni_reply(ops.handle(command, env, stdin, node))
+                result = ops.handle(command, env, stdin, node)
+                self._policy_endpoint(command, env, result)
+                return agent_protocol.cni_reply(result)
             except CniError as e:
                 return agent_protocol.cni_error_reply(e, command, stdin)
             except Exception as e:  # noqa: BLE001 - a CNI caller must always get an answer
                 log.exception("CNI %s failed", command)
                 return agent_protocol.cni_error_reply(CniError(INTERNAL_FAILURE, f"sluice-agent internal error: {e}"),
                                                       command, stdin)
+
+    def _policy_endpoint(self, command: str, env: dict, result) -> None:
+        """Tell NetworkPolicy which pod the CNI just gave an address, or took one from."""
+        if self.policy is None or command not in ("ADD", "DEL"):
+            return
+        args = dict(a.split("=", 1) for a in str(env.get("CNI_ARGS") or "").split(";") if "=" in a)
+        pod = f"{args.get('K8S_POD_NAMESPACE', '')}/{args.get('K8S_POD_NAME', '')}"
+        if pod == "/":
+            return
+        if command == "DEL":
+            self.policy.endpoint_deleted(pod)
+            return
+        for ip in (result or {}).get("ips") or ():
+            address = str(ip.get("address", "")).partition("/")[0]
+            if address:
+                self.policy.endpoint_added(address, pod)
 
     def _ipam_of(self, pod_cidr: str):
         """The node's Ipam for `pod_cidr`, made once per CIDR (it holds no state of its own: the records
@@ -424,6 +469,18 @@ class Agent:
         fill = ["# HELP sluice_map_entries Entries in each datapath map.", "# TYPE sluice_map_entries gauge"]
         fill += [f'sluice_map_entries{{map="{name}"}} {v["entries"]}'
                  for name, v in self.dp.map_fill().items() if v["entries"] is not None]
+        if self.policy is not None:
+            fill += ["# HELP sluice_policy_drops_total Packets NetworkPolicy dropped, per pod and direction.",
+                     "# TYPE sluice_policy_drops_total counter"]
+            fill += [f'sluice_policy_drops_total{{pod="{pod}",direction="{direction}"}} {packets}'
+                     for (pod, direction), packets in sorted(self.policy.drops().items())]
+            health = self.policy.health
+            fill += ["# HELP sluice_policy_isolated_endpoints Local pods a NetworkPolicy isolates.",
+                     "# TYPE sluice_policy_isolated_endpoints gauge",
+                     f"sluice_policy_isolated_endpoints {health['isolated_endpoints']}",
+                     "# HELP sluice_policy_apply_seconds Time the last NetworkPolicy change took to reach the maps.",
+                     "# TYPE sluice_policy_apply_seconds gauge",
+                     f"sluice_policy_apply_seconds {health['last_apply_seconds'] or 0}"]
         ready = ["# HELP sluice_agent_ready 1 when the last state file was applied.",
                  "# TYPE sluice_agent_ready gauge", f"sluice_agent_ready {int(bool(self.health['ready']))}"]
         return "\n".join(lines + drops + nbytes + fill + ready) + "\n"

@@ -1,4 +1,4 @@
-"""sluice: inspect a node's datapath and preview state changes."""
+"""sluice: inspect a node's datapath and its policies, and preview state changes."""
 
 from __future__ import annotations
 
@@ -113,8 +113,19 @@ def cmd_confirm(_dp: Datapath, args) -> tuple[dict, str]:
     return result, "confirmed" if result["confirmed"] else "no change of the state file waits for a confirmation"
 
 
+def cmd_policy(_dp: Datapath, args) -> tuple[dict, str]:
+    """What the agent resolved for a pod: its identity, isolation, and per policy rule the peers and ports as
+    written and as resolved (identities, the pods behind them, port blocks); its policy drops."""
+    import yaml
+
+    reply = request(args.socket, {"op": "policy", "pod": args.pod}, timeout=10)
+    if not reply.get("ok"):
+        raise StateError(reply.get("error") or "the agent refused the request")
+    return reply["result"], yaml.safe_dump(reply["result"], sort_keys=False, default_flow_style=None, width=110)
+
+
 COMMANDS = {"status": cmd_status, "endpoints": cmd_endpoints, "routes": cmd_routes, "services": cmd_services,
-            "metrics": cmd_metrics, "apply": cmd_apply, "confirm": cmd_confirm}
+            "metrics": cmd_metrics, "apply": cmd_apply, "confirm": cmd_confirm, "policy": cmd_policy}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     confirm_cmd.add_argument("--state-file", default=DEFAULT_STATE_FILE)
     confirm_cmd.add_argument("--deadline", type=float, help="the change's (the state module's confirm_deadline): "
                                                             "fail if that change was reverted")
+    policy = sub.add_parser("policy", help="what the agent resolved of the NetworkPolicies for a pod of this node")
+    policy.add_argument("pod", help="NAMESPACE/NAME")
     args = parser.parse_args(argv)
     dp = Datapath(args.root, args.obj_dir, tc_mode=args.tc_mode or "auto")
     try:

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import bpf_object_path
 from sluice import maps
+from sluice.policy import resolve
 from sluice.bpf import libbpf as lb
 from sluice.bpf.btf import Btf
 from sluice.bpf.object import BpfObject
@@ -63,6 +64,9 @@ MIRRORED_ENUMS = {
     "sl_policy_prefix": {"SL_POLICY_PREFIX_PEER": maps.PolicyMap.PREFIX_PEER,
                          "SL_POLICY_PREFIX_PROTO": maps.PolicyMap.PREFIX_PROTO,
                          "SL_POLICY_PREFIX_FULL": maps.PolicyMap.PREFIX_FULL},
+    "sl_identity_reserved": {"SL_ID_ANY": resolve.ID_ANY, "SL_ID_HOST": resolve.ID_HOST, "SL_ID_WORLD": resolve.ID_WORLD,
+                             "SL_ID_REMOTE_NODE": resolve.ID_REMOTE_NODE, "SL_ID_FIRST_POD": resolve.FIRST_POD_IDENTITY,
+                             "SL_ID_FIRST_CIDR": resolve.FIRST_CIDR_IDENTITY},
     "sl_ct_flags": {"SL_CT_REPLIED": maps.CtMap.REPLIED, "SL_CT_CLOSING": maps.CtMap.CLOSING},
     "sl_route_flags": {"SL_ROUTE_TUNNEL": maps.RoutesMap.TUNNEL},
     "sl_service_flags": {"SL_SVC_AFFINITY": maps.ServicesMap.AFFINITY},

@@ -2,14 +2,18 @@
 watched (sluice.k8s.reflector), turned into frontends (sluice.k8s.services) one changed Service at a
 time, and into routes to the other Nodes' pod CIDRs. The agent keeps them on disk
 (sluice.state.sources), so that when it starts while the API server is unreachable it serves what it
-last learnt.
+last learnt. With NetworkPolicy enforced, Pods, Namespaces and NetworkPolicies are watched too, for
+sluice.policy.engine.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from .. import maps as m
+from ..policy import model as pm
+from ..policy.engine import PolicyInputs
 from ..state import Frontend
 from ..state.sources import ApiFrontends, precedence
 from . import services as ks
@@ -22,6 +26,25 @@ NODES = "nodes"
 PATHS = {SERVICES: "/api/v1/services", ENDPOINT_SLICES: "/apis/discovery.k8s.io/v1/endpointslices",
          NODES: "/api/v1/nodes"}
 TRANSFORMS = {SERVICES: ks.service_from_api, ENDPOINT_SLICES: ks.endpoint_slice_from_api, NODES: ks.node_from_api}
+PODS = "pods"
+NAMESPACES = "namespaces"
+NETWORK_POLICIES = "networkpolicies"
+POLICY_PATHS = {PODS: "/api/v1/pods", NAMESPACES: "/api/v1/namespaces",
+                NETWORK_POLICIES: "/apis/networking.k8s.io/v1/networkpolicies"}
+
+log = logging.getLogger("sluice.k8s")
+
+
+def policy_from_api(obj: dict) -> pm.NetworkPolicy:
+    """A policy the parser refuses is logged and enforced as its fail-closed reading, never widened."""
+    try:
+        return pm.policy_from_api(obj)
+    except pm.PolicyError as e:
+        log.warning("%s: enforced so that it allows less, not more", e)
+        return e.policy
+
+
+POLICY_TRANSFORMS = {PODS: pm.pod_from_api, NAMESPACES: pm.namespace_from_api, NETWORK_POLICIES: policy_from_api}
 
 
 class KubernetesSource:
@@ -30,13 +53,17 @@ class KubernetesSource:
     Reflector threads mark Services dirty; `wait_changed()` blocks until something changed and
     `frontends()` recomputes only the dirty Services. `frontends()` is only meaningful once `synced`."""
 
-    def __init__(self, client: ApiClient, node_name: str, node_ip: str):
+    def __init__(self, client: ApiClient, node_name: str, node_ip: str, network_policy: bool = False):
         self.node_name = node_name
         self.node_ip = node_ip
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.reflectors = {name: Reflector(client, name, PATHS[name], TRANSFORMS[name], self._on_change, self.lock)
                            for name in PATHS}
+        self.policy_reflectors = {name: Reflector(client, name, POLICY_PATHS[name], POLICY_TRANSFORMS[name],
+                                                  self._on_change, self.lock)
+                                  for name in (POLICY_PATHS if network_policy else ())}
+        self._policy_dirty = True
         self._slice_owner: dict[str, str] = {}            # EndpointSlice key -> its Service's key
         self._slices_of: dict[str, set[str]] = {}          # Service key -> its EndpointSlices' keys
         self._dirty: set[str] = set()
@@ -47,8 +74,8 @@ class KubernetesSource:
         self.routes_changed = False
 
     @classmethod
-    def from_kubeconfig(cls, path: str, node_name: str, node_ip: str) -> "KubernetesSource":
-        return cls(ApiClient(Kubeconfig.load(path)), node_name, node_ip)
+    def from_kubeconfig(cls, path: str, node_name: str, node_ip: str, network_policy: bool = False) -> "KubernetesSource":
+        return cls(ApiClient(Kubeconfig.load(path)), node_name, node_ip, network_policy)
 
     def set_node(self, node_name: str, node_ip: str) -> None:
         """This node's name and address, as the state file gives them now."""
@@ -57,7 +84,7 @@ class KubernetesSource:
                 self.node_name, self.node_ip, self._all_dirty = node_name, node_ip, True
 
     def start(self, stop: threading.Event) -> None:
-        for r in self.reflectors.values():
+        for r in (*self.reflectors.values(), *self.policy_reflectors.values()):
             r.start(stop)
 
     @property
@@ -66,6 +93,11 @@ class KubernetesSource:
 
     def _on_change(self, name: str, keys: set[str]) -> None:
         """Called by a reflector with the lock held."""
+        if name in (NODES, *POLICY_PATHS):
+            self._policy_dirty = True
+        if name in POLICY_PATHS:
+            self.changed.notify_all()
+            return
         if name == SERVICES:
             self._dirty |= keys
         elif name == ENDPOINT_SLICES:
@@ -121,6 +153,23 @@ class KubernetesSource:
                     self._claim(key, new)
         return changed
 
+    @property
+    def policy_synced(self) -> bool:
+        return bool(self.policy_reflectors) and all(r.synced for r in (*self.policy_reflectors.values(),
+                                                                       self.reflectors[NODES]))
+
+    def wait_policy_changed(self, timeout: float) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: self._policy_dirty and self.policy_synced, timeout)
+
+    def policy_inputs(self) -> PolicyInputs:
+        """The stores NetworkPolicy is resolved from, as they are now (their values are immutable)."""
+        with self.lock:
+            self._policy_dirty = False
+            stores = {name: dict(r.store) for name, r in self.policy_reflectors.items()}
+            nodes = {name: n.addresses for name, n in self.reflectors[NODES].store.items()}
+        return PolicyInputs(stores[PODS], stores[NAMESPACES], stores[NETWORK_POLICIES], nodes)
+
     def service_keys(self) -> set[str]:
         """The Services that have frontends (whether or not another Service holds some of them)."""
         return set(self._per_service)
@@ -175,4 +224,4 @@ class KubernetesSource:
                     "watches": {name: {"synced": r.synced, "objects": len(r.store), "error": r.error,
                                        "resource_version": r.resource_version, "relists": r.relists,
                                        "events": r.events}
-                                for name, r in self.reflectors.items()}}
+                                for name, r in (*self.reflectors.items(), *self.policy_reflectors.items())}}

@@ -17,7 +17,8 @@ import re
 import sys
 from typing import Mapping, NamedTuple
 
-INGRESS, EGRESS = 1, 2
+from ..maps import EGRESS, INGRESS   # the datapath's enum sl_policy_direction
+
 PROTO_TCP, PROTO_UDP, PROTO_SCTP = 6, 17, 132
 PROTOCOLS = {"TCP": PROTO_TCP, "UDP": PROTO_UDP, "SCTP": PROTO_SCTP}
 POLICY_TYPES = {"Ingress": INGRESS, "Egress": EGRESS}

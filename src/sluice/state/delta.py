@@ -19,9 +19,10 @@ from .plan import Plan, frontend_options, frontend_text
 from .schema import Backend, DesiredState, Frontend
 from .snapshot import Snapshot
 
-# What a delta leaves to a full apply when it changes: the node, routing, routes, xdp and failsafe sections.
+# What a delta leaves to a full apply when it changes: the node, routing, routes, xdp, failsafe and network_policy
+# sections.
 STRUCTURAL = ("node_ip", "nic", "routing_mode", "vxlan_device", "vxlan_port", "vni", "routes", "cpumap_cpus",
-              "failsafe")
+              "failsafe", "network_policy")
 
 
 class Drift(Exception):

@@ -141,7 +141,8 @@ class Reconciler:
                 plan.add("failsafe", kind, f"{proto}:{port}")
         nic_ifindex = socket.if_nametoindex(state.nic)
         want_cfg = {"node_ip": state.node_ip, "nic_ifindex": nic_ifindex,
-                    "cpumap": bool(state.cpumap_cpus), "cpu_count": len(state.cpumap_cpus)}
+                    "cpumap": bool(state.cpumap_cpus), "cpu_count": len(state.cpumap_cpus),
+                    "network_policy": state.network_policy}
         if snap.config != want_cfg:
             plan.add("config", "change", want_cfg)
         return plan
@@ -184,7 +185,7 @@ class Reconciler:
         ids, svc_ids = self._apply_frontends(state, snap)
         with self.dp.open_map(m.ConfigMap) as cm, self.dp.open_map(m.CpuMap) as cpu, \
                 self.dp.open_map(m.CpuListMap) as cpus:
-            cm.set(state.node_ip, socket.if_nametoindex(state.nic))
+            cm.set(state.node_ip, socket.if_nametoindex(state.nic), policy=state.network_policy)
             cpu.set_cpus(cpus, cm, list(state.cpumap_cpus))
         self.applied = delta.Applied.after_full_apply(state, snap, ids, svc_ids)
         return plan

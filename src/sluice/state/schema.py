@@ -13,7 +13,8 @@ The document (the Ansible roles write it as JSON, default /etc/sluice/state.json
      "lb_vips": [{"name", "vip", "port", "protocol", "backends": [...],
                   "affinity_timeout",                     as for services, per client address
                   "keep_source"}],                        true: a local pod backend sees the client's address
-     "xdp": {"cpumap_cpus": [0, 1]}}
+     "xdp": {"cpumap_cpus": [0, 1]},
+     "network_policy": true}                              NetworkPolicy enforced (pods' flows tracked)
 
 An invalid value raises StateError naming the value and where it stands in the document.
 """
@@ -122,6 +123,7 @@ class DesiredState:
     cpumap_cpus: tuple[int, ...] = ()
     affinity: dict[Frontend, int] = field(default_factory=dict)          # service -> affinity timeout (s)
     lb_options: dict[Frontend, m.LbOptions] = field(default_factory=dict)  # LB VIP -> options, where not default
+    network_policy: bool = False
 
     @classmethod
     def from_file(cls, path: str) -> "DesiredState":
@@ -171,6 +173,9 @@ class DesiredState:
             if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < m.possible_cpus():
                 raise StateError(f"xdp.cpumap_cpus: CPU {c!r} does not exist on this node")
         state.cpumap_cpus = tuple(sorted(set(cpus)))
+        state.network_policy = raw.get("network_policy", False)
+        if not isinstance(state.network_policy, bool):
+            raise StateError(f"network_policy: {state.network_policy!r} is not true or false")
         return state
 
 
