@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import NamedTuple
 
 from lib import netns
 from sluice.cni import podnet
@@ -98,35 +99,51 @@ def _bridge_pod(node: str, pod: str, host: str, ip: str, cidr: str) -> None:
     sh(pod, "ip", "route", "add", "default", "via", cidr.replace(".0/24", ".1"))
 
 
+class SluicePods(NamedTuple):
+    """A client pod and a server pod wired by Sluice; nodes: (node namespace, its datapath), the client's first."""
+    client: str
+    server: str
+    server_ip: str
+    nodes: tuple[tuple[str, Datapath], ...]
+
+
+def sluice_same_node(stack: contextlib.ExitStack, tag: str = "s") -> SluicePods:
+    """Two Sluice pods on one node (redirect_peer between them)."""
+    node, a, b = stack.enter_context(namespaces(f"{tag}n", f"{tag}a", f"{tag}b"))
+    dp = _sluice_node(stack, node)
+    _sluice_pod(dp, node, a, "h-a", CLIENT_IP)
+    _sluice_pod(dp, node, b, "h-b", SAME_NODE_IP)
+    return SluicePods(a, b, SAME_NODE_IP, ((node, dp),))
+
+
+def sluice_two_nodes(stack: contextlib.ExitStack, tag: str = "s") -> SluicePods:
+    """A Sluice pod on each of two nodes, native routing over nic0 (UNDERLAY)."""
+    n1, n2, a, b = stack.enter_context(namespaces(f"{tag}n1", f"{tag}n2", f"{tag}xa", f"{tag}xb"))
+    _underlay(n1, n2)
+    dps = (_sluice_node(stack, n1), _sluice_node(stack, n2))
+    for dpx, node, pod, ip, other_cidr, nexthop in ((dps[0], n1, a, CLIENT_IP, POD_CIDRS[1], UNDERLAY[1]),
+                                                    (dps[1], n2, b, OTHER_NODE_IP, POD_CIDRS[0], UNDERLAY[0])):
+        with netns.entered(node):
+            dpx.attach_tc("nic0", "tc_from_nic")
+        _sluice_pod(dpx, node, pod, "h-x", ip)
+        with dpx.open_map(RoutesMap) as routes:
+            routes.put(other_cidr, Route(nexthop, netns.ifindex(node, "nic0")))
+    return SluicePods(a, b, OTHER_NODE_IP, ((n1, dps[0]), (n2, dps[1])))
+
+
 @contextlib.contextmanager
 def topologies():
     """Every variant at once (so rounds can interleave): {variant: (client ns, server ns, server ip)}."""
     with contextlib.ExitStack() as stack:
         out = {}
-        # same node, Sluice
-        node, a, b = stack.enter_context(namespaces("sn", "sa", "sb"))
-        dp = _sluice_node(stack, node)
-        _sluice_pod(dp, node, a, "h-a", CLIENT_IP)
-        _sluice_pod(dp, node, b, "h-b", SAME_NODE_IP)
-        out["same/sluice"] = (a, b, SAME_NODE_IP)
+        out["same/sluice"] = sluice_same_node(stack)[:3]
         # same node, bridge + iptables
         node, a, b = stack.enter_context(namespaces("bn", "ba", "bb"))
         _bridge_node(node, POD_CIDRS[0])
         _bridge_pod(node, a, "h-a", CLIENT_IP, POD_CIDRS[0])
         _bridge_pod(node, b, "h-b", SAME_NODE_IP, POD_CIDRS[0])
         out["same/bridge"] = (a, b, SAME_NODE_IP)
-        # two nodes, Sluice native routing
-        n1, n2, a, b = stack.enter_context(namespaces("sn1", "sn2", "sxa", "sxb"))
-        _underlay(n1, n2)
-        dps = (_sluice_node(stack, n1), _sluice_node(stack, n2))
-        for dpx, node, pod, ip, other_cidr, nexthop in ((dps[0], n1, a, CLIENT_IP, POD_CIDRS[1], UNDERLAY[1]),
-                                                        (dps[1], n2, b, OTHER_NODE_IP, POD_CIDRS[0], UNDERLAY[0])):
-            with netns.entered(node):
-                dpx.attach_tc("nic0", "tc_from_nic")
-            _sluice_pod(dpx, node, pod, "h-x", ip)
-            with dpx.open_map(RoutesMap) as routes:
-                routes.put(other_cidr, Route(nexthop, netns.ifindex(node, "nic0")))
-        out["cross/sluice"] = (a, b, OTHER_NODE_IP)
+        out["cross/sluice"] = sluice_two_nodes(stack)[:3]
         # two nodes, bridge + routing + iptables
         n1, n2, a, b = stack.enter_context(namespaces("bn1", "bn2", "bxa", "bxb"))
         _underlay(n1, n2)
