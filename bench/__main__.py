@@ -15,7 +15,7 @@ import traceback
 from . import ROOT
 from .common import Skipped, install_signal_handlers
 
-SECTIONS = ["paths", "services", "programming", "xdp", "cni", "reconcile", "lab", "kubernetes", "podchurn"]
+SECTIONS = ["paths", "services", "programming", "xdp", "cni", "reconcile", "lab", "kubernetes", "podchurn", "policy"]
 
 
 def loadavg() -> str:
