@@ -350,7 +350,7 @@ def main():
     except StateError as e:
         module.fail_json(msg=f"invalid desired state: {e}", path=path, changed=False)
     try:
-        state = merge(state, ApiFrontends.load(p["kubernetes_cache"]), Reconciler.nexthop_check(state))[0]
+        state = merge(state, ApiFrontends.load(p["kubernetes_cache"]), Reconciler.route_check(state))[0]
     except StateError as e:
         module.fail_json(msg=f"the agent's Kubernetes cache is unusable: {e}", path=path, changed=False)
     text = json.dumps(raw, indent=2, sort_keys=True) + "\n"

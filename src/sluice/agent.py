@@ -255,7 +255,7 @@ class Agent:
 
     def _with_api(self, file_state: DesiredState) -> DesiredState:
         """The state file's state with the API's frontends and routes; conflicts go to health and the log."""
-        state, conflicts = merge(file_state, self.api, Reconciler.nexthop_check(file_state))
+        state, conflicts = merge(file_state, self.api, Reconciler.route_check(file_state))
         if self.config.kubeconfig:
             if conflicts and conflicts != self.health["kubernetes"].get("conflicts"):
                 for c in conflicts:
