@@ -375,6 +375,18 @@ def test_a_waiting_hand_edit_ends_when_the_module_writes_or_the_edit_is_undone(t
         f.write("module 2")
     assert confirm.arm_hand_edit(path, "module 2", 60) is None and confirm.pending(path) is None
     assert not os.path.exists(path + ".checkpoint")
+    # Another layout of the same state is no change.
+    confirm.write(path, '{"a": 1}')
+    with open(path, "w") as f:
+        f.write('{\n  "a": 1\n}')
+    assert confirm.arm_hand_edit(path, '{\n  "a": 1\n}', 60) is None and confirm.pending(path) is None
+    with open(path, "w") as f:
+        f.write('{"a": 2}')
+    assert confirm.arm_hand_edit(path, '{"a": 2}', 60)
+    with open(path, "w") as f:
+        f.write('{"a":1}')
+    assert confirm.arm_hand_edit(path, '{"a":1}', 60) is None and confirm.pending(path) is None
+    confirm.write(path, "module 2")
     confirm.arm(path, "module 2", 60, {})
     confirm.write(path, "module 3")
     with open(path, "w") as f:

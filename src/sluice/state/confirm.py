@@ -67,6 +67,19 @@ def _read_text(path: str) -> str | None:
         return None
 
 
+def _same_state(text: str, other: str | None) -> bool:
+    """Whether two texts of the state file are one state: rewriting it in another layout (the state module
+    indents, an editor or json.dump may not) changes nothing."""
+    if other is None:
+        return False
+    if text == other:
+        return True
+    try:
+        return json.loads(text) == json.loads(other)
+    except ValueError:
+        return False
+
+
 def _disarm(state_file: str) -> None:
     checkpoint, pending, _reverted, _accepted = _paths(state_file)
     os.unlink(pending)
@@ -118,7 +131,7 @@ def write(state_file: str, text: str) -> None:
 
 def arm_hand_edit(state_file: str, text: str, timeout: float) -> dict | None:
     """The agent, before it applies the state file's `text`: arm it when it is a hand edit (not the accepted
-    text, no change waiting), the accepted text as the checkpoint; the record, or None. With `timeout` 0
+    state, no change waiting), the accepted text as the checkpoint; the record, or None. With `timeout` 0
     (hand edits not armed) and on the first state a node gets (nothing accepted yet, nothing to go back
     to), `text` becomes the accepted text. A file that no longer holds `text` is left to the agent's next
     look; a hand edit edited back to its checkpoint waits no more."""
@@ -129,10 +142,10 @@ def arm_hand_edit(state_file: str, text: str, timeout: float) -> dict | None:
         known = _read_text(accepted)
         waiting = _read_json(pending)
         if waiting is not None:
-            if waiting.get("hand_edit") and text == known:
+            if waiting.get("hand_edit") and _same_state(text, known):
                 _disarm(state_file)
             return None
-        if text == known:
+        if _same_state(text, known):
             return None
         if known is None or not timeout:
             _write(accepted, text)
