@@ -25,9 +25,9 @@ description:
   - A VIP may not be any of these addresses nor lie in a management CIDR, the cluster CIDR, 0.0.0.0/8,
     127.0.0.0/8, 224.0.0.0/4 or 240.0.0.0/4; and an address is either a service's VIP or an LB VIP, not both.
   - A node's route to another node's pod CIDR (from C(cluster_plan)) may not cover any of these addresses, overlap
-    a management CIDR, nor overlap a network of the node's NIC (C(sluice_nic); known once the C(network) facts
-    subset was gathered): the node's packets to the hosts there, its answers to the controller among them, would
-    be sent to the other node instead.
+    a management CIDR, nor overlap a network of the node's NIC (C(sluice_nic), known once the C(network) facts
+    subset was gathered), since the node's packets to the hosts there, its answers to the controller among them,
+    would be sent to the other node instead.
   - The port Ansible reaches a node on (C(ansible_port), 22 unless set) must be among its failsafe ports
     (C(sluice_failsafe); empty, the node's default holds C(tcp:22)), which the datapath passes before any filter.
   - Facts not gathered yet are not checked, so the filter can run before any node is contacted and again after

@@ -119,7 +119,7 @@ STATE_ROWS = {
                          "203.0.113.9"),
     # The controller's address on the NIC's network through a nexthop nobody has: the node's answers would follow.
     "route-over-the-nic-network": (lambda node: state_with(node, "routes", [{"cidr": "192.168.94.1/32",
-                                                                              "nexthop": "192.168.94.249"}]),
+                                                                             "nexthop": "192.168.94.249"}]),
                                    "routes (192.168.94.1/32): overlaps 192.168.94.0/24, a network directly connected "
                                    "to sleth0"),
 }
