@@ -232,8 +232,8 @@ def test_a_route_to_a_pod_cidr_over_a_node_the_controller_or_a_nic_network_is_re
         hv["ansible_facts"] = {"eth0": {"ipv4": {"address": f"192.168.77.1{i}", "netmask": "255.255.255.0"},
                                         "ipv4_secondaries": [{"address": "10.1.0.1", "netmask": "255.255.0.0"}]}}
     with pytest.raises(AnsibleFilterError, match=r"node1: the route to node3's pod CIDR 192\.168\.77\.128/25 \(via "
-                                                 r"192\.168\.77\.13\) overlaps eth0's network 192\.168\.77\.0/24: node1 "
-                                                 r"would send .* pod CIDRs must lie outside the nodes' networks"):
+                                                 r"192\.168\.77\.13\) overlaps eth0's network 192\.168\.77\.0/24: "
+                                                 r"node1 would send .* pod CIDRs must lie outside the nodes' networks"):
         lockout_check(cluster_plan(list(hostvars), hostvars, cluster), hostvars, cluster)
 
 
