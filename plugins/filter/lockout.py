@@ -1,15 +1,16 @@
 # Copyright (c) Sluice developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Refusals, on the controller before any node is touched, of a prefilter or VIP that would cut the
+"""Refusals, on the controller before any node is touched, of a prefilter, VIP or route that would cut the
 operators or the cluster off a node: the XDP prefilter drops by source at the NIC, the XDP LB and the
-socket LB take over every packet or connection to a VIP's port."""
+socket LB take over every packet or connection to a VIP's port, and a node's packets (its answers too)
+follow its routes to the other nodes' pod CIDRs."""
 
 from __future__ import annotations
 
 DOCUMENTATION = r"""
 name: lockout_check
-short_description: Refuse prefilter CIDRs and VIPs that would cut the operators or the cluster off the nodes
+short_description: Refuse prefilter CIDRs, VIPs and routes that would cut the operators or the cluster off the nodes
 description:
   - Checks every node's C(sluice_prefilter), C(sluice_services) and C(sluice_lb_vips) (or the C(agent_*) role
     variables where the inventory sets those) against the addresses the cluster and its operators need, and
@@ -23,6 +24,10 @@ description:
     encapsulated, so the entry only drops unencapsulated packets claiming a pod source).
   - A VIP may not be any of these addresses nor lie in a management CIDR, the cluster CIDR, 0.0.0.0/8,
     127.0.0.0/8, 224.0.0.0/4 or 240.0.0.0/4; and an address is either a service's VIP or an LB VIP, not both.
+  - A node's route to another node's pod CIDR (from C(cluster_plan)) may not cover any of these addresses, overlap
+    a management CIDR, nor overlap a network of the node's NIC (C(sluice_nic), known once the C(network) facts
+    subset was gathered), since the node's packets to the hosts there, its answers to the controller among them,
+    would be sent to the other node instead.
   - The port Ansible reaches a node on (C(ansible_port), 22 unless set) must be among its failsafe ports
     (C(sluice_failsafe); empty, the node's default holds C(tcp:22)), which the datapath passes before any filter.
   - Facts not gathered yet are not checked, so the filter can run before any node is contacted and again after
@@ -190,6 +195,35 @@ def _check_prefilter(name, hv, plan, cluster, protected, management):
                     "source; if that is meant, list it in sluice_allow_prefilter_overlap")
 
 
+def _nic_networks(hv):
+    """The networks of the node's NIC, where the network facts were gathered (Ansible names an interface's
+    facts with '-' and ':' as '_')."""
+    nic = str(_setting(hv, "nic", "")[1])
+    facts = (hv.get("ansible_facts") or {}).get(nic.replace("-", "_").replace(":", "_")) or {}
+    found = {}
+    for address in [facts.get("ipv4") or {}, *(facts.get("ipv4_secondaries") or [])]:
+        if address.get("address") and address.get("netmask"):
+            network = ipaddress.IPv4Network(f"{address['address']}/{address['netmask']}", strict=False)
+            found.setdefault(network, f"{nic}'s network {network}")
+    return found
+
+
+def _check_routes(name, hv, plan, protected, management):
+    """A route to another node's pod CIDR takes the node's packets to every address in it."""
+    underlay = _nic_networks(hv)
+    for route in plan[name]["routes"]:
+        cidr = ipaddress.IPv4Network(route["cidr"])
+        where = f"{name}: the route to {route['node']}'s pod CIDR {cidr} (via {route['nexthop']})"
+        why = f"{name} would send its packets to it (its answers too) to {route['node']} instead"
+        for address, what in protected.items():
+            if address in cidr:
+                raise AnsibleFilterError(f"{where} covers {what}: {why}")
+        for network, what in {**management, **underlay}.items():
+            if cidr.overlaps(network):
+                raise AnsibleFilterError(f"{where} overlaps {what}: {why}; pod CIDRs must lie outside the nodes' "
+                                         "networks (sluice_cluster_cidr, sluice_pod_cidr)")
+
+
 def _check_vips(name, hv, plan, cluster, protected, management):
     owners = {}
     for key in ("services", "lb_vips"):
@@ -255,6 +289,7 @@ def lockout_check(plan, hostvars, cluster_cidr, kubeconfig=None, kubernetes_node
         _check_failsafe(name, hostvars[name])
         _check_prefilter(name, hostvars[name], plan, cluster, protected, management)
         _check_vips(name, hostvars[name], plan, cluster, protected, management)
+        _check_routes(name, hostvars[name], plan, protected, management)
     return plan
 
 

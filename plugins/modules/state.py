@@ -186,6 +186,9 @@ options:
         from the controller), or the node's agent restores the state in force before it and applies that
         (commit-confirm; the agent role does both). V(0), no confirmation.
       - Only a change of an existing state file is armed; RV(confirm_deadline) says until when it waits.
+      - Whatever this option, the file's text is recorded beside it as the module's, so the agent does not take the
+        change for a hand edit, which it arms itself (its setting C(hand_edit_confirm_timeout)); a hand edit still
+        waiting for its confirmation is superseded by the module's state.
     type: int
     default: 0
 notes:
@@ -267,8 +270,6 @@ confirm_deadline:
 """
 
 import json
-import os
-import tempfile
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -359,7 +360,7 @@ def main():
     except StateError as e:
         module.fail_json(msg=f"invalid desired state: {e}", path=path, changed=False)
     try:
-        state = merge(state, ApiFrontends.load(p["kubernetes_cache"]), Reconciler.nexthop_check(state))[0]
+        state = merge(state, ApiFrontends.load(p["kubernetes_cache"]), Reconciler.route_check(state))[0]
     except StateError as e:
         module.fail_json(msg=f"the agent's Kubernetes cache is unusable: {e}", path=path, changed=False)
     text = json.dumps(raw, indent=2, sort_keys=True) + "\n"
@@ -401,7 +402,11 @@ def main():
             except OSError as e:
                 module.fail_json(msg=f"cannot keep the state in force as the checkpoint of {path}: {e}", changed=False)
         if file_changed:
-            _write(module, path, text)
+            try:
+                # Recorded as the module's (not a hand edit, which the agent would arm itself) as it is written.
+                confirm.write(path, text)
+            except OSError as e:
+                module.fail_json(msg=f"cannot write {path}: {e}")
         if pending:
             try:
                 plan = Reconciler(dp).apply(state)
@@ -422,19 +427,6 @@ def main():
     if module._diff:  # pylint: disable=protected-access
         result["diff"] = dict(before=before or "", after=text, before_header=path, after_header=path)
     module.exit_json(**result)
-
-
-def _write(module, path, text):
-    directory = os.path.dirname(path) or "."
-    try:
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state-", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-    except OSError as e:
-        module.fail_json(msg=f"cannot write {path}: {e}")
-    module.atomic_move(tmp, path)
 
 
 if __name__ == "__main__":

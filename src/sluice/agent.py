@@ -9,7 +9,9 @@ re-reconciles whenever the state file changes. A state file that does not
 parse or validate is refused: the last good state stays in force and the
 reason is reported in health and logs. A change of the state file armed for
 commit-confirm (sluice.state.confirm) that is not confirmed in time is undone:
-the agent restores the state before it and applies that.
+the agent restores the state before it and applies that. A change the state
+module did not write (a hand edit) is armed by the agent itself before it is
+applied, for `hand_edit_confirm_timeout` seconds.
 
 Two kinds of reconcile (sluice.state.Reconciler):
 - full: every map read back (batch lookups), planned against and repaired; the
@@ -42,6 +44,7 @@ from . import agent_protocol, package_fingerprint
 from .cni.errors import INTERNAL_FAILURE, INVALID_ENVIRONMENT_VARIABLES, TRY_AGAIN_LATER, CniError
 from .datapath import DEFAULT_OBJ_DIR, DEFAULT_ROOT, NIC_PROG, TC_MODES, Datapath, DatapathError
 from .state import DEFAULT_STATE_FILE, DesiredState, Reconciler, StateError, confirm
+from .state.schema import json_document, read_text
 from .state.sources import DEFAULT_KUBERNETES_CACHE, ApiFrontends, merge, prune_cache, save_routes, save_service
 
 log = logging.getLogger("sluice.agent")
@@ -66,6 +69,7 @@ class AgentConfig:
     kubeconfig: str = ""                        # empty: no Kubernetes API (services from the state file only)
     kubernetes_cache: str = DEFAULT_KUBERNETES_CACHE
     policy_identities: str = "/var/lib/sluice/policy-identities.json"   # NetworkPolicy identity numbers
+    hand_edit_confirm_timeout: float = 120.0    # seconds a hand edit waits for `sluice confirm`; 0: not armed
 
     @classmethod
     def load(cls, path: str | None) -> "AgentConfig":
@@ -78,10 +82,11 @@ class AgentConfig:
             raise ValueError(f"agent config {path}: unknown setting(s) {', '.join(sorted(unknown))}")
         if raw.get("tc_mode", "auto") not in TC_MODES:
             raise ValueError(f"agent config {path}: tc_mode {raw['tc_mode']!r} is not one of {', '.join(TC_MODES)}")
-        interval = raw.get("full_reconcile_interval", 0)
-        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 <= interval < float("inf"):
-            raise ValueError(f"agent config {path}: full_reconcile_interval {interval!r} is not a number of seconds "
-                             "(0: every reconcile is a full one)")
+        for key, zero in (("full_reconcile_interval", "every reconcile is a full one"),
+                          ("hand_edit_confirm_timeout", "hand edits are not armed")):
+            seconds = raw.get(key, 0)
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < float("inf"):
+                raise ValueError(f"agent config {path}: {key} {seconds!r} is not a number of seconds (0: {zero})")
         return cls(**raw)
 
 
@@ -200,9 +205,11 @@ class Agent:
             full = full or self._full_due() or self.config.full_reconcile_interval <= 0
             self._state_stamp = stamp
             try:
-                file_state = DesiredState.from_file(self.config.state_file)
+                text = read_text(self.config.state_file, "state file ")
+                file_state = DesiredState.parse(json_document(text, self.config.state_file, "state file "))
                 state = self._with_api(file_state)
                 Reconciler.check_node(state)  # before ensure_datapath touches the NIC
+                self._arm_hand_edit(text)
                 if full or self.reconciler.needs_full(state):
                     self.ensure_datapath(state)
                     plan = self.reconciler.apply(state)
@@ -218,6 +225,15 @@ class Agent:
             if plan.changed:
                 log.info("reconciled (%s):\n%s", self.reconciler.last_kind, plan.render())
             return True
+
+    def _arm_hand_edit(self, text: str) -> None:
+        """Commit-confirm for a state file changed past the state module, armed before it is applied: a hand
+        edit that cuts the node off is reverted like a playbook's change. Not armable, it is not applied."""
+        armed = confirm.arm_hand_edit(self.config.state_file, text, self.config.hand_edit_confirm_timeout)
+        if armed:
+            self.health["pending_confirm"] = armed
+            log.warning("%s was changed by hand: applying it; unless `sluice confirm` confirms it within %g s, the "
+                        "state before it is restored", self.config.state_file, self.config.hand_edit_confirm_timeout)
 
     def _repair(self) -> bool:
         """A full reconcile of the last good state: puts right what changed the maps or hooks since."""
@@ -257,7 +273,7 @@ class Agent:
 
     def _with_api(self, file_state: DesiredState) -> DesiredState:
         """The state file's state with the API's frontends and routes; conflicts go to health and the log."""
-        state, conflicts = merge(file_state, self.api, Reconciler.nexthop_check(file_state))
+        state, conflicts = merge(file_state, self.api, Reconciler.route_check(file_state))
         if self.config.kubeconfig:
             if conflicts and conflicts != self.health["kubernetes"].get("conflicts"):
                 for c in conflicts:
@@ -522,9 +538,10 @@ class Agent:
         if done is None:
             return
         self.health["last_revert"] = done
-        log.warning("the change of %s was not confirmed in time: %s; its plan was %s", self.config.state_file,
+        log.warning("the %s of %s was not confirmed in time: %s%s", "hand edit" if done["hand_edit"] else "change",
+                    self.config.state_file,
                     "the state before it is restored" if done["restored"] else "no earlier state to restore",
-                    done["plan"])
+                    f"; its plan was {done['plan']}" if done["plan"] else "")
         self.reconcile(force=True, full=True)
 
     def run(self) -> None:

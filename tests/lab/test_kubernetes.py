@@ -16,6 +16,7 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ import pytest
 from sluice.k8s import services as ks
 from sluice.k8s.client import ApiClient, ApiError, Kubeconfig
 from sluice.k8s.reflector import Reflector
+from sluice.state import DEFAULT_FAILSAFE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "lab"))
@@ -531,8 +533,8 @@ def ansible_ping(the_lab: lab.Lab, host: str) -> subprocess.CompletedProcess:
 
 def test_site_refuses_lockout_inputs_against_running_nodes_and_touches_nothing(cluster):
     """An inventory that would lock the operators out (a prefilter over the nodes' network, an LB VIP on a
-    node's SSH port, a failsafe without SSH): site.yml ends with the reason before any node changes, and
-    SSH still answers."""
+    node's SSH port, a failsafe without SSH, pod CIDRs routed over the nodes' network): site.yml ends with
+    the reason before any node changes, and SSH still answers."""
     the_lab, _k8s = cluster
     ssh_vip = [{"name": "ssh", "vip": the_lab.node_ip(1), "port": 22, "protocol": "tcp",
                 "backends": [{"ip": "10.244.2.10", "port": 22}]}]
@@ -541,7 +543,13 @@ def test_site_refuses_lockout_inputs_against_running_nodes_and_touches_nothing(c
               "its packets at the NIC"),
              ({"sluice_lb_vips": ssh_vip},
               f"node1: sluice_lb_vips[0] (ssh) {the_lab.node_ip(1)}:22/tcp is node1's address {the_lab.node_ip(1)}"),
-             ({"sluice_failsafe": ["tcp:6443"]}, "node1: sluice_failsafe lacks tcp:22, the port Ansible reaches node1 on")]
+             ({"sluice_failsafe": ["tcp:6443"]},
+              "node1: sluice_failsafe lacks tcp:22, the port Ansible reaches node1 on"),
+             # Pod CIDRs over the nodes' network (node2's 192.168.64.0/19): node1's route to it would take its
+             # packets to the controller and node2. Without the API's pod CIDRs, which would differ first.
+             ({"sluice_kubeconfig": "", "sluice_cluster_cidr": "192.168.0.0/17", "sluice_node_cidr_prefix": 19},
+              f"node1: the route to node2's pod CIDR 192.168.64.0/19 (via {the_lab.node_ip(2)}) covers node1's "
+              f"address {the_lab.node_ip(1)}: node1 would send its packets to it (its answers too) to node2 instead")]
     before = {i: (the_lab.node_run(i, "cat", "/etc/sluice/state.json").stdout, node_json(the_lab, i, "routes"),
                   node_json(the_lab, i, "services")) for i in (1, 2)}
     for extra, message in cases:
@@ -602,36 +610,85 @@ def test_a_state_file_prefiltering_the_controller_and_the_control_plane_cuts_nei
         assert time.monotonic() < deadline, "the prefilter is gone again"
 
 
-def test_a_change_that_cuts_the_controller_off_fails_the_play_in_bounded_time_and_is_reverted(cluster, tmp_path):
-    """A change no plan foresees (here a route that sends node1's answers to the controller to an address
-    nobody has): the agent role's task ends within agent_confirm_timeout with a message naming the node, and
-    node1's agent, unconfirmed, restores and applies the state before the change: SSH answers again, routes
-    and state file as they were."""
+def agent_play(the_lab: lab.Lab, tmp_path, name: str, routes: list, *args: str) -> subprocess.CompletedProcess:
+    """The agent role alone on node1, past plan.yml, node1's plan as it is with `routes`."""
+    doc = json.loads(the_lab.node_run(1, "cat", "/etc/sluice/state.json").stdout)
+    plan = {"node1": {"ip": doc["node"]["ip"], "pod_cidr": doc["node"]["pod_cidr"], "routes": routes}}
+    play = tmp_path / f"{name}.yml"
+    play.write_text(json.dumps([{"name": name, "hosts": "node1", "vars": {"sluice_cluster": plan},
+                                 "roles": ["sluice.network.agent"]}]))
+    # No shared SSH master: one a cut stalled would hold the later tests' connections.
+    return playbook(the_lab, str(play), *args, ANSIBLE_SSH_ARGS="-o ControlMaster=no")
+
+
+def test_a_route_that_would_cut_the_controller_off_is_refused_by_the_node_before_anything_changes(cluster, tmp_path):
+    """Past every plan check (the agent role alone, its plan written by hand), a route to the controller's address
+    through an address nobody has: node1's answers to the controller would follow it. The state module refuses
+    it at once, naming the route, the network and the NIC; state file, routes and commit-confirm as they were."""
     the_lab, _k8s = cluster
     doc = json.loads(the_lab.node_run(1, "cat", "/etc/sluice/state.json").stdout)
     routes = node_json(the_lab, 1, "routes")
     nowhere = str(ipaddress.ip_address(the_lab.host_ip) + 249)
     cut = {"cidr": f"{the_lab.host_ip}/32", "nexthop": nowhere, "node": "nowhere"}
-    plan = {"node1": {"ip": doc["node"]["ip"], "pod_cidr": doc["node"]["pod_cidr"], "routes": doc["routes"] + [cut]}}
-    play = tmp_path / "cut.yml"
-    play.write_text(json.dumps([{"name": "Apply node1's state with a route that cuts the controller off",
-                                 "hosts": "node1", "vars": {"sluice_cluster": plan},
-                                 "roles": ["sluice.network.agent"]}]))
     started = time.monotonic()
-    # No shared SSH master: the one the cut stalls would hold the later tests' connections.
-    result = playbook(the_lab, str(play), "-e", "agent_confirm_timeout=20", ANSIBLE_SSH_ARGS="-o ControlMaster=no")
-    took = time.monotonic() - started
+    result = agent_play(the_lab, tmp_path, "cut", doc["routes"] + [cut], "-e", "agent_confirm_timeout=20")
     assert result.returncode != 0, result.stdout[-3000:]
-    assert "node1 did not answer within 20 s while its new state was applied: its agent restores the state " \
-           "before the change within 20 s of applying it" in " ".join(result.stdout.split()), result.stdout[-3000:]
-    assert took < 120, took
+    assert f"invalid desired state: routes ({the_lab.host_ip}/32): overlaps {SUBNET}, a network directly connected " \
+           f"to eth0" in " ".join(result.stdout.split()), result.stdout[-3000:]
+    assert time.monotonic() - started < 120
+    assert json.loads(the_lab.node_run(1, "cat", "/etc/sluice/state.json").stdout) == doc
+    assert node_json(the_lab, 1, "routes") == routes
+    assert node_json(the_lab, 1, "status")["agent"]["pending_confirm"] is None
+    assert not the_lab.node_run(1, "ip", "route", "show", f"{the_lab.host_ip}/32").stdout.strip()
+    assert ansible_ping(the_lab, "node1").returncode == 0
+
+
+def ssh_answers(the_lab: lab.Lab, i: int) -> bool:
+    """Whether node i's SSH port answers the controller (a prefilter drops the SYN: no answer)."""
+    try:
+        socket.create_connection((the_lab.node_ip(i), 22), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_a_hand_edit_that_cuts_the_controller_off_is_reverted_by_the_agent(cluster, tmp_path):
+    """What no plan or validation can foresee, written by hand past the state module (no commit-confirm armed):
+    a state file whose failsafe leaves SSH out and whose prefilter holds the controller's address. node1's agent
+    arms the change itself (agent_hand_edit_confirm_timeout, here 20 s) and applies it: SSH from the controller
+    is dropped; unconfirmed, the agent restores and applies the state before it: SSH answers again, the state
+    file and the prefilter as they were."""
+    the_lab, _k8s = cluster
+    doc = json.loads(the_lab.node_run(1, "cat", "/etc/sluice/state.json").stdout)
+    setting = agent_play(the_lab, tmp_path, "hand-edit-timeout", doc["routes"], "-e",
+                         "agent_hand_edit_confirm_timeout=20")
+    assert setting.returncode == 0, setting.stdout[-3000:]
+    assert json.loads(the_lab.node_run(1, "cat", "/etc/sluice/agent.json").stdout)["hand_edit_confirm_timeout"] == 20
+    deadline = time.monotonic() + 10   # the role's confirmation reaches the agent's health at its next poll
+    while (agent := node_json(the_lab, 1, "status")["agent"])["pending_confirm"] is not None:
+        assert time.monotonic() < deadline, agent
+        time.sleep(0.5)
+    earlier_revert = agent.get("last_revert")
+    filters = {m: node_json(the_lab, 1, "status")["maps"][m]["entries"] for m in ("sl_prefilter", "sl_failsafe_ports")}
+    assert ssh_answers(the_lab, 1)
+
+    cut = dict(doc, failsafe=[f for f in DEFAULT_FAILSAFE if f != "tcp:22"],
+               prefilter=[*doc.get("prefilter", []), f"{the_lab.host_ip}/32"])
+    the_lab.node_run(1, "python3", "-c", f"import json, os; json.dump({cut!r}, open('/etc/sluice/state.json.new', 'w'));"
+                                         " os.replace('/etc/sluice/state.json.new', '/etc/sluice/state.json')")
+    deadline = time.monotonic() + 15
+    while not (node_json(the_lab, 1, "status")["agent"]["pending_confirm"] or {}).get("hand_edit"):
+        assert time.monotonic() < deadline, node_json(the_lab, 1, "status")["agent"]
+        time.sleep(0.5)
+    assert not ssh_answers(the_lab, 1), "the hand edit cuts SSH from the controller off"
     deadline = time.monotonic() + 60
-    while not (node_json(the_lab, 1, "status")["agent"].get("last_revert") or {}).get("restored"):
+    while (revert := node_json(the_lab, 1, "status")["agent"].get("last_revert")) == earlier_revert:
         assert time.monotonic() < deadline, node_json(the_lab, 1, "status")["agent"]
         time.sleep(1)
-    assert node_json(the_lab, 1, "routes") == routes
+    assert revert["hand_edit"] and revert["restored"], revert
     assert json.loads(the_lab.node_run(1, "cat", "/etc/sluice/state.json").stdout) == doc
-    assert not the_lab.node_run(1, "ip", "route", "show", f"{the_lab.host_ip}/32").stdout.strip()
+    assert {m: node_json(the_lab, 1, "status")["maps"][m]["entries"] for m in filters} == filters
+    assert ssh_answers(the_lab, 1)
     ping = ansible_ping(the_lab, "node1")
     assert ping.returncode == 0, ping.stdout + ping.stderr
 

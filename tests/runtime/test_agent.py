@@ -222,13 +222,14 @@ def test_full_reconcile_interval_0_makes_every_reconcile_full_and_repairs_nothin
         assert services(dp) == {("10.97.0.10", 80, "tcp"): 1}
 
 
+@pytest.mark.parametrize("key", ["full_reconcile_interval", "hand_edit_confirm_timeout"])
 @pytest.mark.parametrize("value", [-1, "60", True, float("inf")])
-def test_full_reconcile_interval_must_be_a_number_of_seconds(tmp_path, value):
+def test_intervals_must_be_numbers_of_seconds(tmp_path, key, value):
     from sluice.agent import AgentConfig
 
     path = tmp_path / "agent.json"
-    path.write_text(json.dumps({"full_reconcile_interval": value}))
-    with pytest.raises(ValueError, match="full_reconcile_interval"):
+    path.write_text(json.dumps({key: value}))
+    with pytest.raises(ValueError, match=key):
         AgentConfig.load(str(path))
 
 
@@ -263,3 +264,135 @@ def test_an_unconfirmed_change_is_reverted_by_the_agent_and_a_confirmed_one_stan
     assert ok.returncode == 0 and json.loads(ok.stdout) == {"confirmed": True}, ok
     time.sleep(2.5)
     assert not services(dp) and agent.health()["pending_confirm"] is None
+
+
+# ---- commit-confirm of hand edits ----------------------------------------------------------------------
+
+def test_a_hand_edit_is_armed_by_the_agent_reverted_unconfirmed_and_kept_confirmed(pin_root, tmp_path):
+    """Past the state module, nothing arms a change: the agent arms it itself before applying it, the state
+    last accepted as its checkpoint. Unconfirmed in time it is reverted like a playbook's change; confirmed
+    with `sluice confirm` on the node it stands, and becomes the state the next hand edit goes back to."""
+    with agent_node(pin_root, tmp_path, hand_edit_confirm_timeout=2) as (agent, _ns, dp, state_file):
+        with open(state_file) as f:
+            before = f.read()
+        cut = copy.deepcopy(STATE)
+        cut["services"] = []
+        write_state(state_file, cut)
+        armed = agent.wait_for(lambda: (p := agent.health()["pending_confirm"]) and p.get("hand_edit") and p,
+                               what="the hand edit armed")
+        agent.wait_for(lambda: not services(dp), what="the hand edit applied")
+        revert = agent.wait_for(lambda: (r := agent.health().get("last_revert")) and r.get("restored") and r,
+                                timeout=15, what="the revert")
+        assert revert["hand_edit"] and revert["deadline"] == armed["deadline"]
+        assert services(dp) == {("10.97.0.10", 80, "tcp"): 1}
+        with open(state_file) as f:
+            assert f.read() == before
+        assert "was changed by hand" in agent.logs() and "the hand edit of" in agent.logs()
+
+        write_state(state_file, cut)
+        agent.wait_for(lambda: (agent.health()["pending_confirm"] or {}).get("hand_edit"), what="armed again")
+        ok = subprocess.run([sys.executable, "-m", "sluice.cli", "--json", "confirm", "--state-file", state_file],
+                            capture_output=True, text=True, check=False)
+        assert ok.returncode == 0 and json.loads(ok.stdout) == {"confirmed": True}, ok
+        time.sleep(3)
+        health = agent.health()
+        assert not services(dp) and health["pending_confirm"] is None and health["last_revert"] == revert
+        # The confirmed state is the checkpoint of the next hand edit.
+        write_state(state_file, STATE)
+        agent.wait_for(lambda: (r := agent.health().get("last_revert")) and r != revert, timeout=15,
+                       what="the second hand edit reverted")
+        assert not services(dp)
+
+
+def state_module(ns: str, state_file: str, pin_root: str, tmp_path, state: dict, **options) -> dict:
+    """The sluice.network.state module, run by ansible on the node (the agent role's task); its result."""
+    args = {"path": state_file, "pin_root": pin_root, "obj_dir": BPF_BUILD,
+            "kubernetes_cache": str(tmp_path / "kubernetes"), **state, **options}
+    root = os.path.dirname(os.path.dirname(BPF_BUILD))
+    proc = netns.ns_exec(ns, os.path.join(os.path.dirname(sys.executable), "ansible"), "localhost", "-i", "localhost,",
+                         "-c", "local", "-e", f"ansible_python_interpreter={sys.executable}",
+                         "-m", "sluice.network.state", "-a", json.dumps(args), check=False, cwd=root,
+                         env=dict(os.environ, ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="json"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
+
+
+def test_a_change_the_state_module_writes_is_never_taken_for_a_hand_edit(pin_root, tmp_path):
+    """The module's writes stand as before hand edits were armed: without confirm_timeout, and armed by the module
+    and confirmed before the agent looked (stopped meanwhile), the agent arms nothing and reverts nothing. A hand
+    edit made while the agent was away is armed when it is back, the module's state as its checkpoint."""
+    with agent_node(pin_root, tmp_path, hand_edit_confirm_timeout=1) as (agent, ns, dp, state_file):
+        no_services = dict(STATE, services=[])
+        assert state_module(ns, state_file, pin_root, tmp_path, no_services)["changed"]
+        agent.wait_for(lambda: agent.health()["last_plan"] == {} and not services(dp), what="the module's state")
+        time.sleep(2)
+        health = agent.health()
+        assert health["pending_confirm"] is None and health["last_revert"] is None and not services(dp), health
+        agent.stop()
+        armed = state_module(ns, state_file, pin_root, tmp_path, dict(no_services, prefilter=[]), confirm_timeout=30)
+        assert armed["confirm_pending"], armed
+        ok = subprocess.run([sys.executable, "-m", "sluice.cli", "--json", "confirm", "--state-file", state_file,
+                             "--deadline", repr(armed["confirm_deadline"])], capture_output=True, text=True,
+                            check=False)
+        assert ok.returncode == 0 and json.loads(ok.stdout) == {"confirmed": True}, ok
+        agent.start()
+        time.sleep(2)
+        health = agent.health()
+        assert health["pending_confirm"] is None and health["last_revert"] is None, health
+        with dp.open_map(m.PrefilterMap) as pm:
+            assert not services(dp) and pm.items() == {}
+        with open(state_file) as f:
+            module_text = f.read()
+
+        agent.stop()
+        write_state(state_file, STATE)
+        agent.start()
+        revert = agent.wait_for(lambda: (r := agent.health().get("last_revert")) and r.get("restored") and r,
+                                timeout=15, what="the hand edit made while the agent was away reverted")
+        assert revert["hand_edit"] and not services(dp)
+        with open(state_file) as f:
+            assert f.read() == module_text
+
+
+def test_a_waiting_hand_edit_ends_when_the_module_writes_or_the_edit_is_undone(tmp_path):
+    """sluice.state.confirm alone: the state module's write supersedes a hand edit waiting for its confirmation
+    (a playbook run without confirm_timeout is never reverted to what came before the hand edit), and a hand edit
+    edited back to its checkpoint waits no more; a change the module armed is no hand edit's to end."""
+    from sluice.state import confirm
+
+    path = str(tmp_path / "state.json")
+    confirm.write(path, "module 1")
+    assert confirm.arm_hand_edit(path, "module 1", 60) is None
+    with open(path, "w") as f:
+        f.write("by hand")
+    assert confirm.arm_hand_edit(path, "by hand", 60)["hand_edit"]
+    confirm.write(path, "module 2")
+    assert confirm.pending(path) is None and confirm.arm_hand_edit(path, "module 2", 60) is None
+    with open(path, "w") as f:
+        f.write("by hand")
+    assert confirm.arm_hand_edit(path, "by hand", 60)
+    with open(path, "w") as f:
+        f.write("module 2")
+    assert confirm.arm_hand_edit(path, "module 2", 60) is None and confirm.pending(path) is None
+    assert not os.path.exists(path + ".checkpoint")
+    # Another layout of the same state is no change.
+    confirm.write(path, '{"a": 1}')
+    with open(path, "w") as f:
+        f.write('{\n  "a": 1\n}')
+    assert confirm.arm_hand_edit(path, '{\n  "a": 1\n}', 60) is None and confirm.pending(path) is None
+    with open(path, "w") as f:
+        f.write('{"a": 2}')
+    assert confirm.arm_hand_edit(path, '{"a": 2}', 60)
+    with open(path, "w") as f:
+        f.write('{"a":1}')
+    assert confirm.arm_hand_edit(path, '{"a":1}', 60) is None and confirm.pending(path) is None
+    confirm.write(path, "module 2")
+    confirm.arm(path, "module 2", 60, {})
+    confirm.write(path, "module 3")
+    with open(path, "w") as f:
+        f.write("module 2")
+    assert confirm.arm_hand_edit(path, "module 2", 60) is None and confirm.pending(path) is not None
+    assert confirm.revert_if_due(path, now=time.time() + 61)["restored"]
+    with open(path) as f:
+        assert f.read() == "module 2"
+    assert confirm.arm_hand_edit(path, "module 2", 60) is None and confirm.pending(path) is None

@@ -117,6 +117,11 @@ STATE_ROWS = {
                                                        routing={"mode": "vxlan", "vxlan_device": "slvx0"})), "'slnope0'"),
     "nexthop-off-link": (lambda node: state_with(node, "routes", [{"cidr": "10.247.9.0/24", "nexthop": "203.0.113.9"}]),
                          "203.0.113.9"),
+    # The controller's address on the NIC's network through a nexthop nobody has: the node's answers would follow.
+    "route-over-the-nic-network": (lambda node: state_with(node, "routes", [{"cidr": "192.168.94.1/32",
+                                                                             "nexthop": "192.168.94.249"}]),
+                                   "routes (192.168.94.1/32): overlaps 192.168.94.0/24, a network directly connected "
+                                   "to sleth0"),
 }
 
 

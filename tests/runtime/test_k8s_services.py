@@ -194,11 +194,13 @@ def test_node_routes_add_what_the_inventory_lacks_and_never_override_it():
                                "10.244.3.0/24": "192.168.1.13",      # a Node the inventory lacks
                                "10.244.2.0/23": "192.168.1.14",      # overlaps the inventory's route
                                "10.244.4.0/24": "10.9.9.9"})         # nexthop off the NIC's networks
-    merged, conflicts = merge(state, api, lambda nexthop: nexthop.startswith("192.168.1."))
+    merged, conflicts = merge(state, api, lambda _cidr, nexthop: None if nexthop.startswith("192.168.1.")
+                              else f"nexthop {nexthop} is not on a network of eth0")
     assert merged.routes == {"10.244.2.0/24": "192.168.1.12", "10.244.3.0/24": "192.168.1.13"}
     assert conflicts == ["Node route 10.244.2.0/23 via 192.168.1.14: overlaps 10.244.2.0/24, which the inventory "
                          "routes; not programmed",
-                         "Node route 10.244.4.0/24 via 10.9.9.9: nexthop 10.9.9.9 is not reachable; not programmed"]
+                         "Node route 10.244.4.0/24 via 10.9.9.9: nexthop 10.9.9.9 is not on a network of eth0; not "
+                         "programmed"]
     assert ks.node_from_api({"spec": {"podCIDRs": ["fd00:1::/64", "10.244.3.0/24"]},
                              "status": {"addresses": [{"type": "Hostname", "address": "node3"},
                                                       {"type": "InternalIP", "address": "192.168.1.13"}]}}) == \

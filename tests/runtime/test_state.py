@@ -18,6 +18,7 @@ from sluice import netlink
 from sluice.bpf import libbpf as lb
 from sluice.datapath import Datapath
 from sluice.state import ROUTE_PROTO, DesiredState, Reconciler, StateError
+from sluice.state.sources import ApiFrontends, merge
 
 BASE = {
     "node": {"name": "node1", "ip": "192.168.90.11", "nic": "sleth0", "pod_cidr": "10.244.1.0/24"},
@@ -233,6 +234,34 @@ def test_missing_nic_is_named(node):
     dp, _ns = node
     with pytest.raises(StateError, match="'sl-missing'"):
         Reconciler(dp).plan(DesiredState.parse(with_change("node.nic", "sl-missing")))
+
+
+def test_a_route_over_a_network_of_the_nic_or_the_node_s_own_address_is_refused_naming_them(node):
+    """A route to the controller's address (on the NIC's network) through a nexthop nobody has would take
+    the node's answers to it: refused, in either routing mode, naming the route, the network and the NIC;
+    so is a route holding the node's own address. Another node's pod CIDR passes (BASE); a Node's route
+    from the API that would cut the node off is left out, named in the conflicts."""
+    dp, _ns = node
+    cut = [{"cidr": "192.168.90.1/32", "nexthop": "192.168.90.249"}]
+    for mode in ("native", "vxlan"):
+        state = DesiredState.parse(dict(with_change("routes", cut), routing={"mode": mode, "vxlan_device": "slvx0"}))
+        with pytest.raises(StateError, match=r"^routes \(192\.168\.90\.1/32\): overlaps 192\.168\.90\.0/24, a "
+                                             r"network directly connected to sleth0: this node's packets to the hosts "
+                                             r"on it .* would follow the route via 192\.168\.90\.249 instead"):
+            Reconciler(dp).plan(state)
+    own = with_change("routes", [{"cidr": "10.250.0.0/16", "nexthop": "192.168.90.12"}])
+    own["node"]["ip"] = "10.250.0.1"      # an address of the node elsewhere than on the NIC's network
+    with pytest.raises(StateError, match=r"^routes \(10\.250\.0\.0/16\): holds this node's own address "
+                                         r"10\.250\.0\.1: its pods' packets to the node"):
+        Reconciler(dp).plan(DesiredState.parse(own))
+    state = DesiredState.parse(BASE)
+    api = ApiFrontends(routes={"192.168.90.128/25": "192.168.90.12", "10.244.3.0/24": "192.168.90.13"})
+    merged, conflicts = merge(state, api, Reconciler.route_check(state))
+    assert merged.routes == {"10.244.2.0/24": "192.168.90.12", "10.244.3.0/24": "192.168.90.13"}
+    assert len(conflicts) == 1 and conflicts[0].startswith(
+        "Node route 192.168.90.128/25 via 192.168.90.12: overlaps 192.168.90.0/24, a network directly connected to "
+        "sleth0"), conflicts
+    Reconciler(dp).plan(merged)
 
 
 # ---- batch reads ------------------------------------------------------------------------------

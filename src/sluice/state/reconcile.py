@@ -76,32 +76,48 @@ class Reconciler:
 
     @staticmethod
     def check_node(state: DesiredState) -> None:
-        """What the state asks of this node that parsing cannot check: the NIC exists and, in native
-        routing, every nexthop is on a network of the NIC (else the kernel refuses the route after
-        the maps were already written)."""
+        """What the state asks of this node that parsing cannot check: the NIC exists, and every route can
+        be programmed without cutting the node off (route_check: else the kernel refuses the route after
+        the maps were already written, or the node's own packets follow it)."""
         try:
             socket.if_nametoindex(state.nic)
         except OSError:
             raise StateError(f"node.nic: interface {state.nic!r} does not exist on this node") from None
         if state.routes:
-            reachable = Reconciler.nexthop_check(state)
+            refusal = Reconciler.route_check(state)
             for cidr, nexthop in sorted(state.routes.items()):
-                if not reachable(nexthop):
-                    raise StateError(f"routes ({cidr}): nexthop {nexthop} is not on a network of {state.nic}; "
-                                     "native routing needs the other nodes directly reachable through the NIC")
+                why = refusal(cidr, nexthop)
+                if why:
+                    raise StateError(f"routes ({cidr}): {why}")
 
     @staticmethod
-    def nexthop_check(state: DesiredState):
-        """Whether a route's nexthop is reachable: in native routing, only directly through the NIC."""
-        if state.routing_mode != "native":
-            return lambda _nexthop: True
+    def route_check(state: DesiredState):
+        """Why a route (cidr via nexthop) cannot be programmed on this node, or None. Its prefix may not
+        overlap a network directly connected to the NIC (the node's packets to its neighbours there, its
+        answers to the controller among them, would follow the route) nor hold the node's own address
+        (tc_from_pod would send pods' packets to the node away); another node's pod CIDR never does. In
+        native routing the nexthop must be directly reachable through the NIC."""
         networks = []
+        node_ip = ipaddress.IPv4Address(state.node_ip)
 
-        def on_nic(nexthop: str) -> bool:
+        def refusal(cidr: str, nexthop: str) -> str | None:
             if not networks:
                 networks.extend(netlink.connected_networks(state.nic))
-            return any(ipaddress.IPv4Address(nexthop) in net for net in networks)
-        return on_nic
+            net = ipaddress.IPv4Network(cidr)
+            # A gateway-less default route makes every address on-link: overlapping it tells nothing.
+            taken = next((n for n in networks if n.prefixlen and n.overlaps(net)), None)
+            if taken:
+                return (f"overlaps {taken}, a network directly connected to {state.nic}: this node's packets to "
+                        f"the hosts on it (its answers to the controller or the other nodes there) would follow the "
+                        f"route via {nexthop} instead of reaching them directly")
+            if node_ip in net:
+                return (f"holds this node's own address {state.node_ip}: its pods' packets to the node (answers to "
+                        f"kubelet's probes among them) would be sent via {nexthop}")
+            if state.routing_mode == "native" and not any(ipaddress.IPv4Address(nexthop) in n for n in networks):
+                return (f"nexthop {nexthop} is not on a network of {state.nic}; native routing needs the other "
+                        "nodes directly reachable through the NIC")
+            return None
+        return refusal
 
     def plan(self, state: DesiredState) -> Plan:
         """What applying `state` changes, against the live maps and kernel routes."""

@@ -47,15 +47,28 @@ class StateError(ValueError):
     """The desired state is invalid; the message names the bad value."""
 
 
-def read_json(path: str, what: str = ""):
-    """The JSON document in `path`; StateError names the file (`what` says what it is) and the reason."""
+def read_text(path: str, what: str = "") -> str:
+    """The text of `path`; StateError names the file (`what` says what it is) and the reason."""
     try:
         with open(path) as f:
-            return json.load(f)
+            return f.read()
     except OSError as e:
         raise StateError(f"cannot read {what}{path}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
         raise StateError(f"{what}{path} is not valid JSON: {e}") from None
+
+
+def json_document(text: str, path: str, what: str = ""):
+    """The JSON document `text` (read from `path`); StateError names the file and the reason."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise StateError(f"{what}{path} is not valid JSON: {e}") from None
+
+
+def read_json(path: str, what: str = ""):
+    """The JSON document in `path`; StateError names the file (`what` says what it is) and the reason."""
+    return json_document(read_text(path, what), path, what)
 
 
 def _canonical_ip(value) -> bool:

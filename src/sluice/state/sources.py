@@ -146,10 +146,12 @@ def _write(path: str, doc: dict) -> None:
 
 
 def merge(state: DesiredState, api: ApiFrontends | None,
-          nexthop_ok: Callable[[str], bool] = lambda _nexthop: True) -> tuple[DesiredState, list[str]]:
+          route_refusal: Callable[[str, str], str | None] = lambda _cidr, _nexthop: None) \
+        -> tuple[DesiredState, list[str]]:
     """`state` with the API's frontends and routes added, and a message for each one the state file's own
-    entries keep out (the inventory wins). A route whose nexthop fails `nexthop_ok` (not reachable the way
-    the node routes) is left out too."""
+    entries keep out (the inventory wins). A route `route_refusal` (cidr, nexthop) gives a reason against
+    (Reconciler.route_check: it would cut the node off, or its nexthop is not reachable the way the node
+    routes) is left out too."""
     if api is None:
         return state, []
     conflicts = []
@@ -160,8 +162,8 @@ def merge(state: DesiredState, api: ApiFrontends | None,
             continue
         net = ipaddress.IPv4Network(cidr)
         clash = next((str(t) for t in taken if t.overlaps(net)), None)
-        if clash or not nexthop_ok(nexthop):
-            why = f"overlaps {clash}, which the inventory routes" if clash else f"nexthop {nexthop} is not reachable"
+        why = f"overlaps {clash}, which the inventory routes" if clash else route_refusal(cidr, nexthop)
+        if why:
             conflicts.append(f"Node route {cidr} via {nexthop}: {why}; not programmed")
             continue
         routes[cidr] = nexthop

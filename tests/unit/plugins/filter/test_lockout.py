@@ -203,6 +203,40 @@ def test_a_malformed_prefilter_or_management_cidr_is_refused_naming_it():
         check(lab(sluice_management_cidrs=["x"]))
 
 
+def test_a_route_to_a_pod_cidr_over_a_node_the_controller_or_a_nic_network_is_refused():
+    """A pod CIDR (here node3's, set by hand in a cluster CIDR that holds the nodes' network) that the other
+    nodes route to node3 would take their packets to the hosts in it, their answers to the controller too."""
+    cluster = "192.168.0.0/16"
+
+    def routed(pod_cidr, **host_vars):
+        hostvars = lab(**host_vars)
+        hostvars["node3"]["sluice_pod_cidr"] = pod_cidr
+        lockout_check(cluster_plan(list(hostvars), hostvars, cluster), hostvars, cluster)
+
+    with pytest.raises(AnsibleFilterError, match=r"node1: the route to node3's pod CIDR 192\.168\.77\.0/28 \(via "
+                                                 r"192\.168\.77\.13\) covers node1's address 192\.168\.77\.11: node1 "
+                                                 r"would send its packets to it \(its answers too\) to node3 instead"):
+        routed("192.168.77.0/28")
+    with pytest.raises(AnsibleFilterError, match=r"node1: the route to node3's pod CIDR 192\.168\.77\.0/30 .* covers "
+                                                 r"the controller's address 192\.168\.77\.1 \(as node1 sees it"):
+        routed("192.168.77.0/30", ssh_from="192.168.77.1")
+    with pytest.raises(AnsibleFilterError, match=r"node1: the route to node3's pod CIDR 192\.168\.10\.0/24 .* overlaps "
+                                                 r"the management network 192\.168\.10\.0/23 \(sluice_management_"
+                                                 r"cidrs\[0\]\)"):
+        routed("192.168.10.0/24", sluice_management_cidrs=["192.168.10.0/23"])
+    # No node address, no controller in it: only the NIC's network, from the network facts, tells.
+    routed("192.168.77.128/25", sluice_nic="eth0")
+    hostvars = lab(sluice_nic="eth0")
+    hostvars["node3"]["sluice_pod_cidr"] = "192.168.77.128/25"
+    for i, hv in enumerate(hostvars.values(), 1):
+        hv["ansible_facts"] = {"eth0": {"ipv4": {"address": f"192.168.77.1{i}", "netmask": "255.255.255.0"},
+                                        "ipv4_secondaries": [{"address": "10.1.0.1", "netmask": "255.255.0.0"}]}}
+    with pytest.raises(AnsibleFilterError, match=r"node1: the route to node3's pod CIDR 192\.168\.77\.128/25 \(via "
+                                                 r"192\.168\.77\.13\) overlaps eth0's network 192\.168\.77\.0/24: "
+                                                 r"node1 would send .* pod CIDRs must lie outside the nodes' networks"):
+        lockout_check(cluster_plan(list(hostvars), hostvars, cluster), hostvars, cluster)
+
+
 @pytest.mark.parametrize("group_vars,message", [
     ({"sluice_failsafe": ["tcp:6443", "udp:53"]},
      r"node1: sluice_failsafe lacks tcp:22, the port Ansible reaches node1 on: a prefilter or LB entry could then "

@@ -56,6 +56,9 @@ STATE_ROWS = {
                        "10.244.2.0/23 overlaps 10.244.2.0/24"),
     "unknown-interface": (node_with(nic="slnope0"), "'slnope0'"),
     "nexthop-not-on-the-nic": ({"routes": [dict(ROUTES[0], nexthop="198.51.100.12")]}, "nexthop 198.51.100.12"),
+    "route-over-the-nic-network": ({"routes": [{"cidr": "192.168.95.1/32", "nexthop": "192.168.95.249"}]},
+                                   "routes (192.168.95.1/32): overlaps 192.168.95.0/24, a network directly connected "
+                                   "to sleth0"),
     "node-ip-malformed": (node_with(ip="192.168.95.300"), "'192.168.95.300'"),
     "duplicate-service-vip-port": ({"services": [SERVICE, dict(SERVICE, name="web2", backends=[])]},
                                    "duplicate frontend 10.96.0.10:80/tcp"),
