@@ -272,7 +272,7 @@ def test_a_hand_edit_is_armed_by_the_agent_reverted_unconfirmed_and_kept_confirm
     """Past the state module, nothing arms a change: the agent arms it itself before applying it, the state
     last accepted as its checkpoint. Unconfirmed in time it is reverted like a playbook's change; confirmed
     with `sluice confirm` on the node it stands, and becomes the state the next hand edit goes back to."""
-    with agent_node(pin_root, tmp_path, hand_edit_confirm_timeout=2) as (agent, _ns, dp, state_file):
+    with agent_node(pin_root, tmp_path, hand_edit_confirm_timeout=6) as (agent, _ns, dp, state_file):
         with open(state_file) as f:
             before = f.read()
         cut = copy.deepcopy(STATE)
@@ -294,12 +294,12 @@ def test_a_hand_edit_is_armed_by_the_agent_reverted_unconfirmed_and_kept_confirm
         ok = subprocess.run([sys.executable, "-m", "sluice.cli", "--json", "confirm", "--state-file", state_file],
                             capture_output=True, text=True, check=False)
         assert ok.returncode == 0 and json.loads(ok.stdout) == {"confirmed": True}, ok
-        time.sleep(3)
+        time.sleep(7)       # past the deadline it had
         health = agent.health()
         assert not services(dp) and health["pending_confirm"] is None and health["last_revert"] == revert
         # The confirmed state is the checkpoint of the next hand edit.
         write_state(state_file, STATE)
-        agent.wait_for(lambda: (r := agent.health().get("last_revert")) and r != revert, timeout=15,
+        agent.wait_for(lambda: (r := agent.health().get("last_revert")) and r != revert, timeout=20,
                        what="the second hand edit reverted")
         assert not services(dp)
 
