@@ -301,7 +301,7 @@ def test_a_hand_edit_is_armed_by_the_agent_reverted_unconfirmed_and_kept_confirm
         write_state(state_file, STATE)
         agent.wait_for(lambda: (r := agent.health().get("last_revert")) and r != revert, timeout=20,
                        what="the second hand edit reverted")
-        assert not services(dp)
+        agent.wait_for(lambda: not services(dp), what="the confirmed state applied again")   # after the record
 
 
 def state_module(ns: str, state_file: str, pin_root: str, tmp_path, state: dict, **options) -> dict:
