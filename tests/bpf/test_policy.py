@@ -12,7 +12,8 @@ import pytest
 
 from lib import netns, packets
 from sluice import maps as m
-from test_tc_traffic import POD1, POD2, POD_HOOK, NIC_HOOK, one_node, two_nodes  # noqa: F401 - fixture
+# one_node: test_tc_traffic's fixture, used here by name
+from test_tc_traffic import POD1, POD2, POD_HOOK, NIC_HOOK, one_node, two_nodes  # noqa: F401  pylint: disable=unused-import
 
 pytestmark = pytest.mark.kernel
 

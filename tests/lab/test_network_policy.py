@@ -1,9 +1,10 @@
 """NetworkPolicy on a Kubernetes lab cluster (two nodes, Sluice installed by playbooks/site.yml): policies created
-with kubectl allow and deny as the API defines them, same node and across nodes, to a pod directly and through
-a Service's ClusterIP (after the socket LB chose the backend), from outside through a NodePort (ipBlock), and
-from pods to the outside (another node's kubelet; a pod's own node is always reachable); `sluice policy POD` shows what the agent resolved and the drops it counted, and the
-Prometheus endpoint exports them; an established connection keeps flowing across an agent restart, which
-rewrites nothing. The tests run in file order on one lab."""
+with kubectl allow and deny as the API defines them, same node and across nodes (native, then VXLAN), to a pod
+directly and through a Service's ClusterIP (after the socket LB chose the backend), from outside through a
+NodePort (ipBlock), and from pods to the outside (another node's kubelet; a pod's own node is always
+reachable); `sluice policy POD` shows what the agent resolved and the drops it counted, and the Prometheus
+endpoint exports them; an established connection keeps flowing across an agent kill -9 (the restart rewrites
+nothing) and a datapath upgrade. The tests run in file order on one lab."""
 
 from __future__ import annotations
 
@@ -232,3 +233,21 @@ def test_an_established_connection_survives_a_datapath_upgrade(cluster, tmp_path
     assert_one_connection_answered_throughout(flow, 400)
     shown = explain(the_lab, 1, f"{SERVER_NS}/server")
     assert shown["isolated"], shown
+
+
+def test_over_vxlan_the_same_policies_hold_across_nodes(cluster):
+    """The remote pod's identity comes from the receiving node's ipcache, whatever carries the packet."""
+    the_lab, k8s = cluster
+    vxlan = playbook(the_lab, "site.yml", "-e", "sluice_routing_mode=vxlan")
+    assert vxlan.returncode == 0, vxlan.stdout[-4000:]
+    server = ip_of(k8s, SERVER_NS, "server")
+    before = json.loads(the_lab.node_run(1, SLUICE, "--json", "metrics").stdout)
+    assert wait_for(lambda: reaches(k8s, CLIENT_NS, "client", f"{server}:8080"))     # allow-clients
+    assert not reaches(k8s, SERVER_NS, "far", f"{server}:8080")                       # deny-all
+    after = json.loads(the_lab.node_run(1, SLUICE, "--json", "metrics").stdout)
+
+    def counted(metrics: list, outcome: str) -> int:
+        return sum(m["packets"] for m in metrics if (m["hook"], m["outcome"]) == ("tc_from_nic", outcome))
+
+    assert counted(after, "redirect_peer") > counted(before, "redirect_peer")     # decapsulated, delivered
+    assert counted(after, "drop_policy_ingress") > counted(before, "drop_policy_ingress")

@@ -48,7 +48,7 @@ def cluster():
             pod("client", "team-b", {"app": "client"}, ip="10.244.2.20", node="node2")]
 
 
-NAMESPACES = [namespace("default"), namespace("team-a", team="a"), namespace("team-b", team="b")]
+NAMESPACES = (namespace("default"), namespace("team-a", team="a"), namespace("team-b", team="b"))
 
 
 def resolve(policies, pods=None, namespaces=NAMESPACES, node="node1", local=None, identities=None):
@@ -269,8 +269,8 @@ def test_protocol_without_port_allows_every_port_of_that_protocol_only():
 
 
 def test_named_port_ingress_is_the_selected_pods_own_container_port():
-    res = resolve([policy("in", {"podSelector": {}, "ingress": [{"ports": [{"port": "http"}]},
-                                                                 {"ports": [{"port": "dns", "protocol": "UDP"}]}]})])
+    res = resolve([policy("in", {"podSelector": {},
+                                 "ingress": [{"ports": [{"port": "http"}]}, {"ports": [{"port": "dns", "protocol": "UDP"}]}]})])
     assert ingress(res, SERVER, OUTSIDE, 8080) and not ingress(res, SERVER, OUTSIDE, 9090)
     assert ingress(res, SERVER, OUTSIDE, 5353, UDP) and not ingress(res, SERVER, OUTSIDE, 5353, TCP)
     assert not ingress(res, CLIENT, OUTSIDE, 8080)       # the client has no port named http: nothing

@@ -132,11 +132,11 @@ class Identities:
             ids, last = data["ids"], data["last"]
             for key, number in ids.items():
                 first, end = _RANGES[key.split(":", 1)[0]]
-                if type(number) is not int or not first <= number <= end:
+                if isinstance(number, bool) or not isinstance(number, int) or not first <= number <= end:
                     raise ValueError(f"{key!r}: {number!r} is outside {first}-{end}")
             for kind, number in last.items():
                 first, end = _RANGES[kind]
-                if type(number) is not int or not first - 1 <= number <= end:
+                if isinstance(number, bool) or not isinstance(number, int) or not first - 1 <= number <= end:
                     raise ValueError(f"last {kind}: {number!r} is outside {first - 1}-{end}")
             if len(set(ids.values())) != len(ids):
                 raise ValueError("a number is given to two keys")
@@ -283,7 +283,7 @@ class _Resolver:
                     applying.setdefault((ip, direction), []).append((policy.namespace, rule))
         entries = []
         for (ip, direction), rules in applying.items():
-            named = direction == INGRESS and any(spec.name for _, rule in rules for spec in rule.ports)
+            named = direction == INGRESS and any(spec.name for _policy, rule in rules for spec in rule.ports)
             ports = self.pods[self.local[ip]].ports if named else ()
             entries.extend(PolicyEntry._make((ip, direction) + allow)
                            for allow in self.endpoint_allows(direction, tuple(rules), ports))
@@ -343,7 +343,7 @@ class _Resolver:
         labels_of, index = self.labels_of.get(namespace, {}), self.index.get(namespace, {})
         candidates = labels_of.keys()
         # a match has every matchLabels pair and every key an In or Exists names: start from the fewest
-        for needed in selector.labels + tuple(key for key, op, _ in selector.expressions if op in ("In", "Exists")):
+        for needed in selector.labels + tuple(key for key, op, _values in selector.expressions if op in ("In", "Exists")):
             having = index.get(needed, ())
             if len(having) < len(candidates):
                 candidates = having
@@ -459,7 +459,7 @@ def _without_redundant(allows: set[tuple[int, int, int, int]]) -> frozenset[tupl
         identity, proto, port, bits = allow
         if proto and (identity, 0) in widths:
             return True
-        for peer in {identity, ID_ANY}:
+        for peer in (identity, ID_ANY):
             for wider in widths.get((peer, proto), ()):
                 if (wider < bits or wider == bits and peer != identity) and \
                         (peer, proto, port >> (16 - wider) << (16 - wider), wider) in allows:
