@@ -250,3 +250,52 @@ def lab_play(name: str, playbook: str) -> None:
                          cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{playbook} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-1000:]}")
+
+
+# Runs in a lab node's python: SETUP defines holds(*fields); for each line of stdin (its fields) it says "armed",
+# polls holds() every 0.5 ms and answers with the wall-clock time it first held, or "timeout".
+_POLLER = r"""
+import sys, time
+{setup}
+print("ready", flush=True)
+for line in sys.stdin:
+    fields = line.split()
+    print("armed", flush=True)
+    deadline = time.monotonic() + {timeout}
+    while time.monotonic() < deadline:
+        if holds(*fields):
+            print(time.time(), flush=True)
+            break
+        time.sleep(0.0005)
+    else:
+        print("timeout", flush=True)
+"""
+
+
+class NodePoller:
+    """A poller of node1's BPF maps in lab NAME (see _POLLER): `until(fields, change)` arms it, runs `change()`
+    (which returns the wall-clock time it made the change) and returns that time and the one the maps showed it."""
+
+    def __init__(self, name: str, setup: str, timeout: float, *args: str):
+        self.timeout = timeout
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "lab", "lab.py"), "--name", name, "exec",
+                                      "node1", "--", "/opt/sluice/venv/bin/python", "-c",
+                                      _POLLER.format(setup=setup, timeout=timeout), *args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the poller in node1 did not start")
+
+    def until(self, fields: str, change) -> tuple[float, float]:
+        self.proc.stdin.write(fields + "\n")
+        self.proc.stdin.flush()
+        if self.proc.stdout.readline().strip() != "armed":
+            raise RuntimeError("the poller in node1 stopped")
+        sent = change()
+        seen = self.proc.stdout.readline().strip()
+        if seen == "timeout":
+            raise RuntimeError(f"node1's maps did not show {fields!r} within {self.timeout:.0f} s")
+        return sent, float(seen)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()

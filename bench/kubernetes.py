@@ -31,7 +31,7 @@ import time
 from sluice.k8s.client import Kubeconfig
 
 from . import ROOT
-from .common import fmt_ratio, lab_cli, lab_play, percentile, ratio, summary
+from .common import NodePoller, fmt_ratio, lab_cli, lab_play, percentile, ratio, summary
 
 sys.path.insert(0, os.path.join(ROOT, "lab"))
 import kube  # noqa: E402  pylint: disable=wrong-import-position
@@ -44,30 +44,17 @@ SUBNET = "192.168.96.0/24"
 NS = "bench"
 COUNT, PER = 10000, 5
 SLUICE = "/opt/sluice/venv/bin/sluice"
-NODE_PYTHON = "/opt/sluice/venv/bin/python"
 TARGETS: list = []
 
-# Runs in node1: waits for "VIP PORT IP" lines and answers with the wall-clock time at which the service's
-# backends in the BPF maps first include IP.
-POLLER = r"""
-import sys, time
+# node1's maps show a change when the service VIP:PORT's backends include IP (a NodePoller's fields).
+SERVICE_HAS_BACKEND = """
 from sluice.datapath import Datapath
 from sluice.maps import BackendsMap, ServicesMap
 dp = Datapath("/sys/fs/bpf/sluice", "/opt/sluice/bpf")
-with dp.open_map(ServicesMap) as sm, dp.open_map(BackendsMap) as bm:
-    print("ready", flush=True)
-    for line in sys.stdin:
-        vip, port, ip = line.split()
-        print("armed", flush=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            svc = sm.get(vip, int(port), "tcp")
-            if svc and any((bm.get(b) or (None,))[0] == ip for b in svc.backend_ids):
-                print(time.time(), flush=True)
-                break
-            time.sleep(0.0005)
-        else:
-            print("timeout", flush=True)
+sm, bm = dp.open_map(ServicesMap), dp.open_map(BackendsMap)
+def holds(vip, port, ip):
+    svc = sm.get(vip, int(port), "tcp")
+    return bool(svc) and any((bm.get(b) or (None,))[0] == ip for b in svc.backend_ids)
 """
 
 
@@ -214,10 +201,7 @@ def run(opts) -> dict:
               f"kube-proxy {res['rss_mib']['kube_proxy']:.0f} MiB", flush=True)
 
         api = Api(k8s.admin_conf)
-        poller = subprocess.Popen([sys.executable, os.path.join(ROOT, "lab", "lab.py"), "--name", LAB, "exec",
-                                   "node1", "--", NODE_PYTHON, "-c", POLLER], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
-        assert poller.stdout.readline().strip() == "ready"
+        poller = NodePoller(LAB, SERVICE_HAS_BACKEND, 60)
         vips = {s["metadata"]["name"]: s["spec"]["clusterIP"] for s in json.loads(
             k8s.kubectl("get", "services", "-n", NS, "-o", "json").stdout)["items"]}
         raw = {"sluice": [], "kube_proxy": []}
@@ -225,14 +209,8 @@ def run(opts) -> dict:
             i = (n * 7919) % count
             ips = [_endpoint_ip(i, k) for k in range(PER)]
             ips[0] = f"10.202.{n >> 8 & 255}.{n & 255}"
-            poller.stdin.write(f"{vips[f'svc-{i}']} 80 {ips[0]}\n")
-            poller.stdin.flush()
-            assert poller.stdout.readline().strip() == "armed"
-            sent = api.patch_slice(i, ips)
-            seen = poller.stdout.readline().strip()
-            if seen == "timeout":
-                raise RuntimeError(f"Sluice did not program the change of svc-{i} within 60 s")
-            raw["sluice"].append(float(seen) - sent)
+            sent, seen = poller.until(f"{vips[f'svc-{i}']} 80 {ips[0]}", lambda: api.patch_slice(i, ips))
+            raw["sluice"].append(seen - sent)
             raw["kube_proxy"].append(_kube_proxy_applied(proxy_log, sent) - sent)
             time.sleep(1.5)     # past kube-proxy's minimum sync period, so each change is timed alone
         res["raw"] = raw
@@ -258,8 +236,7 @@ def run(opts) -> dict:
               f"{res['agent_restart']['synced_s']:.1f} s (restart by its supervisor included)", flush=True)
     finally:
         if poller is not None:
-            poller.kill()
-            poller.wait()
+            poller.close()
         lab_cli(LAB, "down")
     return res
 

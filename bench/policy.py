@@ -44,7 +44,6 @@ import http.client
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,7 +57,7 @@ from sluice.policy.model import namespace_from_api, pod_from_api, policy_from_ap
 from sluice.policy.resolve import Identities, resolve
 
 from . import ROOT
-from .common import (fmt_spread, lab_cli, lab_play, paired_ratios, percentile, sh, summary)
+from .common import (NodePoller, fmt_spread, lab_cli, lab_play, paired_ratios, percentile, sh, summary)
 from .paths import CLIENT_IP, UNDERLAY, sluice_same_node, sluice_two_nodes
 from .traffic import IPERF_PORT, SOCKPERF_PORT, iperf_server, iperf_stream, sockperf_pingpong, sockperf_server
 
@@ -85,33 +84,19 @@ VARIANTS = {"off": "policy off", "on": "policy on, no NetworkPolicy", "allow": "
 LAB = "slbnp"
 SUBNET = "192.168.92.0/24"
 SLUICE = "/opt/sluice/venv/bin/sluice"
-NODE_PYTHON = "/opt/sluice/venv/bin/python"
 PROBE_PORT = 20000
 CONDITIONS = {"none": "no other policy", "others": f"{POLICIES:,} policies selecting other pods",
               "same_pod": f"{POLICIES:,} policies selecting the pod"}
 
-# Runs in node1: waits for "present PORT" / "absent PORT" lines and answers with the wall-clock time at which
-# sl_policy first holds (no longer holds) the entry allowing TCP PORT from every peer into the pod.
-POLLER = r"""
-import sys, time
+# node1's maps show a change when sl_policy holds ("present") or no longer holds ("absent") the entry allowing
+# TCP PORT from every peer into the pod at argv[1] (a NodePoller's fields: WANT PORT).
+POLICY_ENTRY = """
 from sluice.datapath import Datapath
 from sluice.maps import PolicyEntryTuple, PolicyMap, INGRESS
-ip = sys.argv[1]
-dp = Datapath("/sys/fs/bpf/sluice", "/opt/sluice/bpf")
-with dp.open_map(PolicyMap) as pm:
-    print("ready", flush=True)
-    for line in sys.stdin:
-        want, port = line.split()
-        key = PolicyMap._key(PolicyEntryTuple(ip, INGRESS, 0, 6, int(port), 16))
-        print("armed", flush=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if (pm.lookup(key) is not None) == (want == "present"):
-                print(time.time(), flush=True)
-                break
-            time.sleep(0.0005)
-        else:
-            print("timeout", flush=True)
+pm = Datapath("/sys/fs/bpf/sluice", "/opt/sluice/bpf").open_map(PolicyMap)
+def holds(want, port):
+    key = PolicyMap._key(PolicyEntryTuple(sys.argv[1], INGRESS, 0, 6, int(port), 16))
+    return (pm.lookup(key) is not None) == (want == "present")
 """
 
 
@@ -413,22 +398,11 @@ def _api_to_datapath(opts) -> dict:
             raise RuntimeError(f"node1's agent enforces no NetworkPolicy (health: {base})")
         base_policies = base.get("policies", 0)
         api = Api(k8s.admin_conf)
-        poller = subprocess.Popen([sys.executable, os.path.join(ROOT, "lab", "lab.py"), "--name", LAB, "exec",
-                                   "node1", "--", NODE_PYTHON, "-c", POLLER, ip], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
-        if poller.stdout.readline().strip() != "ready":
-            raise RuntimeError("the poller in node1 did not start")
+        poller = NodePoller(LAB, POLICY_ENTRY, 120, ip)
 
         def until(want: str, port: int, write) -> float:
-            poller.stdin.write(f"{want} {port}\n")
-            poller.stdin.flush()
-            if poller.stdout.readline().strip() != "armed":
-                raise RuntimeError("the poller in node1 stopped")
-            sent = write()
-            seen = poller.stdout.readline().strip()
-            if seen == "timeout":
-                raise RuntimeError(f"the entry for port {port} was not {want} in node1's sl_policy within 120 s")
-            return float(seen) - sent
+            sent, seen = poller.until(f"{want} {port}", write)
+            return seen - sent
 
         path = f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies"
         for c, cond in enumerate(CONDITIONS):
@@ -457,8 +431,7 @@ def _api_to_datapath(opts) -> dict:
                   f"{res[cond]['delete']['p50'] * 1000:.1f} ms", flush=True)
     finally:
         if poller is not None:
-            poller.kill()
-            poller.wait()
+            poller.close()
         lab_cli(LAB, "down")
     return res
 
