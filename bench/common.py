@@ -5,6 +5,7 @@ always cleaned up, commands pinned to a CPU, and the statistics the report uses
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -250,6 +251,22 @@ def lab_play(name: str, playbook: str) -> None:
                          cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{playbook} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-1000:]}")
+
+
+def wait_until(what: str, ready, seconds: float, interval: float = 0.2) -> float:
+    """Seconds until ready() held; RuntimeError naming `what` after `seconds`."""
+    t0 = time.monotonic()
+    while not ready():
+        if time.monotonic() - t0 > seconds:
+            raise RuntimeError(f"timed out after {seconds:.0f} s waiting for {what}")
+        time.sleep(interval)
+    return time.monotonic() - t0
+
+
+def node_agent(the_lab, node: int = 1) -> dict:
+    """The agent section of a lab node's `sluice --json status` ({} while it does not answer)."""
+    out = the_lab.node_run(node, "/opt/sluice/venv/bin/sluice", "--json", "status", check=False)
+    return json.loads(out.stdout).get("agent") or {} if out.returncode == 0 else {}
 
 
 # Runs in a lab node's python: SETUP defines holds(*fields); for each line of stdin (its fields) it says "armed",

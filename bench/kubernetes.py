@@ -31,7 +31,7 @@ import time
 from sluice.k8s.client import Kubeconfig
 
 from . import ROOT
-from .common import NodePoller, fmt_ratio, lab_cli, lab_play, percentile, ratio, summary
+from .common import NodePoller, fmt_ratio, lab_cli, lab_play, node_agent, percentile, ratio, summary, wait_until
 
 sys.path.insert(0, os.path.join(ROOT, "lab"))
 import kube  # noqa: E402  pylint: disable=wrong-import-position
@@ -134,20 +134,6 @@ def _rss_mib(pid: int) -> float:
         return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) / 1024
 
 
-def _agent(the_lab: lab.Lab) -> dict:
-    out = the_lab.node_run(1, SLUICE, "--json", "status", check=False)
-    return json.loads(out.stdout).get("agent") or {} if out.returncode == 0 else {}
-
-
-def _wait(what: str, ready, seconds: float, interval: float = 0.2) -> float:
-    t0 = time.monotonic()
-    while not ready():
-        if time.monotonic() - t0 > seconds:
-            raise RuntimeError(f"timed out after {seconds:.0f} s waiting for {what}")
-        time.sleep(interval)
-    return time.monotonic() - t0
-
-
 def _sluice_services(the_lab: lab.Lab) -> int:
     out = the_lab.node_run(1, SLUICE, "--json", "services", check=False)
     return sum(1 for s in json.loads(out.stdout) if s["frontend"].endswith(":80/tcp")) if out.returncode == 0 else 0
@@ -188,11 +174,11 @@ def run(opts) -> dict:
                 range(0, len(objs), 1000)))
         res["create_s"] = time.monotonic() - t0
         print(f"  created {count} Services and EndpointSlices through the API in {res['create_s']:.0f} s", flush=True)
-        res["sluice_program_s"] = _wait("Sluice to program every Service",
+        res["sluice_program_s"] = wait_until("Sluice to program every Service",
                                         lambda: _sluice_services(the_lab) >= count, 900, 2)
-        res["kube_proxy_program_s"] = _wait("kube-proxy to program every Service",
+        res["kube_proxy_program_s"] = wait_until("kube-proxy to program every Service",
                                             lambda: _kube_proxy_services(the_lab) >= count, 900, 2)
-        agent = _agent(the_lab)
+        agent = node_agent(the_lab)
         kube_proxy_pid = int(subprocess.run(["pgrep", "-n", "-x", "kube-proxy"], capture_output=True, text=True,
                                             check=True).stdout)
         res["rss_mib"] = {"sluice": _rss_mib(agent["pid"]), "kube_proxy": _rss_mib(kube_proxy_pid)}
@@ -223,14 +209,14 @@ def run(opts) -> dict:
         os.kill(old, signal.SIGKILL)
 
         def restarted(synced: bool) -> bool:
-            a = _agent(the_lab)
+            a = node_agent(the_lab)
             k = a.get("kubernetes") or {}
             return a.get("pid") not in (None, old) and bool(a.get("ready")) and \
                 (not synced or bool(k.get("synced") and k.get("last_apply")))
 
-        serving = _wait("the restarted agent to serve", lambda: restarted(False), 300)
+        serving = wait_until("the restarted agent to serve", lambda: restarted(False), 300)
         res["agent_restart"] = {"serving_s": serving,
-                                "synced_s": serving + _wait("the restarted agent to sync with the API",
+                                "synced_s": serving + wait_until("the restarted agent to sync with the API",
                                                             lambda: restarted(True), 600)}
         print(f"  agent after kill -9: serving in {res['agent_restart']['serving_s']:.1f} s, synced and applied in "
               f"{res['agent_restart']['synced_s']:.1f} s (restart by its supervisor included)", flush=True)

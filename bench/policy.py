@@ -57,7 +57,8 @@ from sluice.policy.model import namespace_from_api, pod_from_api, policy_from_ap
 from sluice.policy.resolve import Identities, resolve
 
 from . import ROOT
-from .common import (NodePoller, fmt_spread, lab_cli, lab_play, paired_ratios, percentile, sh, summary)
+from .common import (NodePoller, fmt_spread, lab_cli, lab_play, node_agent, paired_ratios, percentile, sh, summary,
+                     wait_until)
 from .paths import CLIENT_IP, UNDERLAY, sluice_same_node, sluice_two_nodes
 from .traffic import IPERF_PORT, SOCKPERF_PORT, iperf_server, iperf_stream, sockperf_pingpong, sockperf_server
 
@@ -341,19 +342,7 @@ class Api:
 
 
 def _agent_policy(the_lab) -> dict:
-    out = the_lab.node_run(1, SLUICE, "--json", "status", check=False)
-    if out.returncode != 0:
-        return {}
-    return ((json.loads(out.stdout).get("agent") or {}).get("kubernetes") or {}).get("network_policy") or {}
-
-
-def _wait(what: str, ready, seconds: float, interval: float = 1.0) -> float:
-    t0 = time.monotonic()
-    while not ready():
-        if time.monotonic() - t0 > seconds:
-            raise RuntimeError(f"timed out after {seconds:.0f} s waiting for {what}")
-        time.sleep(interval)
-    return time.monotonic() - t0
+    return (node_agent(the_lab).get("kubernetes") or {}).get("network_policy") or {}
 
 
 def _create_many(k8s, objs: list[dict]) -> None:
@@ -364,8 +353,8 @@ def _create_many(k8s, objs: list[dict]) -> None:
 
 def _settled(the_lab, policies: int) -> None:
     """The agent has resolved `policies` policies and applied nothing new for 2 s."""
-    _wait(f"node1's agent to hold {policies} NetworkPolicies",
-          lambda: _agent_policy(the_lab).get("policies") == policies, 300)
+    wait_until(f"node1's agent to hold {policies} NetworkPolicies",
+               lambda: _agent_policy(the_lab).get("policies") == policies, 300, interval=1.0)
     last = None
     while True:
         now = _agent_policy(the_lab).get("last_apply")
