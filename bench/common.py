@@ -253,6 +253,20 @@ def lab_play(name: str, playbook: str) -> None:
         raise RuntimeError(f"{playbook} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-1000:]}")
 
 
+def kubernetes_lab(name: str, subnet: str):
+    """A two-node Kubernetes lab NAME on SUBNET converged by site.yml: (lab.Lab, kube.Cluster), its nodes Ready."""
+    sys.path.insert(0, os.path.join(ROOT, "lab"))
+    import kube  # pylint: disable=import-outside-toplevel
+    import lab  # pylint: disable=import-outside-toplevel
+
+    lab_cli(name, "up", "--kubernetes", "--nodes", "2", "--subnet", subnet)
+    lab_play(name, "site.yml")
+    the_lab = lab.Lab(name)
+    k8s = kube.Cluster(the_lab)
+    k8s.kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=180s")
+    return the_lab, k8s
+
+
 def wait_until(what: str, ready, seconds: float, interval: float = 0.2) -> float:
     """Seconds until ready() held; RuntimeError naming `what` after `seconds`."""
     t0 = time.monotonic()

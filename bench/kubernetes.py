@@ -31,7 +31,7 @@ import time
 from sluice.k8s.client import Kubeconfig
 
 from . import ROOT
-from .common import NodePoller, fmt_ratio, lab_cli, lab_play, node_agent, percentile, ratio, summary, wait_until
+from .common import NodePoller, fmt_ratio, kubernetes_lab, lab_cli, node_agent, percentile, ratio, summary, wait_until
 
 sys.path.insert(0, os.path.join(ROOT, "lab"))
 import kube  # noqa: E402  pylint: disable=wrong-import-position
@@ -152,11 +152,7 @@ def run(opts) -> dict:
     res: dict = {"measured": True, "services": count, "endpoints": count * PER, "changes": changes}
     poller = None
     try:
-        lab_cli(LAB, "up", "--kubernetes", "--nodes", "2", "--subnet", SUBNET)
-        lab_play(LAB, "site.yml")
-        the_lab = lab.Lab(LAB)
-        k8s = kube.Cluster(the_lab)
-        k8s.kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=180s")
+        the_lab, k8s = kubernetes_lab(LAB, SUBNET)
         proxy_log = the_lab.daemon_log("node2", "kube-proxy")
         the_lab.start_daemon("node2", "kube-proxy", [
             f"{k8s.bin}/kube-proxy", f"--kubeconfig={k8s.admin_conf}", "--proxy-mode=iptables",

@@ -57,15 +57,13 @@ from sluice.policy.model import namespace_from_api, pod_from_api, policy_from_ap
 from sluice.policy.resolve import Identities, resolve
 
 from . import ROOT
-from .common import (NodePoller, fmt_spread, lab_cli, lab_play, node_agent, paired_ratios, percentile, sh, summary,
+from .common import (NodePoller, fmt_spread, kubernetes_lab, lab_cli, node_agent, paired_ratios, percentile, sh, summary,
                      wait_until)
 from .paths import CLIENT_IP, UNDERLAY, sluice_same_node, sluice_two_nodes
 from .traffic import IPERF_PORT, SOCKPERF_PORT, iperf_server, iperf_stream, sockperf_pingpong, sockperf_server
 
 sys.path.insert(0, os.path.join(ROOT, "lab"))
 import images  # noqa: E402  pylint: disable=wrong-import-position
-import kube  # noqa: E402  pylint: disable=wrong-import-position
-import lab  # noqa: E402  pylint: disable=wrong-import-position
 
 NAME = "policy"
 TITLE = "NetworkPolicy: datapath cost (off, on, deny+allow, 1,000 policies) and API change to datapath"
@@ -369,11 +367,7 @@ def _api_to_datapath(opts) -> dict:
     res: dict = {"measured": True, "samples": samples, "raw": {}}
     poller = None
     try:
-        lab_cli(LAB, "up", "--kubernetes", "--nodes", "2", "--subnet", SUBNET)
-        lab_play(LAB, "site.yml")
-        the_lab = lab.Lab(LAB)
-        k8s = kube.Cluster(the_lab)
-        k8s.kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=180s")
+        the_lab, k8s = kubernetes_lab(LAB, SUBNET)
         k8s.apply([_namespace(NS, {"team": "bench"}), _namespace(PEERS_NS, {"team": "peers"}),
                    {"apiVersion": "v1", "kind": "Pod",
                     "metadata": {"name": "target", "namespace": NS, "labels": {"app": "target"}},
