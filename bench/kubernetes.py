@@ -171,9 +171,9 @@ def run(opts) -> dict:
         res["create_s"] = time.monotonic() - t0
         print(f"  created {count} Services and EndpointSlices through the API in {res['create_s']:.0f} s", flush=True)
         res["sluice_program_s"] = wait_until("Sluice to program every Service",
-                                        lambda: _sluice_services(the_lab) >= count, 900, 2)
+                                             lambda: _sluice_services(the_lab) >= count, 900, 2)
         res["kube_proxy_program_s"] = wait_until("kube-proxy to program every Service",
-                                            lambda: _kube_proxy_services(the_lab) >= count, 900, 2)
+                                                 lambda: _kube_proxy_services(the_lab) >= count, 900, 2)
         agent = node_agent(the_lab)
         kube_proxy_pid = int(subprocess.run(["pgrep", "-n", "-x", "kube-proxy"], capture_output=True, text=True,
                                             check=True).stdout)
@@ -213,7 +213,7 @@ def run(opts) -> dict:
         serving = wait_until("the restarted agent to serve", lambda: restarted(False), 300)
         res["agent_restart"] = {"serving_s": serving,
                                 "synced_s": serving + wait_until("the restarted agent to sync with the API",
-                                                            lambda: restarted(True), 600)}
+                                                                 lambda: restarted(True), 600)}
         print(f"  agent after kill -9: serving in {res['agent_restart']['serving_s']:.1f} s, synced and applied in "
               f"{res['agent_restart']['synced_s']:.1f} s (restart by its supervisor included)", flush=True)
     finally:

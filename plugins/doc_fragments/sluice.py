@@ -7,9 +7,14 @@ from __future__ import annotations
 
 
 class ModuleDocFragment:
-    """Options shared by the sluice.network modules that work with the datapath."""
+    """What the sluice.network modules that work with the datapath share: author, full check mode, options."""
 
     DOCUMENTATION = r"""
+author:
+  - Sluice developers (@sluice-network)
+attributes:
+  check_mode:
+    support: full
 options:
   pin_root:
     description:
@@ -32,4 +37,17 @@ options:
 requirements:
   - sluice (the Sluice node package, installed by the sluice.network.node role)
   - Linux with BPF, run as root
+"""
+
+    # The inventory the cluster-wide planning filters (cluster_plan, lockout_check) read.
+    CLUSTER = r"""
+options:
+  hostvars:
+    description: C(hostvars).
+    type: dict
+    required: true
+  cluster_cidr:
+    description: The cluster CIDR all pod CIDRs come from.
+    type: str
+    required: true
 """

@@ -20,19 +20,13 @@ description:
     also fails when a node is not a Node of the cluster (by C(sluice_kubernetes_node_name), default the inventory
     name), has no pod CIDR yet, or was given another pod CIDR than the plan's (Sluice would route pods where
     Kubernetes does not put them).
+extends_documentation_fragment:
+  - sluice.network.sluice.cluster
 options:
   _input:
     description: Names of the node hosts (for example C(groups['sluice_nodes'])).
     type: list
     elements: str
-    required: true
-  hostvars:
-    description: C(hostvars).
-    type: dict
-    required: true
-  cluster_cidr:
-    description: The cluster CIDR all pod CIDRs come from.
-    type: str
     required: true
   node_prefix:
     description: Prefix length of derived pod CIDRs.

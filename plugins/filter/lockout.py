@@ -32,18 +32,12 @@ description:
     (C(sluice_failsafe); empty, the node's default holds C(tcp:22)), which the datapath passes before any filter.
   - Facts not gathered yet are not checked, so the filter can run before any node is contacted and again after
     the gather.
+extends_documentation_fragment:
+  - sluice.network.sluice.cluster
 options:
   _input:
     description: The plan of P(sluice.network.cluster_plan#filter) (per node C(ip) and C(pod_cidr)).
     type: dict
-    required: true
-  hostvars:
-    description: C(hostvars).
-    type: dict
-    required: true
-  cluster_cidr:
-    description: The cluster CIDR all pod CIDRs come from.
-    type: str
     required: true
   kubeconfig:
     description: Path of the cluster's kubeconfig on the controller; its current context's server is protected.

@@ -19,13 +19,10 @@ description:
     program with C(BPF_LINK_UPDATE), so no hook is ever without a program.
   - A program the verifier rejects fails the task with the verifier's log and leaves the running datapath attached.
   - The XDP program is attached by M(sluice.network.nic).
-author:
-  - Sluice developers (@sluice-network)
 extends_documentation_fragment:
   - sluice.network.sluice
 attributes:
   check_mode:
-    support: full
     description: Objects are verified by the kernel to compute their tags; nothing is pinned or attached.
   diff_mode:
     support: full

@@ -15,13 +15,10 @@ description:
   - Datapath status (programs and tags, pinned links with their targets and whether they are attached, map fill),
     the XDP mode in force on every NIC Sluice attached to, the agent's health over its socket (an unreachable agent
     is reported, not a failure), the pod endpoints, and the state file with whether the agent has applied it.
-author:
-  - Sluice developers (@sluice-network)
 extends_documentation_fragment:
   - sluice.network.sluice
 attributes:
   check_mode:
-    support: full
     description: The module never changes anything.
   diff_mode:
     support: none

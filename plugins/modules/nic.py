@@ -16,13 +16,10 @@ description:
   - Every requested value is checked against what the device reports before anything is changed, so bad input
     fails naming the value and leaves the NIC as it was.
   - The logic lives in the C(sluice.nic) and C(sluice.datapath) modules of the node package; this module is glue.
-author:
-  - Sluice developers (@sluice-network)
 extends_documentation_fragment:
   - sluice.network.sluice
 attributes:
   check_mode:
-    support: full
     description: Reports what would change; nothing is changed.
   diff_mode:
     support: full

@@ -16,13 +16,10 @@ description:
     C(sluice.state.Reconciler) instead of waiting for the agent's file watch.
   - The plan (what applying changes in the maps and kernel routes) is computed against the live maps and returned,
     so C(--check --diff) reports exactly the pending changes.
-author:
-  - Sluice developers (@sluice-network)
 extends_documentation_fragment:
   - sluice.network.sluice
 attributes:
   check_mode:
-    support: full
     description: Validates, computes the plan and the file diff; writes and applies nothing.
   diff_mode:
     support: full
