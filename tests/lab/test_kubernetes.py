@@ -21,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import pytest
 
@@ -36,40 +35,18 @@ sys.path.insert(0, os.path.join(ROOT, "lab"))
 import images  # noqa: E402  pylint: disable=wrong-import-position
 import kube  # noqa: E402  pylint: disable=wrong-import-position
 import lab  # noqa: E402  pylint: disable=wrong-import-position
+from k8s_cluster import VENV_BIN, converged_cluster, playbook  # noqa: E402  pylint: disable=wrong-import-position
 
 pytestmark = pytest.mark.kernel
 SUBNET = "192.168.94.0/24"
 SLUICE = "/opt/sluice/venv/bin/sluice"
 NS = "sltest"
-VENV_BIN = os.path.join(ROOT, ".venv", "bin")
-
-
-def playbook(the_lab: lab.Lab, name: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([os.path.join(VENV_BIN, "ansible-playbook"), "-i", the_lab.inventory,
-                           os.path.join(ROOT, "playbooks", name), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
-                          env=dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", ANSIBLE_FORCE_COLOR="0",
-                                   **env))
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    name = f"slk8s{uuid.uuid4().hex[:4]}"
-    cli = [sys.executable, os.path.join(ROOT, "lab", "lab.py"), "--name", name]
-    try:
-        up = subprocess.run([*cli, "up", "--kubernetes", "--nodes", "2", "--subnet", SUBNET],
-                            capture_output=True, text=True, timeout=900, check=False)
-        assert up.returncode == 0, up.stdout + up.stderr
-        the_lab = lab.Lab(name)
-        site = playbook(the_lab, "site.yml")
-        assert site.returncode == 0, site.stdout[-6000:] + site.stderr
-        k8s = kube.Cluster(the_lab)
-        # Settled: the nodes Ready and the add-ons' pods made, so only the tests' own pods come and go.
-        k8s.kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=180s")
-        k8s.kubectl("rollout", "status", "-n", "kube-system", "deployment/coredns", "--timeout=180s")
-        yield the_lab, k8s
-    finally:
-        subprocess.run([*cli, "down"], capture_output=True, timeout=300, check=False)
+    with converged_cluster("slk8s", SUBNET) as converged:
+        yield converged
 
 
 def node_json(the_lab: lab.Lab, i: int, *argv: str):

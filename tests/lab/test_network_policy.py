@@ -13,18 +13,15 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "lab"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from k8s_cluster import ROOT, converged_cluster, playbook  # noqa: E402  pylint: disable=wrong-import-position
 import images  # noqa: E402  pylint: disable=wrong-import-position
 import kube  # noqa: E402  pylint: disable=wrong-import-position
 import lab  # noqa: E402  pylint: disable=wrong-import-position
-from test_kubernetes import playbook  # noqa: E402  pylint: disable=wrong-import-position
 
 pytestmark = pytest.mark.kernel
 SUBNET = "192.168.93.0/24"
@@ -39,25 +36,13 @@ PODS = [(SERVER_NS, "server", "node1", {"app": "server"}),
 
 @pytest.fixture(scope="module")
 def cluster():
-    name = f"slnp{uuid.uuid4().hex[:4]}"
-    cli = [sys.executable, os.path.join(ROOT, "lab", "lab.py"), "--name", name]
-    try:
-        up = subprocess.run([*cli, "up", "--kubernetes", "--nodes", "2", "--subnet", SUBNET],
-                            capture_output=True, text=True, timeout=900, check=False)
-        assert up.returncode == 0, up.stdout + up.stderr
-        the_lab = lab.Lab(name)
-        site = playbook(the_lab, "site.yml")
-        assert site.returncode == 0, site.stdout[-6000:] + site.stderr
-        k8s = kube.Cluster(the_lab)
-        k8s.kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=180s")
+    with converged_cluster("slnp", SUBNET) as (the_lab, k8s):
         k8s.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SERVER_NS, "labels": {"team": "s"}}},
                    {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": CLIENT_NS, "labels": {"team": "c"}}},
                    *(pod(*p) for p in PODS), server_service()])
         for ns, pod_name, _node, _labels in PODS:
             k8s.kubectl("wait", "-n", ns, "--for=condition=Ready", f"pod/{pod_name}", "--timeout=180s")
         yield the_lab, k8s
-    finally:
-        subprocess.run([*cli, "down"], capture_output=True, timeout=300, check=False)
 
 
 def pod(ns: str, name: str, node: str, labels: dict) -> dict:
