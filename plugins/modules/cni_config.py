@@ -17,7 +17,7 @@ description:
     the C(sluice.network.cni) role copies; O(state=absent) removes it with the conflist.
   - With O(exclusive=true) every other C(*.conf), C(*.conflist) and C(*.json) in O(conf_dir) is moved into
     C(<conf_dir>/.sluice-moved/) so the runtime cannot pick a stale configuration; O(state=absent) puts them back.
-  - Rendering and file handling live in C(sluice.cniconf) of the node package.
+  - Rendering and file handling live in C(sluice.cniconf) and C(sluice.files) of the node package.
 author:
   - Sluice developers (@sluice-network)
 requirements:
@@ -127,7 +127,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.sluice.network.plugins.module_utils.sluice import HAS_SLUICE, ensure_sluice
 
 if HAS_SLUICE:
-    from sluice import cniconf
+    from sluice import cniconf, files
 
 
 def main():
@@ -158,13 +158,13 @@ def main():
     except cniconf.CniConfError as e:
         module.fail_json(msg=str(e))
 
-    before = cniconf.read(conflist)
+    before = files.read(conflist)
     others = cniconf.other_configs(p["conf_dir"], os.path.basename(conflist)) if p["exclusive"] else []
     changed = before != text or bool(others)
     if changed and not module.check_mode:
         try:
             cniconf.move_aside(p["conf_dir"], others)
-            cniconf.write(conflist, text, 0o644)
+            files.write(conflist, text, 0o644)
         except OSError as e:
             module.fail_json(msg=f"cannot install the CNI configuration: {e}", moved=others)
     if not os.access(plugin, os.X_OK):
@@ -181,7 +181,7 @@ def main():
 
 def _absent(module, conflist, plugin):
     p = module.params
-    before = cniconf.read(conflist)
+    before = files.read(conflist)
     back, kept = cniconf.restorable(p["conf_dir"])
     changed = before is not None or os.path.exists(plugin) or bool(back)
     if changed and not module.check_mode:

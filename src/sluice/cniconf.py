@@ -56,31 +56,6 @@ def render_conflist(conf: dict) -> str:
     return json.dumps(conf, indent=2) + "\n"
 
 
-def read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-
-
-def write(path: str, text: str, mode: int) -> bool:
-    """Atomically give `path` this content and mode; False when it has both already."""
-    try:
-        same_mode = (os.stat(path).st_mode & 0o7777) == mode
-    except FileNotFoundError:
-        same_mode = False
-    if same_mode and read(path) == text:
-        return False
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    tmp = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}.sluice-tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-    return True
-
-
 def remove(path: str) -> bool:
     try:
         os.unlink(path)

@@ -328,6 +328,13 @@ def _wait(next_send: float, drain_until: float | None) -> float:
     return 0.05 if drain_until is not None else max(0.0, min(next_send - time.monotonic(), 0.05))
 
 
+def _draining(drain_until: float | None, now: float, deadline: float, stop: threading.Event) -> float | None:
+    """Until when a flow waits for its last echoes, once its time is up or it is stopped (None before)."""
+    if drain_until is None and (now >= deadline or stop.is_set()):
+        return now + FLOW_DRAIN
+    return drain_until
+
+
 class _Flow:
     """One flow: a paced sender and a check of every echo. Subclasses speak TCP or UDP."""
 
@@ -378,8 +385,7 @@ class _UdpFlow(_Flow):
             drain_until = None
             while True:
                 now = time.monotonic()
-                if drain_until is None and (now >= deadline or stop.is_set()):
-                    drain_until = now + FLOW_DRAIN
+                drain_until = _draining(drain_until, now, deadline, stop)
                 if drain_until is not None and (len(self.echoed) >= self.sent or now > drain_until):
                     return
                 if drain_until is None and now >= next_send:
@@ -440,8 +446,7 @@ class _TcpFlow(_Flow):
         drain_until = None
         while True:
             now = time.monotonic()
-            if drain_until is None and (now >= deadline or stop.is_set()):
-                drain_until = now + FLOW_DRAIN
+            drain_until = _draining(drain_until, now, deadline, stop)
             if drain_until is not None and ((expect == self.sent and not outbuf) or now > drain_until):
                 return
             if drain_until is None and now >= next_send:

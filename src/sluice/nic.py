@@ -21,7 +21,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import netlink
+from . import files, netlink
 from .datapath import NIC_PROG, xdp_wanted
 
 MTU_MIN, MTU_MAX = 68, 65535
@@ -340,27 +340,6 @@ def driver_files(name: str, options: dict, sysroot: str = "/") -> dict:
     }
 
 
-def read_file(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-
-
-def write_file(path: str, text: str, mode: int = 0o644) -> bool:
-    """Atomically replace `path` with `text`; False when it already has it."""
-    if read_file(path) == text:
-        return False
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.sluice-tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-    return True
-
-
 def modprobe_argv(name: str, options: dict, modprobe: str = "modprobe") -> list:
     return [modprobe, module_name(name)] + [f"{k}={v}" for k, v in sorted((options or {}).items())]
 
@@ -488,7 +467,7 @@ def _plan_driver(p: NicPlan, nic: Nic, driver_name: str | None, d: dict, modprob
                  f"its options need the kernel command line ({cmdline})")
         return before
     for path, text in driver_files(d["name"], options).items():
-        have = read_file(path)
+        have = files.read(path)
         if (d["persist"] and have != text) or (not d["persist"] and have is not None):
             p.driver_files[path] = text if d["persist"] else None
             before[path] = have
@@ -513,7 +492,7 @@ def apply(nic: Nic, dp, p: NicPlan, xdp_mode: str) -> None:
         if text is None:
             os.unlink(path)
         else:
-            write_file(path, text)
+            files.write(path, text)
     if "modprobe" in p.changes:
         rc, out, err = nic.run(p.changes["modprobe"])
         if rc != 0:
