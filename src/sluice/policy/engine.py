@@ -67,17 +67,23 @@ class PolicyEngine:
 
     def endpoint_added(self, address: str, pod: str) -> None:
         """The CNI gave `address` to pod namespace/name: its policies are in the maps before the runtime starts
-        the pod's containers, when the API's objects are known."""
+        the pod's containers, when the API's objects are known. Only a policy of its own namespace can isolate
+        it; without one, the API's next change brings the pod's address in."""
+        namespace = pod.partition("/")[0]
         with self.lock:
             self.local[address] = pod
-            if self.inputs is not None:
+            if self.inputs is not None and any(p.namespace == namespace for p in self.inputs.policies.values()):
                 self._apply()
 
     def endpoint_deleted(self, pod: str) -> None:
+        """The CNI took pod namespace/name's address back: an isolation of it goes at once, before the address
+        can be another pod's."""
         with self.lock:
-            for address in [a for a, p in self.local.items() if p == pod]:
+            gone = [a for a, p in self.local.items() if p == pod]
+            for address in gone:
                 del self.local[address]
-            if self.inputs is not None:
+            isolated = self.resolution.isolation if self.resolution is not None else {}
+            if self.inputs is not None and any(a in isolated for a in gone):
                 self._apply()
 
     def _apply(self) -> None:
