@@ -39,6 +39,9 @@ from k8s_cluster import VENV_BIN, converged_cluster, playbook  # noqa: E402  pyl
 
 pytestmark = pytest.mark.kernel
 SUBNET = "192.168.94.0/24"
+# What the agent watches: Services and their endpoints and Nodes, and for NetworkPolicy (on by default with a
+# kubeconfig) Pods, Namespaces and NetworkPolicies.
+WATCHES = {"services", "endpointslices", "nodes", "pods", "namespaces", "networkpolicies"}
 SLUICE = "/opt/sluice/venv/bin/sluice"
 NS = "sltest"
 
@@ -378,7 +381,7 @@ def test_the_agent_serves_what_it_last_learnt_while_the_api_server_is_away_and_r
                 .returncode == 0 else {}
             watches = ((status.get("agent") or {}).get("kubernetes") or {}).get("watches") or {}
             if status.get("agent", {}).get("pid") not in (None, agent) and \
-                    all(w.get("error") for w in watches.values()) and len(watches) == 3:
+                    all(w.get("error") for w in watches.values()) and set(watches) == WATCHES:
                 break
             assert time.monotonic() < deadline, status
             time.sleep(1)
