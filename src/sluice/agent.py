@@ -537,12 +537,12 @@ class Agent:
             return
         if done is None:
             return
-        self.health["last_revert"] = done
         log.warning("the %s of %s was not confirmed in time: %s%s", "hand edit" if done["hand_edit"] else "change",
                     self.config.state_file,
                     "the state before it is restored" if done["restored"] else "no earlier state to restore",
                     f"; its plan was {done['plan']}" if done["plan"] else "")
         self.reconcile(force=True, full=True)
+        self.health["last_revert"] = done     # once the restored state is applied: health never runs ahead
 
     def run(self) -> None:
         if self.config.kubeconfig:
