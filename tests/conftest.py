@@ -34,6 +34,17 @@ def pin_root():
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def datapath(pin_root):
+    """The whole datapath loaded and pinned under pin_root, removed afterwards."""
+    from sluice.datapath import Datapath  # pylint: disable=import-outside-toplevel
+
+    dp = Datapath(pin_root, BPF_BUILD)
+    dp.load()
+    yield dp
+    dp.remove()
+
+
 def bpf_object_path(name: str) -> str:
     path = os.path.join(BPF_BUILD, f"{name}.o")
     if not os.path.exists(path):

@@ -82,11 +82,6 @@ def pods():
         p.cleanup()
 
 
-@pytest.fixture
-def datapath(pin_root):
-    dp = Datapath(root=pin_root, obj_dir=BPF_BUILD)
-    dp.load()
-    return dp
 
 
 def pod_cidr(prefixlen: int = 24) -> str:

@@ -18,12 +18,6 @@ CLANG_FLAGS = ["-g", "-target", "bpf", "-D__TARGET_ARCH_x86", "-I", os.path.join
                "-I", os.path.join(ROOT, "bpf"), "-I", os.path.join(ROOT, "bpf", "lib")]
 
 
-@pytest.fixture
-def datapath(pin_root):
-    dp = Datapath(pin_root, BPF_BUILD)
-    dp.load()
-    yield dp
-    dp.remove()
 
 
 @pytest.fixture

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import BPF_BUILD
 from sluice import maps as m
-from sluice.datapath import Datapath
 from sluice.policy.engine import PolicyEngine, PolicyInputs
 from sluice.policy.model import namespace_from_api, pod_from_api, policy_from_api
 from sluice.policy.resolve import ID_HOST
@@ -39,21 +37,14 @@ ALLOW_CLIENT_8080 = {"podSelector": {"matchLabels": {"app": "server"}},
                                   "ports": [{"port": 8080}]}]}
 
 
-@pytest.fixture
-def dp(pin_root):
-    datapath = Datapath(pin_root, BPF_BUILD)
-    datapath.load()
-    yield datapath
-    datapath.remove()
-
-
 def maps_of(dp):
     with dp.open_map(m.PolicyMap) as pm, dp.open_map(m.IpcacheMap) as im, \
             dp.open_map(m.PolicyIsolationMap) as iso, dp.open_map(m.PolicyCidrsMap) as cm:
         return pm.entries(), im.items(), iso.items(), cm.items()
 
 
-def test_policies_reach_the_maps_as_their_difference_and_a_restart_rewrites_nothing(dp, tmp_path):
+def test_policies_reach_the_maps_as_their_difference_and_a_restart_rewrites_nothing(datapath, tmp_path):
+    dp = datapath
     identities = str(tmp_path / "identities.json")
     engine = PolicyEngine(dp, NODE, identities)
     engine.update(inputs(ALLOW_CLIENT_8080))
@@ -82,7 +73,8 @@ def test_policies_reach_the_maps_as_their_difference_and_a_restart_rewrites_noth
     assert "10.1.2.7/32" in ipcache
 
 
-def test_a_pod_the_cni_just_created_is_isolated_before_the_api_shows_its_address(dp, tmp_path):
+def test_a_pod_the_cni_just_created_is_isolated_before_the_api_shows_its_address(datapath, tmp_path):
+    dp = datapath
     engine = PolicyEngine(dp, NODE, str(tmp_path / "identities.json"))
     fresh = api_pod("server", None)                  # scheduled, no address in its status yet
     engine.update(inputs({"podSelector": {}, "policyTypes": ["Ingress"]},
