@@ -82,8 +82,6 @@ def pods():
         p.cleanup()
 
 
-
-
 def pod_cidr(prefixlen: int = 24) -> str:
     # Random, so node routes of concurrent runs do not collide.
     return f"10.213.{random.randrange(256)}.0/{prefixlen}"

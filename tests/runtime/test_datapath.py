@@ -18,8 +18,6 @@ CLANG_FLAGS = ["-g", "-target", "bpf", "-D__TARGET_ARCH_x86", "-I", os.path.join
                "-I", os.path.join(ROOT, "bpf"), "-I", os.path.join(ROOT, "bpf", "lib")]
 
 
-
-
 @pytest.fixture
 def obj_copy(tmp_path):
     """A private copy of the objects that a test may replace with other versions."""
