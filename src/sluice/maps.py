@@ -826,24 +826,42 @@ def _prefix(k) -> str:
     return f"{ip_str(k.ip)}/{k.prefixlen}"
 
 
-class PrefixIdentityMap(Map):
-    """An LPM trie of IPv4 prefixes -> identities."""
+class _TextKeyedMap(Map):
+    """A map of u32 values keyed by text (an address or a prefix), kept equal to a dict by sync()."""
 
-    key_type, value_type = sl_ipv4_prefix_key, c_uint32
+    value_type = c_uint32
+
+    def _key(self, text: str):
+        raise NotImplementedError
+
+    def _text(self, key) -> str:
+        raise NotImplementedError
 
     def items(self) -> dict[str, int]:
-        return {_prefix(k): v.value for k, v in self.raw_items()}
+        return {self._text(k): v.value for k, v in self.raw_items()}
 
     def sync(self, want: dict[str, int], have: dict[str, int] | None = None) -> int:
         """Make the map hold exactly `want` (`have`: what it holds, when the caller knows): new and changed
         entries first, then the removals. Returns how many entries were written or removed."""
         have = self.items() if have is None else have
-        put = [(_lpm_key(sl_ipv4_prefix_key, p), c_uint32(i)) for p, i in want.items() if have.get(p) != i]
+        put = [(self._key(k), c_uint32(v)) for k, v in want.items() if have.get(k) != v]
         self.update_batch(put)
-        gone = [p for p in have if p not in want]
-        for p in gone:
-            self.remove(_lpm_key(sl_ipv4_prefix_key, p))
+        gone = [k for k in have if k not in want]
+        for k in gone:
+            self.remove(self._key(k))
         return len(put) + len(gone)
+
+
+class PrefixIdentityMap(_TextKeyedMap):
+    """An LPM trie of IPv4 prefixes -> identities."""
+
+    key_type = sl_ipv4_prefix_key
+
+    def _key(self, text: str):
+        return _lpm_key(sl_ipv4_prefix_key, text)
+
+    def _text(self, key) -> str:
+        return _prefix(key)
 
 
 class IpcacheMap(PrefixIdentityMap):
@@ -858,23 +876,17 @@ class PolicyCidrsMap(PrefixIdentityMap):
     name = "sl_policy_cidrs"
 
 
-class PolicyIsolationMap(Map):
+class PolicyIsolationMap(_TextKeyedMap):
     """Local pods isolated by a NetworkPolicy: address -> INGRESS | EGRESS bits."""
 
     name = "sl_policy_isolation"
-    key_type, value_type = sl_endpoint_key, c_uint32
+    key_type = sl_endpoint_key
 
-    def items(self) -> dict[str, int]:
-        return {ip_str(k.ip): v.value for k, v in self.raw_items()}
+    def _key(self, text: str):
+        return sl_endpoint_key(be32(text))
 
-    def sync(self, want: dict[str, int], have: dict[str, int] | None = None) -> int:
-        have = self.items() if have is None else have
-        put = [(sl_endpoint_key(be32(ip)), c_uint32(f)) for ip, f in want.items() if have.get(ip) != f]
-        self.update_batch(put)
-        gone = [ip for ip in have if ip not in want]
-        for ip in gone:
-            self.remove(sl_endpoint_key(be32(ip)))
-        return len(put) + len(gone)
+    def _text(self, key) -> str:
+        return ip_str(key.ip)
 
 
 class PolicyEntryTuple(NamedTuple):
