@@ -37,8 +37,10 @@ TARGETS = [(f"{label} vs reference plugins, concurrency {c}", 1.0) for c in CONC
 
 
 class Plugin:
-    def __init__(self, name: str, node: str, path: str, cni_path: str, conf: dict):
+    def __init__(self, name: str, node: str, path: str, cni_path: str, conf: dict,
+                 settled=lambda: None):
         self.name, self.node, self.path, self.cni_path, self.conf = name, node, path, cni_path, conf
+        self.settled = settled  # returns once work left after the answers is done (Sluice: a DEL's veth deletion)
 
     def version(self) -> float:
         """One VERSION call: the plugin's start-up floor (Sluice answers it without the agent)."""
@@ -71,6 +73,8 @@ def _batch(plugin: Plugin, pods: int, concurrency: int, tag: str) -> dict:
                 t0 = time.perf_counter()
                 out[command.lower()] = list(pool.map(lambda a: plugin.call(command, *a), zip(cids, names)))
                 out[f"{command.lower()}_wall"] = time.perf_counter() - t0
+            plugin.settled()
+            out["del_settled_wall"] = time.perf_counter() - t0
     finally:
         for n in names:
             del_namespace(n)
@@ -95,7 +99,7 @@ def _sluice(stack: contextlib.ExitStack, work: str):
     agent.start(timeout=60)
     stack.callback(agent.stop)
     conf = {"cniVersion": "1.0.0", "name": "sluice-bench", "type": "sluice", "agentSocket": config["socket"]}
-    yield Plugin("sluice", node, SLUICE_PLUGIN, os.path.dirname(SLUICE_PLUGIN), conf)
+    yield Plugin("sluice", node, SLUICE_PLUGIN, os.path.dirname(SLUICE_PLUGIN), conf, settled=agent.settled)
 
 
 @contextlib.contextmanager
@@ -130,10 +134,11 @@ def run(opts) -> dict:
                 for p in (plugins if r % 2 == 0 else plugins[::-1]):
                     b = _batch(p, pods[c], c, "cnp")
                     entry = raw.setdefault(p.name, {}).setdefault(
-                        c, {"add": [], "del": [], "add_wall": [], "del_wall": []})
+                        c, {"add": [], "del": [], "add_wall": [], "del_wall": [], "del_settled_wall": []})
                     for k in ("add", "del"):
                         entry[k] += b[k]
                         entry[f"{k}_wall"].append(b[f"{k}_wall"])
+                    entry["del_settled_wall"].append(b["del_settled_wall"])
                     print(f"  {p.name:6} c={c:<2} ADD p50 {percentile(b['add'], 50) * 1000:6.1f} ms "
                           f"p99 {percentile(b['add'], 99) * 1000:6.1f} ms, DEL p50 {percentile(b['del'], 50) * 1000:6.1f}"
                           f" ms ({pods[c]} pods)", flush=True)
@@ -145,11 +150,13 @@ def run(opts) -> dict:
                 op: {"p50_ms": percentile(e[op], 50) * 1000, "p99_ms": percentile(e[op], 99) * 1000,
                      "n": len(e[op]), "pods_per_s": summary([pods[c] / w for w in e[f"{op}_wall"]])}
                 for op in ("add", "del")}
+            res["summary"][name][c]["del"]["settled_s"] = summary(e["del_settled_wall"])
     for c in CONCURRENCY:
         s, b = res["summary"]["sluice"][c], res["summary"]["bridge"][c]
         res["ratios"][c] = {f"{op}_{q}": ratio(s[op][f"{q}_ms"], b[op][f"{q}_ms"])
                             for op in ("add", "del") for q in ("p50", "p99")}
         res["ratios"][c]["add_batch"] = ratio(b["add"]["pods_per_s"]["median"], s["add"]["pods_per_s"]["median"])
+        res["ratios"][c]["del_settled"] = ratio(s["del"]["settled_s"]["median"], b["del"]["settled_s"]["median"])
     res["targets"] = [target(f"{label} vs reference plugins, concurrency {c}", res["ratios"][c][key], 1.0,
                              f"Sluice / bridge+host-local, {c}-way") for c in CONCURRENCY for key, label in MEASURES]
     return res
@@ -175,6 +182,14 @@ def markdown(res: dict) -> list[str]:
     for c, r in res["ratios"].items():
         lines.append(f"| concurrency {c} | {fmt_ratio(r['add_p50'])} | {fmt_ratio(r['add_p99'])} | "
                      f"{fmt_ratio(r['del_p50'])} | {fmt_ratio(r['del_p99'])} | {fmt_ratio(r['add_batch'])} |")
+    lines += ["", "A Sluice DEL answers once the pod is off the node (address freed, endpoint entry and node route "
+              "gone); the agent deletes the veth after the answer (the kernel's wait for RCU callbacks), holding "
+              "the attachment meanwhile. A DEL batch until every veth is gone as well (the reference's DEL "
+              "answers after its deletion):", ""]
+    for c in res["ratios"]:
+        s, b = res["summary"]["sluice"][c]["del"]["settled_s"], res["summary"]["bridge"][c]["del"]["settled_s"]
+        lines.append(f"- concurrency {c}, {res['pods'][c]} pods: Sluice {fmt_spread(s, ' s', digits=2)}, "
+                     f"reference {fmt_spread(b, ' s', digits=2)} ({fmt_ratio(res['ratios'][c]['del_settled'])})")
     return lines
 
 

@@ -49,6 +49,8 @@ from .state.sources import DEFAULT_KUBERNETES_CACHE, ApiFrontends, merge, prune_
 
 log = logging.getLogger("sluice.agent")
 
+CNI_STOP_WAIT_S = 10
+
 DEFAULT_CONFIG = "/etc/sluice/agent.json"
 
 
@@ -97,29 +99,54 @@ class CniLocks:
     and tc filter, and IPAM takes its own lock. One at a time, as they ran before, concurrent ADDs and
     DELs queued behind each other's kernel waits (a veth's deletion waits ~16-20 ms for RCU callbacks)
     and each other's Python. GC reads every attachment and removes what it finds unlisted, which an
-    ADD in progress would be."""
+    ADD in progress would be.
+
+    A command may leave work to run after its answer (a DEL, the veth's deletion): its attachment stays
+    held, and GC and stop() wait, until that work is done too."""
 
     def __init__(self):
         self._cond = threading.Condition()
-        self._running = 0           # commands in progress
+        self._running = 0           # commands in progress, with work left after their answer
         self._gc = False            # a GC running or waiting for the commands to end: new commands wait
         self._busy: set = set()     # attachments with a command in progress
 
     @contextlib.contextmanager
-    def command(self, attachment: tuple[str, str] | None):
-        """Around a command other than GC; `attachment` None for one about no attachment (STATUS)."""
+    def command(self, attachment: tuple[str, str] | None, subject: str = "CNI command"):
+        """Around a command other than GC; `attachment` None for one about no attachment (STATUS). Yields
+        after_answer(work): `work` starts on a thread of its own and the command counts as running until
+        it ends (a failure is logged with `subject`)."""
         with self._cond:
             self._cond.wait_for(lambda: not self._gc and (attachment is None or attachment not in self._busy))
             self._running += 1
             if attachment is not None:
                 self._busy.add(attachment)
-        try:
-            yield
-        finally:
+        holders = [None]    # the command itself, then one per piece of work left
+
+        def done(holder) -> None:
             with self._cond:
-                self._running -= 1
-                self._busy.discard(attachment)
-                self._cond.notify_all()
+                holders.remove(holder)
+                if not holders:
+                    self._running -= 1
+                    self._busy.discard(attachment)
+                    self._cond.notify_all()
+
+        def finish(work) -> None:
+            try:
+                work()
+            except Exception:  # noqa: BLE001 - nobody waits for it: the log says what stayed behind
+                log.exception("%s: the work left after its answer failed", subject)
+            finally:
+                done(work)
+
+        def after_answer(work) -> None:
+            with self._cond:
+                holders.append(work)
+            threading.Thread(target=finish, args=(work,), name="cni-after-answer", daemon=True).start()
+
+        try:
+            yield after_answer
+        finally:
+            done(None)
 
     @contextlib.contextmanager
     def gc(self):
@@ -133,6 +160,16 @@ class CniLocks:
             with self._cond:
                 self._gc = False
                 self._cond.notify_all()
+
+    def in_progress(self) -> int:
+        """Commands under way, counting those with work left after their answer."""
+        with self._cond:
+            return self._running
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no command runs and none has work left; False when `timeout` passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._running == 0, timeout)
 
 
 def _attachment(env) -> tuple[str, str] | None:
@@ -383,9 +420,10 @@ class Agent:
         """The reply to one request (sluice.agent_protocol)."""
         op = request.get("op")
         if op == "health":
+            health = {**self.health, "cni_in_progress": self._cni.in_progress()}
             if self.config.kubeconfig:
-                return {"ok": True, "result": {**self.health, "kubernetes": self.kubernetes_health()}}
-            return {"ok": True, "result": self.health}
+                health["kubernetes"] = self.kubernetes_health()
+            return {"ok": True, "result": health}
         if op == "reconcile":
             ok = self.reconcile(force=True, full=bool(request.get("full")))
             return {"ok": ok, "result": self.health}
@@ -402,14 +440,16 @@ class Agent:
         from .cni import ops
 
         command, env, stdin = request.get("command", ""), request.get("env") or {}, request.get("stdin", "")
-        with self._cni.gc() if command == "GC" else self._cni.command(_attachment(env)):
+        attachment = _attachment(env)
+        subject = f"CNI {command}" + (f" of {attachment[1]} for container {attachment[0]}" if attachment else "")
+        with self._cni.gc() if command == "GC" else self._cni.command(attachment, subject) as after_answer:
             try:
                 state = self.state
                 if state is None:
                     raise CniError(TRY_AGAIN_LATER, "sluice-agent has no valid state yet",
                                    self.health["last_error"] or "")
                 node = ops.NodeContext(datapath=self.dp, ipam=self._ipam_of(state.pod_cidr), mtu=self.config.mtu,
-                                       ready=lambda: bool(self.health["ready"]))
+                                       ready=lambda: bool(self.health["ready"]), after_answer=after_answer)
                 result = ops.handle(command, env, stdin, node)
                 self._policy_endpoint(command, env, result)
                 return agent_protocol.cni_reply(result)
@@ -564,10 +604,12 @@ class Agent:
         self._stop.set()
 
     def close(self) -> None:
-        """Stop serving the socket and metrics."""
+        """Stop serving the socket and metrics, and let the CNI commands under way end (a DEL's veth goes)."""
         for server in self._servers:
             server.shutdown()
             server.server_close()
+        if not self._cni.wait_idle(CNI_STOP_WAIT_S):
+            log.warning("stopping with CNI commands still under way after %s s", CNI_STOP_WAIT_S)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,13 +72,18 @@ def xdp_attached_mode(ifname: str) -> str:
     return link(ifname)["xdp"]
 
 
-def exists(ifname: str) -> bool:
-    """Whether `ifname` exists in the calling thread's netns (SIOCGIFINDEX: no netlink needed)."""
+def ifindex(ifname: str) -> int | None:
+    """The index of `ifname` in the calling thread's netns, None when there is none (SIOCGIFINDEX: no
+    netlink needed)."""
     try:
-        socket.if_nametoindex(ifname)
+        return socket.if_nametoindex(ifname)
     except OSError:
-        return False
-    return True
+        return None
+
+
+def exists(ifname: str) -> bool:
+    """Whether `ifname` exists in the calling thread's netns."""
+    return ifindex(ifname) is not None
 
 
 CLONE_NEWNET = 0x40000000
@@ -418,13 +423,15 @@ class Rtnl:
                      + attr(RTA_DST, net.network_address.packed) + attr(RTA_OIF, _U32.pack(oif))
                      + (attr(RTA_GATEWAY, _ip(gateway)) if gateway else b"") + lwt)
 
-    def delete_route(self, cidr: str, proto: int) -> bool:
-        """Delete the main-table route to `cidr` of protocol `proto`; False when there is none."""
+    def delete_route(self, cidr: str, proto: int, oif: int | None = None) -> bool:
+        """Delete the main-table route to `cidr` of protocol `proto` (through device `oif` only, when
+        given); False when there is none."""
         net = ipaddress.IPv4Network(cidr)
         try:
             self.request(RTM_DELROUTE, 0,
                          _RTMSG.pack(socket.AF_INET, net.prefixlen, 0, 0, RT_TABLE_MAIN, proto, RT_SCOPE_NOWHERE, 0, 0)
-                         + attr(RTA_DST, net.network_address.packed))
+                         + attr(RTA_DST, net.network_address.packed)
+                         + (attr(RTA_OIF, _U32.pack(oif)) if oif is not None else b""))
         except NetlinkError as e:
             if e.code == 3:     # ESRCH: not there
                 return False

@@ -48,6 +48,11 @@ class AgentProcess:
     def health(self) -> dict:
         return self.request({"op": "health"})["result"]
 
+    def settled(self) -> None:
+        """Wait for the CNI commands under way to end, with the work they leave after answering (a DEL's veth
+        deletion)."""
+        self.wait_for(lambda: self.health()["cni_in_progress"] == 0, what="CNI commands ended")
+
     def logs(self) -> str:
         with open(self.log_path) as f:
             return f.read()

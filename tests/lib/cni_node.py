@@ -222,7 +222,9 @@ class Node:
     def assert_consistent(self, live: dict[tuple[str, str], str]) -> None:
         """The node holds exactly the attachments in `live` ({(container ID, ifname): netns path}):
         one address each, none shared, and IPAM records == endpoints == host veths == node routes ==
-        tc attachments == pod interfaces, and no link pin of a veth that is gone."""
+        tc attachments == pod interfaces, and no link pin of a veth that is gone; once the agent's CNI commands
+        have ended."""
+        self.agent.settled()
         allocations = self.ipam.allocations()
         held = {(r["container_id"], r["ifname"]): str(a) for a, r in allocations.items()}
         assert len(held) == len(allocations), f"an attachment holds two addresses: {allocations}"

@@ -27,7 +27,7 @@ from lib import packets
 from lib.cni_exec import REFERENCE_PLUGINS, SLUICE_PLUGIN, exec_plugin
 from lib.netns import PREFIX, run, unique
 from sluice import agent_protocol, netlink
-from sluice.agent import Agent, AgentConfig
+from sluice.agent import Agent, AgentConfig, CniLocks
 from sluice.cni import ops, podnet, spec
 from sluice.cni.errors import CniError
 from sluice.datapath import Datapath
@@ -156,14 +156,20 @@ def endpoints(node) -> dict:
         return m.items()
 
 
-def assert_gone(node, cid: str, ifname: str = "eth0", address: str | None = None) -> None:
-    host = podnet.host_ifname(cid, ifname)
-    assert not netlink.exists(host), f"{host} still exists"
-    assert not os.path.exists(os.path.join(node.datapath.links_dir, host)), f"link pins of {host} remain"
+def assert_gone(node, cid: str, ifname: str = "eth0", address: str | None = None, agent: str | None = None) -> None:
+    """Nothing of the attachment left. A DEL answers with the address free and the endpoint entry and node route
+    gone; `agent`: the socket of the agent that answered it, whose veth deletion (after the answer) a second
+    DEL waits for."""
     assert node.ipam.lookup(cid, ifname) is None, "the address is still allocated"
     if address:
         assert address not in endpoints(node), f"endpoint {address} is still in the map"
         assert podnet.host_route_oif(address) is None, f"node route to {address} remains"
+    if agent:
+        assert exec_plugin(SLUICE_PLUGIN, "DEL", config(agent), cid, "", omit=("CNI_NETNS",), ifname=ifname) \
+            == (0, None)
+    host = podnet.host_ifname(cid, ifname)
+    assert not netlink.exists(host), f"{host} still exists"
+    assert not os.path.exists(os.path.join(node.datapath.links_dir, host)), f"link pins of {host} remain"
 
 
 # ---- VERSION and start-up ----------------------------------------------------------------
@@ -347,9 +353,27 @@ def test_del_leaves_nothing_and_can_be_repeated(node, agent, pods, cni_bin):
     assert address in endpoints(node)
 
     assert exec_plugin(plugin, "DEL", config(agent), cid, netns) == (0, None)
-    assert_gone(node, cid, address=address)
+    assert_gone(node, cid, address=address, agent=agent)
     assert run("nsenter", f"--net={netns}", "ip", "link", "show", "eth0", check=False).returncode != 0
     assert exec_plugin(plugin, "DEL", config(agent), cid, netns) == (0, None)
+
+
+def test_an_add_right_after_a_del_of_the_same_attachment_gets_a_whole_pod(node, agent, pods, cni_bin):
+    """The DEL answers before its veth is gone; the attachment's next command waits for that (CniLocks), so a
+    new ADD is not hit by the old veth's deletion (same names) and keeps its tc program."""
+    plugin = os.path.join(cni_bin, "sluice")
+    cid, netns = pods.pod()
+    host = podnet.host_ifname(cid, "eth0")
+    for _round in range(5):
+        status, result = exec_plugin(plugin, "ADD", config(agent), cid, netns)
+        assert status == 0, result
+        assert exec_plugin(plugin, "DEL", config(agent), cid, netns) == (0, None)
+        status, result = exec_plugin(plugin, "ADD", config(agent), cid, netns)
+        assert status == 0, result
+        # CHECK waits for anything still under way on the attachment, then looks at all of it.
+        assert exec_plugin(plugin, "CHECK", config(agent, prevResult=result), cid, netns) == (0, None)
+        assert node.datapath.tc_attached(host, "tc_from_pod")
+        assert exec_plugin(plugin, "DEL", config(agent), cid, netns) == (0, None)
 
 
 def test_del_after_the_netns_is_gone(node, agent, pods, cni_bin):
@@ -359,8 +383,7 @@ def test_del_after_the_netns_is_gone(node, agent, pods, cni_bin):
     run("ip", "netns", "del", os.path.basename(netns))
 
     assert exec_plugin(plugin, "DEL", config(agent), cid, netns) == (0, None)
-    assert_gone(node, cid, address=address)
-    assert exec_plugin(plugin, "DEL", config(agent), cid, "", omit=("CNI_NETNS",)) == (0, None)
+    assert_gone(node, cid, address=address, agent=agent)
 
 
 def test_50_concurrent_adds_get_distinct_addresses(node, agent, pods):
@@ -384,6 +407,52 @@ def test_50_concurrent_adds_get_distinct_addresses(node, agent, pods):
     assert len(addresses) == 50
     assert addresses <= set(endpoints(node))
     assert {str(a) for a in node.ipam.allocations()} == addresses
+
+
+# ---- the agent's locks (CniLocks) ----------------------------------------------------------
+
+def test_work_left_after_an_answer_holds_its_attachment_gc_and_stop(caplog):
+    locks = CniLocks()
+    release, started = threading.Event(), threading.Event()
+    entered = []
+
+    def later():
+        started.set()
+        release.wait(10)
+
+    with locks.command(("c1", "eth0"), "CNI DEL of eth0 for container c1") as after_answer:
+        after_answer(later)
+    assert started.wait(5)
+
+    def enter(name, context):
+        with context:
+            entered.append(name)
+
+    threads = [threading.Thread(target=enter, args=(name, context)) for name, context in (
+        ("same attachment", locks.command(("c1", "eth0"))),
+        ("GC", locks.gc()),
+    )]
+    with locks.command(("c2", "eth0")):
+        entered.append("other attachment")  # not held up
+    for t in threads:
+        t.start()
+    assert not locks.wait_idle(0.3)
+    assert entered == ["other attachment"]
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert sorted(entered) == ["GC", "other attachment", "same attachment"]
+    assert locks.wait_idle(1)
+
+    def failing():
+        raise OSError(16, "Device or resource busy")
+
+    with locks.command(("c3", "eth0"), "CNI DEL of eth0 for container c3") as after_answer:
+        after_answer(failing)
+    assert locks.wait_idle(5)
+    with locks.command(("c3", "eth0")):
+        pass    # released after the failure
+    assert "CNI DEL of eth0 for container c3: the work left after its answer failed" in caplog.text
 
 
 # ---- errors ------------------------------------------------------------------------------
@@ -611,4 +680,4 @@ def test_conflist_with_tuning_and_bandwidth(node, agent, pods, cni_bin):
 
     run_chain(cni_bin, "CHECK", conflist, cid, netns, prev=result)
     run_chain(cni_bin, "DEL", conflist, cid, netns, prev=result)
-    assert_gone(node, cid, address=pod_address(result))
+    assert_gone(node, cid, address=pod_address(result), agent=agent)

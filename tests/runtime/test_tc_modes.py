@@ -419,6 +419,7 @@ def test_agent_and_cni_in_legacy_mode(pin_root, tmp_path):
             checked = cni(agent, "CHECK", cid, netns_path, prevResult=added["result"])
             assert checked == {"ok": True, "result": None}, checked
             assert cni(agent, "DEL", cid, netns_path)["ok"]
+            agent.settled()
             assert set(sluice_filters(dp, node)) == {"sleth0"}
             with netns.entered(node):
                 assert not dp.tc_attached(host, "tc_from_pod")

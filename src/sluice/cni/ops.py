@@ -7,7 +7,6 @@ agent can always answer the plugin with a CNI error.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import os
 from dataclasses import dataclass
@@ -34,6 +33,9 @@ class NodeContext:
     ipam: Ipam
     mtu: int = 1500
     ready: Callable[[], bool] = lambda: True   # the agent's readiness: node state applied
+    # after_answer(work): runs `work` once the command has answered, its attachment still held (the agent's
+    # CniLocks); None: the command does it before answering.
+    after_answer: Callable[[Callable[[], object]], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -202,26 +204,37 @@ def _result(req: Request, host_end: podnet.Link, pod_end: podnet.Link, address: 
 
 def _del(req: Request, node: NodeContext) -> None:
     # Nothing here enters the pod's netns: DEL must work when it is already gone.
-    _teardown(node, req.container_id, req.ifname)
+    _teardown(node, req.container_id, req.ifname, node.after_answer)
 
 
-def _teardown(node: NodeContext, container_id: str, ifname: str) -> None:
+def _teardown(node: NodeContext, container_id: str, ifname: str,
+              after_answer: Callable[[Callable[[], object]], None] | None = None) -> None:
+    """Take an attachment off the node: its addresses, endpoint entries and node routes at once; its veth
+    (the pod end and the tc attachments with it) and then its pins by `after_answer`, or now.
+
+    The kernel's deletion of a veth waits ~16-20 ms for RCU callbacks, most of a DEL: the pod is out of the
+    node's maps and routes before, and nothing else may touch the attachment until it is done (CniLocks)."""
     host = podnet.host_ifname(container_id, ifname)
-    # Deleting the veth takes the pod end, the node route and the tc attachments with it, so detach_device
-    # only unpins (detaching a tcx link of a live device would wait for an RCU grace period). The kernel's
-    # deletion waits ~16-20 ms for RCU callbacks, with the GIL released: IPAM's part runs meanwhile, on this
-    # thread (a thread started here is in this thread's netns, the node's). An address freed before its old
-    # veth is gone is harmless: a new pod gets a veth, route and endpoint entry of its own, and the old veth
-    # is out of the node's maps already.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="veth-delete") as pool:
-        deleting = pool.submit(netlink.delete_link, host)
-        try:
-            # The endpoint entries go with the allocation, under IPAM's lock: one scan of the records, and no
-            # ADD of another pod can be given the address before its entry is gone.
-            node.ipam.release(container_id, ifname,
-                              before=lambda addresses: [_delete_endpoint(node, str(a)) for a in addresses])
-        finally:
-            deleting.result()   # the DEL answers once the veth is gone (and fails if it could not go)
+    index = netlink.ifindex(host)
+
+    def forget(address: str) -> None:
+        # Under IPAM's lock: no ADD of another pod can be given the address before its entry and route are gone.
+        _delete_endpoint(node, address)
+        if index is not None:
+            podnet.delete_host_route(index, address)
+
+    node.ipam.release(container_id, ifname, before=lambda addresses: [forget(str(a)) for a in addresses])
+    (after_answer or _now)(lambda: _delete_veth(node, host))
+
+
+def _now(work: Callable[[], object]) -> None:
+    work()
+
+
+def _delete_veth(node: NodeContext, host: str) -> None:
+    # Unpinned only once the veth is gone: a tcx link unpinned from a live device would be detached, leaving
+    # the pod's packets unchecked meanwhile.
+    netlink.delete_link(host)
     node.datapath.detach_device(host)
 
 

@@ -165,6 +165,12 @@ def replace_host_route(host_index: int, address: str, nl: Sockets | None = None)
         socks.host.replace_route(f"{address}/32", host_index, scope=RT_SCOPE_LINK)
 
 
+def delete_host_route(host_index: int, address: str, nl: Sockets | None = None) -> bool:
+    """Delete POD_IP/32 dev HOSTVETH if it still goes through that veth; False when it does not."""
+    with _sockets(nl) as socks:
+        return socks.host.delete_route(f"{address}/32", netlink.RTPROT_STATIC, oif=host_index)
+
+
 def host_route_oif(address: str, nl: Sockets | None = None) -> int | None:
     """The device of the node's POD_IP/32 route, if there is one."""
     with _sockets(nl) as socks:
