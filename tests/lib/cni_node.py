@@ -45,6 +45,8 @@ FAILPOINTS = {
     "attach_pod": ("sluice.datapath", "Datapath.attach_pod"),         # + pod address, routes, node route
     "endpoint": ("sluice.maps", "EndpointsMap.put"),                  # + tc_from_pod attached and pinned
 }
+# After a DEL has answered: its veth is still to be deleted.
+DEL_FAILPOINTS = {"delete_veth": ("sluice.cni.ops", "_delete_veth")}
 
 AGENT_WITH_FAILPOINT = r"""
 import importlib, os, sys, time
@@ -81,7 +83,7 @@ class Agent(AgentProcess):
             return super().argv()
         shutil.rmtree(self.pause_dir, ignore_errors=True)
         os.makedirs(self.pause_dir)
-        module_name, attr = FAILPOINTS[self.failpoint]
+        module_name, attr = {**FAILPOINTS, **DEL_FAILPOINTS}[self.failpoint]
         return [PYTHON, "-c", AGENT_WITH_FAILPOINT, self.pause_dir, module_name, attr, "--config", self.config_path]
 
     def wait_paused(self, timeout: float = 60.0) -> None:

@@ -6,16 +6,19 @@
   of its ADD steps, see cni_node.FAILPOINTS) and then the plugin or the agent gets SIGKILL. The next
   GC (cni.dev/valid-attachments without the pod) reclaims the half-made allocation and interface; a
   retried ADD instead completes the same attachment with the same address.
+- Killed after a DEL answered, before the veth's deletion that follows the answer: GC, or the deletion of
+  the pod's netns, removes the veth.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 
 import pytest
 
-from lib import cni_node
+from lib import cni_node, netns
 from sluice.cni import podnet
 
 pytestmark = pytest.mark.kernel
@@ -102,6 +105,36 @@ def test_agent_killed_mid_add(failpoint, recovery):
                 "cniVersion": "1.1.0", "ips": [{"address": f"{allocated}/32"}]}))
             assert (status, out) == (0, None)
         node.assert_consistent(live)
+
+
+@pytest.mark.parametrize("recovery", ["gc", "netns-deleted"])
+def test_agent_killed_after_a_del_answered(recovery):
+    """A DEL answers before its veth is deleted: SIGKILL of the agent in between leaves a veth with no address,
+    endpoint entry or node route, which GC removes, or the runtime's deletion of the pod's netns."""
+    with cni_node.node() as node:
+        kept = node.pod("kept")
+        node.add(*kept)
+        cid, netns_path = node.pod("cut")
+        address = node.add(cid, netns_path)
+        node.agent.stop()
+        node.agent.failpoint = "delete_veth"
+        node.agent.start()
+        assert node.plugin("DEL", cid, netns_path) == (0, None)
+        node.agent.wait_paused()
+        host = podnet.host_ifname(cid, IFNAME)
+        assert host in node.host_veths(), "the DEL answered before its veth's deletion"
+        assert node.ipam.lookup(cid, IFNAME) is None
+        assert address not in node.endpoints() and address not in node.pod_routes()
+
+        node.agent.stop(signal.SIGKILL)
+        node.agent.failpoint = None
+        node.agent.start()
+        if recovery == "gc":
+            node.gc([(kept[0], IFNAME)])
+        else:
+            netns.run("ip", "netns", "del", os.path.basename(netns_path))
+            node.agent.wait_for(lambda: host not in node.host_veths(), what="the veth gone with the pod's netns")
+        node.assert_consistent({(kept[0], IFNAME): kept[1]})
 
 
 @pytest.mark.parametrize("recovery", ["gc", "retried-add"])
