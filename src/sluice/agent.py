@@ -120,12 +120,13 @@ class CniLocks:
             self._running += 1
             if attachment is not None:
                 self._busy.add(attachment)
-        holders = [None]    # the command itself, then one per piece of work left
+        holding = 1     # the command itself, and each piece of work it left
 
-        def done(holder) -> None:
+        def done() -> None:
+            nonlocal holding
             with self._cond:
-                holders.remove(holder)
-                if not holders:
+                holding -= 1
+                if not holding:
                     self._running -= 1
                     self._busy.discard(attachment)
                     self._cond.notify_all()
@@ -136,17 +137,18 @@ class CniLocks:
             except Exception:  # noqa: BLE001 - nobody waits for it: the log says what stayed behind
                 log.exception("%s: the work left after its answer failed", subject)
             finally:
-                done(work)
+                done()
 
         def after_answer(work) -> None:
+            nonlocal holding
             with self._cond:
-                holders.append(work)
+                holding += 1
             threading.Thread(target=finish, args=(work,), name="cni-after-answer", daemon=True).start()
 
         try:
             yield after_answer
         finally:
-            done(None)
+            done()
 
     @contextlib.contextmanager
     def gc(self):
